@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned so pip takes the CPU wheel on disk instead of fetching a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[test,parity]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) run_train.py --config=configs/digits.py --workdir=demo/workdir
+	$(PY) run_sample.py --workdir=demo/workdir --sampler=ddim --steps=100 --num_samples=64 --out=demo
+	@echo "Samples written to demo/samples.png"
+
+test: venv
+	$(PY) -m pytest -n 2 -q --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -n 2 -q -m "not slow"
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache
