@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test,parity]"
+	# Reference Inception for the FID parity test; --no-deps because it would pull torchvision.
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
 
 venv: $(VENV)/.installed
