@@ -1,0 +1,434 @@
+"""Samplers: DDPM ancestral sampling, DDIM, and (annealed) Langevin dynamics.
+
+Every sampler takes a denoiser callable, never a model. Discrete-time samplers take
+
+    denoise(x, t) -> prediction,    x: [B, ...] float,  t: [B] int32,
+
+where the prediction is of ``pred_type`` (``eps``, ``x0``, ``v`` or ``score``; see
+:func:`diffusion_jax.diffusion.to_x0_and_eps`). Conditioning, guidance and the model's
+parameters are closed over by the caller. Langevin samplers take a score function instead.
+
+Each sampler is one ``lax.scan`` over its steps, so the denoiser is traced once and the whole
+chain compiles to one XLA program. Per-step randomness is ``jax.random.fold_in(key, i)`` with
+``i`` the step index (0 for the first, noisiest step).
+
+Jitting: the samplers are plain functions (not decorated with ``jax.jit``). The callables
+(``denoise``, ``score_fn``, ``step_hook``) and the Python arguments that fix the program's
+structure (``num_steps``, ``spacing``, ``pred_type``, ``variance``, ``clip_x0``, ``t_start``,
+``n_steps_each``, ``denoise_final``, ``return_trajectory``) must be static; the schedule,
+``x_T``, ``sigmas``, the key and ``eta`` / ``step_lr`` / ``step_size`` may be traced (their
+range checks then only run for Python numbers). Bind the static ones with ``functools.partial``::
+
+    sample = jax.jit(functools.partial(ddim_sample, denoise, num_steps=50, eta=0.0))
+    x0 = sample(sched, x_T, key)
+
+or call the sampler inside your own jitted function, e.g. one that takes the model parameters
+as an argument and builds ``denoise`` from them (this keeps parameters out of the compiled
+constants).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from diffusion_jax.diffusion import PRED_TYPES, q_posterior, to_x0_and_eps
+from diffusion_jax.schedules import extract
+
+DDPM_VARIANCES = ("posterior", "beta")
+DDIM_SPACINGS = ("uniform", "quadratic")
+
+
+def ddpm_step(denoise, sched, x_t, t, key, *, pred_type="eps", variance="posterior", clip_x0=None):
+    """One ancestral step ``x_t -> x_{t-1}`` of DDPM (Ho et al., 2020).
+
+    The denoiser's prediction gives ``x0_pred`` (clipped to ``clip_x0`` if set); the step samples
+    from the Gaussian with the mean of the forward posterior ``q(x_{t-1} | x_t, x0_pred)``:
+
+        mu = coef1_t * x0_pred + coef2_t * x_t,
+        x_{t-1} = mu + [t > 0] * sigma_t * z,   z ~ N(0, I),
+
+    with ``sigma_t^2 = beta~_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)`` for
+    ``variance="posterior"`` or ``sigma_t^2 = beta_t`` for ``variance="beta"``. No noise is added
+    at ``t = 0``, where ``mu = x0_pred``. Without clipping, ``mu`` equals the familiar
+    ``(x_t - beta_t / sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_t)``.
+
+    Args:
+        denoise: ``denoise(x [B, ...], t [B] int32) -> prediction [B, ...]`` of ``pred_type``.
+        sched: :class:`diffusion_jax.schedules.DiscreteSchedule`.
+        x_t: ``[B, ...]`` current sample at step ``t``.
+        t: scalar int (may be traced), ``0 <= t <= T-1``.
+        key: PRNG key for ``z``.
+        pred_type: what ``denoise`` predicts: ``eps``, ``x0``, ``v`` or ``score``.
+        variance: ``posterior`` (``beta~_t``) or ``beta`` (``beta_t``).
+        clip_x0: ``None`` or ``(lo, hi)``: clip ``x0_pred`` to ``[lo, hi]`` before the posterior
+            mean. ``True`` means ``(-1, 1)``, the image range; ``False`` means ``None``.
+
+    Returns:
+        ``(x_prev [B, ...], x0_pred [B, ...])``.
+
+    Raises:
+        ValueError: for an unknown ``pred_type`` or ``variance`` or a malformed ``clip_x0``.
+    """
+    _check_choice("pred_type", pred_type, PRED_TYPES)
+    _check_choice("variance", variance, DDPM_VARIANCES)
+    clip_x0 = _clip_bounds(clip_x0)
+    t_b = jnp.full((x_t.shape[0],), t, jnp.int32)                          # [B]
+    x0_pred, _ = _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0)
+    mean, _, _ = q_posterior(sched, x0_pred, x_t, t_b)
+    var_table = sched.posterior_variance if variance == "posterior" else sched.betas
+    std = jnp.sqrt(extract(var_table, t_b, x_t.ndim))                      # [B, 1, ..., 1]
+    z = jax.random.normal(key, x_t.shape, x_t.dtype)
+    x_prev = mean + jnp.where(t > 0, std, 0.0) * z
+    return x_prev, x0_pred
+
+
+def ddpm_sample(denoise, sched, x_T, key, *, pred_type="eps", variance="posterior", clip_x0=None,
+                t_start=None, step_hook=None, return_trajectory=False):
+    """DDPM ancestral sampling: :func:`ddpm_step` for ``t = t_start, ..., 0`` in one ``lax.scan``.
+
+    Step ``i`` (``t = t_start - i``) draws ``z`` with ``fold_in(key, i)`` (split into the noise key
+    and the hook's key). After each step, ``x_{t-1} = step_hook(x_{t-1}, x0_pred, t - 1, hook_key)``
+    if a hook is given (``t - 1 = -1`` after the last step).
+
+    Args:
+        denoise: ``denoise(x [B, ...], t [B] int32) -> prediction [B, ...]``.
+        sched: :class:`diffusion_jax.schedules.DiscreteSchedule` with ``T`` steps.
+        x_T: ``[B, ...]`` starting sample at step ``t_start`` (``N(0, I)`` for ``t_start = T-1``).
+        key: PRNG key.
+        pred_type: ``eps``, ``x0``, ``v`` or ``score``.
+        variance: ``posterior`` (``beta~_t``) or ``beta`` (``beta_t``).
+        clip_x0: ``None``, ``(lo, hi)`` or ``True`` (``(-1, 1)``); see :func:`ddpm_step`.
+        t_start: static int in ``[0, T-1]``; the chain starts at this step (SDEdit).
+            Default ``T-1``.
+        step_hook: optional ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev``
+            (inpainting, ILVR).
+        return_trajectory: also return every ``x_{t-1}`` (after the hook).
+
+    Returns:
+        ``x_0 [B, ...]``, or ``(x_0, trajectory [S, B, ...])`` with ``S = t_start + 1`` and
+        ``trajectory[i]`` the sample after step ``i``.
+
+    Raises:
+        ValueError: for a bad ``pred_type``, ``variance``, ``clip_x0`` or ``t_start``.
+
+    Example:
+        >>> sched = make_schedule(linear_beta_schedule(1000))
+        >>> sample = jax.jit(functools.partial(ddpm_sample, denoise, variance="beta"))
+        >>> x0 = sample(sched, jax.random.normal(key, (16, 32, 32, 3)), key)   # [16, 32, 32, 3]
+    """
+    _check_choice("pred_type", pred_type, PRED_TYPES)
+    _check_choice("variance", variance, DDPM_VARIANCES)
+    clip_x0 = _clip_bounds(clip_x0)
+    t_top = _check_t_start(t_start, sched.num_timesteps)
+    ts = jnp.arange(t_top, -1, -1, dtype=jnp.int32)                        # [S] descending
+
+    def step(x, t, t_prev, step_key):
+        return ddpm_step(denoise, sched, x, t, step_key, pred_type=pred_type, variance=variance,
+                         clip_x0=clip_x0)
+
+    return _run_chain(step, x_T, key, ts, ts - 1, step_hook, return_trajectory)
+
+
+def ddim_timesteps(num_timesteps, num_steps, spacing="uniform", t_start=None):
+    """The descending timestep subsequence ``[t_0 > t_1 > ... > t_{S-1}]`` DDIM visits.
+
+    With ``t_top = T - 1`` (or ``t_start``) and ``u_i = (S - 1 - i) / (S - 1)`` going from 1 to 0:
+
+    * ``uniform``: ``t_i = round(u_i * t_top)``, evenly spaced from ``t_top`` to 0.
+    * ``quadratic``: ``t_i = floor(u_i^2 * t_q)`` with ``t_q = 0.8 T`` as in the DDIM repository,
+      ``(linspace(0, sqrt(0.8 T), S))^2``, or ``t_q = t_start`` when ``t_start`` is given (so the
+      chain starts at the noise level of its input). Dense near ``t = 0``.
+
+    Timesteps that rounding makes equal are pushed apart by one (``t_i >= t_{i+1} + 1``), so all
+    ``S`` are distinct and still lie in ``[0, t_top]``. ``S = 1`` gives ``[t_top]``. The sampler
+    takes its last step from ``t_{S-1}`` (0 when ``S >= 2``) to ``alpha_bar = 1``.
+
+    Args:
+        num_timesteps: ``T`` of the schedule.
+        num_steps: ``S``, with ``1 <= S <= t_top + 1``.
+        spacing: ``uniform`` or ``quadratic``.
+        t_start: optional int in ``[0, T-1]``, the first (noisiest) timestep.
+
+    Returns:
+        ``[S]`` int32, strictly decreasing.
+
+    Raises:
+        ValueError: if ``num_steps`` or ``t_start`` is out of range or ``spacing`` unknown.
+
+    Example:
+        >>> ddim_timesteps(1000, 4)          # [999, 666, 333, 0]
+    """
+    _check_choice("spacing", spacing, DDIM_SPACINGS)
+    t_top = _check_t_start(t_start, num_timesteps)
+    if int(num_steps) != num_steps or not 1 <= num_steps <= t_top + 1:
+        raise ValueError(
+            f"num_steps must be an integer in [1, {t_top + 1}] (at most one step per timestep "
+            f"from t={t_top} down to 0), got {num_steps!r}.")
+    u = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
+    if spacing == "uniform":
+        ts = np.floor(u * t_top + 0.5)
+    else:
+        t_q = 0.8 * num_timesteps if t_start is None else t_start
+        ts = np.floor(u**2 * t_q)
+    # Reversed (ascending) r_j = j + running max of (ts_j - j) makes r_j >= r_{j-1} + 1.
+    asc = ts[::-1].astype(np.int64)
+    j = np.arange(num_steps)
+    asc = j + np.maximum.accumulate(asc - j)
+    return jnp.asarray(asc[::-1], jnp.int32)
+
+
+def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", clip_x0=None):
+    """One DDIM step ``x_t -> x_{t_prev}`` (Song, Meng & Ermon, 2021, eq. 12).
+
+    With ``a = alpha_bar_t``, ``a' = alpha_bar_{t_prev}`` (``a' = 1`` when ``t_prev < 0``) and the
+    denoiser's ``(x0_pred, eps_pred)``:
+
+        sigma = eta * sqrt((1 - a') / (1 - a)) * sqrt(1 - a / a'),
+        x_prev = sqrt(a') x0_pred + sqrt(1 - a' - sigma^2) eps_pred + sigma z,   z ~ N(0, I).
+
+    ``eta = 0`` is the deterministic DDIM; ``eta = 1`` with consecutive steps is DDPM with the
+    posterior variance. If ``clip_x0`` is set, ``x0_pred`` is clipped and ``eps_pred`` recomputed
+    from it, ``eps_pred = (x_t - sqrt(a) x0_pred) / sqrt(1 - a)``, so the two stay consistent.
+
+    Args:
+        denoise: ``denoise(x [B, ...], t [B] int32) -> prediction [B, ...]``.
+        sched: :class:`diffusion_jax.schedules.DiscreteSchedule`.
+        x_t: ``[B, ...]``.
+        t: scalar int (may be traced), current step.
+        t_prev: scalar int (may be traced), target step ``< t``; ``-1`` means ``alpha_bar = 1``.
+            With ``eta = 0``, ``t_prev > t`` is allowed too: the same update then runs the
+            deterministic map backwards in noise level (DDIM inversion).
+        key: PRNG key for ``z`` (unused when ``eta = 0``, but must be given).
+        eta: ``0 <= eta <= 1``, scales the noise.
+        pred_type: ``eps``, ``x0``, ``v`` or ``score``.
+        clip_x0: ``None``, ``(lo, hi)`` or ``True`` (``(-1, 1)``).
+
+    Returns:
+        ``(x_prev [B, ...], x0_pred [B, ...], eps_pred [B, ...])``.
+
+    Raises:
+        ValueError: for a bad ``eta``, ``pred_type`` or ``clip_x0``.
+    """
+    _check_choice("pred_type", pred_type, PRED_TYPES)
+    _check_eta(eta)
+    clip_x0 = _clip_bounds(clip_x0)
+    t_b = jnp.full((x_t.shape[0],), t, jnp.int32)                          # [B]
+    x0_pred, eps_pred = _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0)
+    a = sched.alphas_cumprod[t]
+    a_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+    sigma = eta * jnp.sqrt(jnp.maximum((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev), 0.0))
+    dir_coef = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0))
+    x_prev = jnp.sqrt(a_prev) * x0_pred + dir_coef * eps_pred
+    if not (isinstance(eta, (int, float)) and eta == 0):
+        x_prev = x_prev + sigma * jax.random.normal(key, x_t.shape, x_t.dtype)
+    return x_prev, x0_pred, eps_pred
+
+
+def ddim_sample(denoise, sched, x_T, key, *, num_steps=50, eta=0.0, spacing="uniform",
+                pred_type="eps", clip_x0=None, t_start=None, step_hook=None,
+                return_trajectory=False):
+    """DDIM sampling along :func:`ddim_timesteps` in one ``lax.scan``.
+
+    Step ``i`` goes from ``t_i`` to ``t_{i+1}`` (to ``t_prev = -1``, i.e. ``alpha_bar = 1``, after
+    the last) with :func:`ddim_step`, noise from ``fold_in(key, i)``, then applies ``step_hook``.
+
+    Args:
+        denoise: ``denoise(x [B, ...], t [B] int32) -> prediction [B, ...]``.
+        sched: :class:`diffusion_jax.schedules.DiscreteSchedule` with ``T`` steps.
+        x_T: ``[B, ...]`` starting sample at step ``t_0`` (``T - 1``, ``0.8 T`` for quadratic
+            spacing, or ``t_start``).
+        key: PRNG key.
+        num_steps: static ``S`` in ``[1, T]``.
+        eta: ``0`` (deterministic) to ``1``.
+        spacing: ``uniform`` or ``quadratic``.
+        pred_type: ``eps``, ``x0``, ``v`` or ``score``.
+        clip_x0: ``None``, ``(lo, hi)`` or ``True`` (``(-1, 1)``).
+        t_start: static int in ``[0, T-1]``, first timestep (SDEdit).
+        step_hook: optional ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev``.
+        return_trajectory: also return the sample after each step.
+
+    Returns:
+        ``x_0 [B, ...]`` or ``(x_0, trajectory [S, B, ...])``.
+
+    Raises:
+        ValueError: for a bad ``num_steps``, ``spacing``, ``eta``, ``pred_type``, ``clip_x0`` or
+        ``t_start``.
+
+    Example:
+        >>> sample = jax.jit(functools.partial(ddim_sample, denoise, num_steps=50, clip_x0=True))
+        >>> x0, traj = ddim_sample(denoise, sched, x_T, key, num_steps=10, return_trajectory=True)
+        >>> traj.shape                                                     # (10, *x_T.shape)
+    """
+    _check_choice("pred_type", pred_type, PRED_TYPES)
+    _check_eta(eta)
+    clip_x0 = _clip_bounds(clip_x0)
+    ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing, t_start)     # [S]
+    t_prevs = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
+
+    def step(x, t, t_prev, step_key):
+        x_prev, x0_pred, _ = ddim_step(denoise, sched, x, t, t_prev, step_key, eta=eta,
+                                       pred_type=pred_type, clip_x0=clip_x0)
+        return x_prev, x0_pred
+
+    return _run_chain(step, x_T, key, ts, t_prevs, step_hook, return_trajectory)
+
+
+def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100, step_lr=2e-5,
+                             denoise_final=True, return_trajectory=False):
+    """Annealed Langevin dynamics of NCSN (Song & Ermon, 2019, Algorithm 1).
+
+    For each noise level ``sigma_i`` (decreasing, ``i = 0, ..., L-1``) the step size is
+    ``alpha_i = step_lr * sigma_i^2 / sigma_{L-1}^2`` and ``n_steps_each`` updates are made:
+
+        x <- x + (alpha_i / 2) s(x, sigma_i) + sqrt(alpha_i) z,   z ~ N(0, I).
+
+    The ``L * n_steps_each`` updates are one flattened ``lax.scan``; update ``k`` (level
+    ``k // n_steps_each``) draws ``z`` with ``fold_in(key, k)``. With ``denoise_final`` a last
+    Tweedie step removes the smallest noise: ``x <- x + sigma_{L-1}^2 s(x, sigma_{L-1})``.
+
+    Args:
+        score_fn: ``score_fn(x [B, ...], sigma [B]) -> score [B, ...]``, an estimate of
+            ``grad_x log p_sigma(x)`` for the data convolved with ``N(0, sigma^2 I)``.
+        sigmas: ``[L]`` decreasing noise levels (e.g. :func:`schedules.geometric_sigmas`).
+        x_init: ``[B, ...]`` starting point (NCSN uses uniform noise; ``sigma_0 * N(0, I)`` works).
+        key: PRNG key.
+        n_steps_each: static number of updates per level, ``>= 1``.
+        step_lr: ``epsilon > 0``, the step size at the last level.
+        denoise_final: apply the final Tweedie denoising step.
+        return_trajectory: also return every iterate.
+
+    Returns:
+        ``x [B, ...]``, or ``(x, trajectory [L * n_steps_each (+1 with denoise_final), B, ...])``
+        whose last entry is ``x``.
+
+    Raises:
+        ValueError: if ``sigmas`` is not ``[L]``, ``n_steps_each < 1`` or ``step_lr <= 0``.
+
+    Example:
+        >>> sigmas = geometric_sigmas(50.0, 0.01, 232)
+        >>> x = annealed_langevin_sample(score_fn, sigmas, sigmas[0] * noise, key, n_steps_each=5)
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+        raise ValueError(f"sigmas must have shape [L] with L >= 1, got shape {sigmas.shape}.")
+    _check_positive_int("n_steps_each", n_steps_each)
+    _check_positive("step_lr", step_lr)
+    batch = x_init.shape[0]
+    levels = jnp.repeat(jnp.arange(sigmas.shape[0]), n_steps_each)          # [L * n]
+    step_sizes = step_lr * (sigmas / sigmas[-1]) ** 2                        # [L]
+
+    def body(x, inputs):
+        k, level = inputs
+        sigma_b = jnp.full((batch,), sigmas[level], jnp.float32)
+        x = _langevin_update(x, score_fn(x, sigma_b), step_sizes[level], jax.random.fold_in(key, k))
+        return x, (x if return_trajectory else None)
+
+    x, traj = lax.scan(body, x_init, (jnp.arange(levels.shape[0]), levels))
+    if denoise_final:
+        x = x + sigmas[-1] ** 2 * score_fn(x, jnp.full((batch,), sigmas[-1], jnp.float32))
+        if return_trajectory:
+            traj = jnp.concatenate([traj, x[None]], axis=0)
+    return (x, traj) if return_trajectory else x
+
+
+def langevin_sample(score_fn, x_init, key, *, step_size, num_steps):
+    """Unadjusted Langevin dynamics for a fixed target ``p``.
+
+        x <- x + (delta / 2) grad log p(x) + sqrt(delta) z,   z ~ N(0, I),
+
+    repeated ``num_steps`` times in one ``lax.scan``, step ``k`` drawing ``z`` with
+    ``fold_in(key, k)``. Its stationary law approaches ``p`` as ``delta -> 0`` (for a Gaussian
+    with variance ``s^2`` it is Gaussian with variance ``s^2 / (1 - delta / (4 s^2))``).
+
+    Args:
+        score_fn: ``score_fn(x [B, ...]) -> grad_x log p(x) [B, ...]``.
+        x_init: ``[B, ...]``.
+        key: PRNG key.
+        step_size: ``delta > 0``.
+        num_steps: static number of updates, ``>= 1``.
+
+    Returns:
+        ``x [B, ...]`` after ``num_steps`` updates.
+
+    Raises:
+        ValueError: if ``step_size <= 0`` or ``num_steps < 1``.
+    """
+    _check_positive("step_size", step_size)
+    _check_positive_int("num_steps", num_steps)
+
+    def body(x, k):
+        return _langevin_update(x, score_fn(x), step_size, jax.random.fold_in(key, k)), None
+
+    x, _ = lax.scan(body, x_init, jnp.arange(num_steps))
+    return x
+
+
+def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
+    """Scans ``step(x, t, t_prev, key) -> (x_prev, x0_pred)`` over ``ts`` [S], then the hook."""
+
+    def body(x, inputs):
+        i, t, t_prev = inputs
+        noise_key, hook_key = jax.random.split(jax.random.fold_in(key, i))
+        x_prev, x0_pred = step(x, t, t_prev, noise_key)
+        if step_hook is not None:
+            x_prev = step_hook(x_prev, x0_pred, t_prev, hook_key)
+        return x_prev, (x_prev if return_trajectory else None)
+
+    x, traj = lax.scan(body, x, (jnp.arange(ts.shape[0]), ts, t_prevs))
+    return (x, traj) if return_trajectory else x
+
+
+def _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0):
+    """``(x0, eps)`` from the denoiser at ``t_b`` [B]; with ``clip_x0``, eps follows clipped x0."""
+    alpha_bar = extract(sched.alphas_cumprod, t_b, x_t.ndim)               # [B, 1, ..., 1]
+    x0, eps = to_x0_and_eps(denoise(x_t, t_b), x_t, alpha_bar, pred_type)
+    if clip_x0 is not None:
+        x0, eps = to_x0_and_eps(jnp.clip(x0, *clip_x0), x_t, alpha_bar, "x0")
+    return x0, eps
+
+
+def _langevin_update(x, score, step_size, key):
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    return x + 0.5 * step_size * score + jnp.sqrt(step_size) * noise
+
+
+def _check_choice(field, value, choices):
+    if value not in choices:
+        raise ValueError(f"Unknown {field} {value!r}; expected one of {list(choices)}.")
+
+
+def _check_t_start(t_start, num_timesteps):
+    """Returns the first timestep, ``T - 1`` or a validated ``t_start``."""
+    if t_start is None:
+        return num_timesteps - 1
+    if int(t_start) != t_start or not 0 <= t_start <= num_timesteps - 1:
+        raise ValueError(
+            f"t_start must be a static integer in [0, {num_timesteps - 1}], got {t_start!r}.")
+    return int(t_start)
+
+
+def _clip_bounds(clip_x0):
+    """``None`` or a validated ``(lo, hi)``; ``True`` -> ``(-1, 1)``, ``False`` -> ``None``."""
+    if clip_x0 is None or clip_x0 is False:
+        return None
+    if clip_x0 is True:
+        return (-1.0, 1.0)
+    if not (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and clip_x0[0] < clip_x0[1]):
+        raise ValueError(
+            f"clip_x0 must be None, True or a pair (lo, hi) with lo < hi, got {clip_x0!r}.")
+    return (float(clip_x0[0]), float(clip_x0[1]))
+
+
+def _check_eta(eta):
+    if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}.")
+
+
+def _check_positive(field, value):
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"{field} must be > 0, got {value}.")
+
+
+def _check_positive_int(field, value):
+    if int(value) != value or value < 1:
+        raise ValueError(f"{field} must be an integer >= 1, got {value!r}.")
