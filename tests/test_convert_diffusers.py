@@ -1,0 +1,142 @@
+"""Parity of the converted NNX UNet with PyTorch diffusers' UNet2DModel (random weights)."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion_jax.models import convert_diffusers as cd
+from diffusion_jax.models.unet import count_params
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+pytestmark = pytest.mark.parity
+
+# ddpm-cifar10-32 family: DDPM time embedding, asymmetric downsample padding, one attention head.
+DDPM_SMALL = dict(
+    sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_eps=1e-6,
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
+# diffusers defaults (symmetric padding, cos-first embedding, head_dim 16 -> 2 and 4 heads),
+# ADM scale-shift conditioning and a class embedding.
+CLASS_SMALL = dict(
+    sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+    down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=16,
+    resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8, num_class_embeds=4,
+    in_channels=2, out_channels=4)
+CIFAR10 = dict(
+    sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
+    freq_shift=1, dropout=0.1)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   compiler_options={"xla_backend_optimization_level": 0})  # fast CPU compile
+def _forward(graphdef, state, x, t, y):
+  return nnx.merge(graphdef, state)(x, t, y)
+
+
+def _save_random(config, path, *, seed=0, safe=True, perturb=True):
+  """Saves a diffusers UNet2DModel with random (perturbed) weights; returns the torch model."""
+  torch.manual_seed(seed)
+  model = diffusers.UNet2DModel(**config).eval()
+  if perturb:  # move norms off (1, 0) so a scale/bias swap would show
+    with torch.no_grad():
+      for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path, safe_serialization=safe)
+  return model
+
+
+def _compare(torch_model, jax_model, *, batch, size, channels, labels=None, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+  t = rng.integers(0, 1000, batch)
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(x), torch.from_numpy(t),
+                      None if labels is None else torch.from_numpy(labels)).sample.numpy()
+  got = _forward(*nnx.split(jax_model), jnp.asarray(x.transpose(0, 2, 3, 1)),
+                 jnp.asarray(t, jnp.int32), None if labels is None else jnp.asarray(labels, jnp.int32))
+  got = np.asarray(got).transpose(0, 3, 1, 2)
+  assert got.shape == ref.shape
+  return float(np.abs(got - ref).max()), float(np.abs(ref).max())
+
+
+def test_cli_roundtrip_matches_diffusers(tmp_path, capsys):
+  torch_model = _save_random(DDPM_SMALL, tmp_path / "src")
+  cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+  assert "wrote" in capsys.readouterr().out
+  kwargs = json.loads((tmp_path / "out" / "unet.json").read_text())["kwargs"]
+  assert kwargs["attn_resolutions"] == [8] and kwargs["downsample_padding"] == 0
+  model = cd.load_converted(tmp_path / "out")
+  assert count_params(model) == sum(p.numel() for p in torch_model.parameters())
+  err, scale = _compare(torch_model, model, batch=2, size=16, channels=3)
+  assert err <= 1e-4 and scale > 0.1, (err, scale)
+
+
+def test_class_conditional_scale_shift_bin_checkpoint(tmp_path):
+  torch_model = _save_random(CLASS_SMALL, tmp_path / "src", safe=False)
+  assert (tmp_path / "src" / "diffusion_pytorch_model.bin").exists()
+  model, kwargs = cd.load_diffusers_unet(tmp_path / "src" / "diffusion_pytorch_model.bin")
+  assert kwargs["num_classes"] == 4 and kwargs["time_conditioning"] == "scale_shift"
+  assert kwargs["num_head_channels"] == 16 and kwargs["attn_resolutions"] == [16]
+  # the extra null-label row is the only parameter diffusers lacks
+  assert count_params(model) == sum(p.numel() for p in torch_model.parameters()) + 128
+  labels = np.array([0, 3, 1])
+  err, scale = _compare(torch_model, model, batch=3, size=16, channels=2, labels=labels)
+  assert err <= 1e-4 and scale > 0.1, (err, scale)
+  np.testing.assert_array_equal(np.asarray(model.class_embed.embedding.value[4]), 0.0)
+
+
+def test_ddpm_cifar10_layout_parity(tmp_path):
+  """The full 35.7M-parameter layout: same parameter count and forward pass as diffusers."""
+  torch_model = _save_random(CIFAR10, tmp_path / "src", perturb=False)
+  n_torch = sum(p.numel() for p in torch_model.parameters())
+  assert n_torch == 35_746_307
+  model, kwargs = cd.load_diffusers_unet(tmp_path / "src")
+  assert count_params(model) == n_torch
+  assert kwargs["channel_mult"] == [1, 2, 2, 2] and kwargs["attn_resolutions"] == [16]
+  err, scale = _compare(torch_model, model, batch=1, size=32, channels=3)
+  assert err <= 1e-4 and scale > 0.1, (err, scale)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("resnet_time_scale_shift", "ada_group", "resnet_time_scale_shift='ada_group'"),
+    ("down_block_types", ("CrossAttnDownBlock2D", "DownBlock2D"), "CrossAttnDownBlock2D"),
+    ("up_block_types", ("UpBlock2D", "UpBlock2D"), "disagree on attention"),
+    ("time_embedding_type", "fourier", "time_embedding_type='fourier'"),
+    ("cross_attention_dim", 64, "cross_attention_dim"),
+    ("sample_size", (16, 32), "only square"),
+    ("class_embed_type", "timestep", "class_embed_type='timestep'"),
+])
+def test_unsupported_config_raises(field, value, match):
+  config = {**DDPM_SMALL, "_class_name": "UNet2DModel", field: value}
+  with pytest.raises(ValueError, match=match):
+    cd.config_to_kwargs(config)
+
+
+def test_missing_files_and_extra_weights(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    cd.load_diffusers_unet(tmp_path)
+  with pytest.raises(FileNotFoundError, match="unet.json"):
+    cd.load_converted(tmp_path)
+  config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
+  _save_random(config, tmp_path / "src")
+  from safetensors.numpy import load_file, save_file
+  path = tmp_path / "src" / "diffusion_pytorch_model.safetensors"
+  tensors = load_file(path)
+  save_file({**tensors, "extra.weight": np.zeros(3, np.float32)}, path)
+  with pytest.raises(ValueError, match="extra.weight"):
+    cd.load_diffusers_unet(tmp_path / "src")
+  del tensors["conv_out.bias"]
+  save_file(tensors, path)
+  with pytest.raises(ValueError, match="conv_out.bias"):
+    cd.load_diffusers_unet(tmp_path / "src")
