@@ -1,0 +1,149 @@
+"""README figures of the applications, from a trained digits model.
+
+    python scripts/make_figures.py --workdir=demo/workdir --out=docs/figures \
+        [--sr_workdir=demo/sr_workdir] [--classifier_guidance \
+         --classifier_config=configs/classifier_digits.py]
+
+Writes, each a grid whose rows are labelled in the file name's README caption:
+
+* ``sdedit.png``      rows: guide (a blocky 4x4 version of a digit), SDEdit at t0 = 0.3, 0.5, 0.7.
+* ``inpaint.png``     rows: input with the right half removed, replacement, RePaint (5 resamplings).
+* ``ilvr.png``        rows: reference, ILVR samples with N = 2, 4, 8.
+* ``inversion.png``   rows: input, DDIM reconstruction (and, for class-conditional models, the
+  inverted latent decoded as the next class).
+* ``cfg.png``         class-conditional models: one row per guidance weight w = 0, 1, 3
+  (columns: classes 0-9).
+* ``classifier_guidance.png`` unconditional models with ``--classifier_guidance``: rows:
+  unguided samples, then samples guided toward each class 0-9 (scale 3) by a noisy
+  classifier trained here as ``--classifier_config`` says.
+* ``super_resolution.png`` with ``--sr_workdir``: rows: 8x8 input (upsampled), SR3 output, truth.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from diffusion_jax import checkpoint, data, generate, guidance, samplers, sharding, train
+from diffusion_jax.applications import cli, common
+
+_WORKDIR = flags.DEFINE_string("workdir", "demo/workdir", "Trained digits model workdir.")
+_SR_WORKDIR = flags.DEFINE_string("sr_workdir", None, "Trained SR3 workdir (configs/sr_digits.py).")
+_OUT = flags.DEFINE_string("out", "docs/figures", "Output directory for the PNGs.")
+_NUM = flags.DEFINE_integer("num", 8, "Images per row.")
+_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
+_CLASSIFIER = flags.DEFINE_bool("classifier_guidance", False,
+                                "Train a noisy classifier and draw classifier-guided samples.")
+_CLASSIFIER_CONFIG = config_flags.DEFINE_config_file(
+    "classifier_config", "configs/classifier_digits.py", "Noisy-classifier config.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    os.makedirs(_OUT.value, exist_ok=True)
+    model, config = load_model(_WORKDIR.value)
+    sched = guidance.schedule_from_config(config.diffusion)
+    images, labels = data.load_eval_images(config.data, _NUM.value)
+    key = jax.random.key(_SEED.value)
+
+    def run(task, inputs=images, **option_overrides):
+        options = cli.TaskOptions(**{"sampler": "ddim", "num_steps": _STEPS.value,
+                                     **option_overrides})
+        return cli.run_task(task, model, sched, inputs, options, key,
+                            pred_type=config.diffusion.pred_type, clip_x0=(-1.0, 1.0))
+
+    blocky = np.asarray(common.nearest_upsample(common.area_downsample(images, 4), 4))
+    rows = [blocky] + [run("sdedit", blocky, t0=t0)["output"] for t0 in (0.3, 0.5, 0.7)]
+    save_rows("sdedit.png", rows)
+
+    plain = run("inpaint", mask_region="right")
+    repaint = run("inpaint", mask_region="right", sampler="ddpm", jump_length=10, jump_n_sample=5)
+    save_rows("inpaint.png", [plain["input"], plain["output"], repaint["output"]])
+
+    save_rows("ilvr.png", [images] + [run("ilvr", ilvr_factor=n)["output"] for n in (2, 4, 8)])
+
+    rows = [images, run("invert")["output"]]
+    if model.num_classes:
+        edited = [run("invert", images[i:i + 1], source_label=int(labels[i]),
+                      class_label=(int(labels[i]) + 1) % model.num_classes)["output"]
+                  for i in range(len(images))]
+        rows.append(np.concatenate(edited))
+        save_rows("cfg.png", [cfg_row(model, sched, config, w, key) for w in (0.0, 1.0, 3.0)])
+    save_rows("inversion.png", rows)
+
+    if not model.num_classes and _CLASSIFIER.value:
+        save_rows("classifier_guidance.png", classifier_rows(model, sched, config, key))
+
+    if _SR_WORKDIR.value:
+        sr_model, sr_config = load_model(_SR_WORKDIR.value)
+        sr_sched = guidance.schedule_from_config(sr_config.diffusion)
+        hi, _ = data.load_eval_images(sr_config.data, _NUM.value)
+        factor = sr_config.sr.factor
+        options = cli.TaskOptions(sampler="ddim", num_steps=_STEPS.value, sr_factor=factor,
+                                  sr_method=sr_config.sr.upsample_method)
+        out = cli.run_task("sr", sr_model, sr_sched, hi, options, key,
+                           pred_type=sr_config.diffusion.pred_type, clip_x0=(-1.0, 1.0))
+        save_rows("super_resolution.png", [out["low_res"], out["output"], hi])
+
+
+def load_model(workdir):
+    """``(model, config)`` with the first EMA of the latest checkpoint in ``workdir``."""
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    config = checkpoint.load_config(manager)
+    graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)
+    state, _ = checkpoint.restore(manager, abstract)
+    params = state.ema_params[0] if state.ema_params else state.params
+    return nnx.merge(graphdef, params), config
+
+
+def cfg_row(model, sched, config, scale, key):
+    """One sample per class (0..K-1) with classifier-free guidance weight ``scale``."""
+    labels = jnp.arange(model.num_classes, dtype=jnp.int32)
+    denoise = generate.build_denoiser(model, labels=labels, guidance_scale=scale)
+    shape = (model.num_classes, config.data.image_size, config.data.image_size,
+             config.data.num_channels)
+    x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)
+    return np.asarray(samplers.ddim_sample(denoise, sched, x_T, key, num_steps=_STEPS.value,
+                                           pred_type=config.diffusion.pred_type, clip_x0=True))
+
+
+def classifier_rows(model, sched, config, key):
+    """Unguided samples, then one row per class guided by a freshly trained noisy classifier."""
+    images, labels = data.load_eval_images(config.data, None)
+    classifier, _ = guidance.train_noisy_classifier_from_config(_CLASSIFIER_CONFIG.value,
+                                                                images, labels)
+    log_prob = guidance.classifier_log_prob_fn(classifier)
+    uncond = generate.build_denoiser(model)
+    shape = (_NUM.value, config.data.image_size, config.data.image_size, config.data.num_channels)
+    x_T = jax.random.normal(jax.random.fold_in(key, 3), shape)
+    sample = lambda denoise: np.asarray(samplers.ddim_sample(
+        denoise, sched, x_T, key, num_steps=_STEPS.value, pred_type=config.diffusion.pred_type,
+        clip_x0=True))
+    rows = [sample(uncond)]
+    for label in range(int(labels.max()) + 1):
+        rows.append(sample(guidance.classifier_guided_denoiser(
+            uncond, log_prob, label, sched, 3.0, pred_type=config.diffusion.pred_type)))
+    return rows
+
+
+def save_rows(name, rows):
+    """Stack ``rows`` (each ``[n, H, W, C]`` in [-1, 1]) into one grid PNG under ``--out``."""
+    n = max(len(r) for r in rows)
+    padded = [np.concatenate([r, -np.ones((n - len(r),) + r.shape[1:], np.float32)]) for r in rows]
+    grid = generate.image_grid(generate.to_uint8(np.concatenate(padded)), num_cols=n)
+    generate.save_png(os.path.join(_OUT.value, name), grid)
+    print(f"wrote {os.path.join(_OUT.value, name)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
