@@ -1,0 +1,1 @@
+"""Experiment configs: `default.py` holds every field; the others override it."""

@@ -1,0 +1,99 @@
+"""Default configuration: every field the library reads, each documented.
+
+Other configs start from `get_config()` and override only what differs. Any field can be
+set from the command line, e.g. ``--config.train.batch_size=64``; the dict is locked, so a
+misspelt key (``--config.train.batch_sise=3``) or a value of the wrong type is an error.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The full schema with DDPM-style CIFAR-10 defaults (32x32 RGB, 35.7M-param UNet)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds parameter init, the train PRNG key and the data shuffle
+    config.workdir_note = ""  # free text, stored with the config in each checkpoint
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "tfds"  # "digits" (sklearn, offline) | "tfds" | "image_folder"
+    data.name = "cifar10"  # tfds dataset name (source="tfds")
+    data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = ~/tensorflow_datasets
+    data.split = "train"  # split to train on
+    data.image_size = 32  # images are center-cropped and resized to image_size x image_size
+    data.num_channels = 3  # 1 (grayscale) or 3 (RGB)
+    data.num_classes = 0  # number of labels; 0 = unlabelled data
+    data.random_flip = True  # random horizontal flips
+    data.folder = ""  # root of the images (source="image_folder")
+    data.worker_count = 0  # grain read threads; 0 = read in the main thread
+
+    config.model = model = ml_collections.ConfigDict()  # UNet kwargs (see models/unet.py)
+    model.base_channels = 128  # channels at the highest resolution
+    model.channel_mult = (1, 2, 2, 2)  # channels per level = base_channels * mult
+    model.num_res_blocks = 2  # residual blocks per level
+    model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
+    model.num_heads = 1  # attention heads
+    model.dropout = 0.1  # dropout inside residual blocks
+    model.num_groups = 32  # GroupNorm groups
+    model.resample = "conv"  # "conv" (strided conv down, nearest+conv up) | "pool" (avg-pool down)
+    model.class_conditional = False  # condition on data labels (num_classes = data.num_classes)
+    model.cond_drop_prob = 0.0  # prob. of replacing a label by the null label (for CFG)
+    model.cond_image_channels = 0  # channels of an image condition (super-resolution); 0 = none
+    model.time_input = "discrete"  # "discrete" (int t) | "continuous" (float noise level)
+    model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (params stay param_dtype)
+    model.param_dtype = "float32"  # parameter dtype
+    model.remat = False  # rematerialise residual blocks to save memory
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"  # beta schedule: linear | scaled_linear | cosine | sigmoid
+    diffusion.num_timesteps = 1000  # T
+    diffusion.beta_start = 1e-4  # beta_0 (linear / scaled_linear / sigmoid)
+    diffusion.beta_end = 0.02  # beta_{T-1}
+    diffusion.pred_type = "eps"  # network output: eps | x0 | v
+    diffusion.loss_weighting = "uniform"  # uniform | snr | min_snr
+    diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.name = "adam"  # "adam" | "adamw"
+    optim.learning_rate = 2e-4  # peak learning rate
+    optim.schedule = "constant"  # after warmup: "constant" | "cosine" (decays to 0 at num_steps)
+    optim.warmup_steps = 5000  # linear warmup from 0 to learning_rate
+    optim.b1 = 0.9  # Adam beta_1
+    optim.b2 = 0.999  # Adam beta_2
+    optim.eps = 1e-8  # Adam epsilon
+    optim.weight_decay = 0.0  # decoupled weight decay (adamw only)
+    optim.grad_clip = 1.0  # clip gradients to this global norm; 0 = no clipping
+    optim.ema_decays = (0.9999,)  # one EMA of the parameters per decay; the first samples
+
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 128  # global batch size (all devices, all hosts)
+    train.num_steps = 800_000  # optimiser steps
+    train.log_every = 100  # steps between metric logs (stdout + TensorBoard)
+    train.eval_every = 10_000  # steps between sample grids (0 = never)
+    train.checkpoint_every = 10_000  # steps between checkpoints (one is also saved at the end)
+    train.keep_checkpoints = 3  # checkpoints kept (max_to_keep)
+    train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
+    train.async_checkpointing = True  # write checkpoints in a background thread
+
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.sampler = "ddim"  # "ddpm" | "ddim" | "langevin"
+    sample.num_steps = 100  # ddim steps / langevin noise levels (ddpm always uses T)
+    sample.eta = 0.0  # ddim eta (0 = deterministic, 1 = DDPM-like)
+    sample.num_samples = 64  # images in the grid written during training
+    sample.clip_x0 = True  # clip the predicted x_0 to [-1, 1]
+    sample.ddpm_variance = "beta"  # ddpm reverse variance: "beta" | "posterior"
+    sample.langevin_steps_each = 5  # langevin steps per noise level
+    sample.langevin_step_lr = 2e-5  # langevin step size scale (score_sde's snr-free NCSN rule)
+
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp
+    mesh.fsdp = 1  # parameter-sharding axis size
+
+    config.distributed = distributed = ml_collections.ConfigDict()
+    distributed.initialize = False  # call jax.distributed.initialize() (multi-host)
+    distributed.coordinator_address = config_dict.placeholder(str)  # None = auto-detect
+    distributed.num_processes = config_dict.placeholder(int)  # None = auto-detect
+    distributed.process_id = config_dict.placeholder(int)  # None = auto-detect
+
+    config.lock()
+    return config

@@ -1,0 +1,112 @@
+"""Checkpoints: an orbax `CheckpointManager` over ``WORKDIR/checkpoints/<step>/``.
+
+Each checkpoint holds three items:
+  * ``state``:  the `TrainState` pytree (step, params, optimiser state, EMAs, PRNG key),
+    written by every host for its own shards and restored onto the mesh of the target;
+  * ``data``:   the data iterator position (``iterator.get_state()``, JSON);
+  * ``config``: the full config (JSON), so sampling can rebuild the model from the
+    workdir alone.
+
+Saving is atomic: orbax writes into a temporary ``<step>.orbax-checkpoint-tmp-*`` directory
+and renames it to ``<step>`` only once every item is complete, so an interrupted save never
+shadows the last complete checkpoint (unfinished directories are ignored on restore).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from diffusion_jax import config_utils
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def make_manager(workdir: str, *, max_to_keep: int = 3,
+                 async_checkpointing: bool = True, create: bool = True) -> ocp.CheckpointManager:
+    """A manager for ``WORKDIR/checkpoints`` keeping the newest ``max_to_keep`` steps.
+
+    Args:
+        workdir: the training directory.
+        max_to_keep: number of checkpoints kept (older ones are deleted).
+        async_checkpointing: write in a background thread (arrays are copied to host first).
+        create: create the directory if missing; with ``create=False`` a missing
+            directory raises.
+
+    Raises:
+        FileNotFoundError: ``create=False`` and ``WORKDIR/checkpoints`` does not exist.
+    """
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    if not create and not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoint directory {directory!r}: is {workdir!r} a training workdir?")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create,
+        enable_async_checkpointing=async_checkpointing)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
+         data_state: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
+    """Saves ``state``, the data position and the config as checkpoint ``step``.
+
+    Returns:
+        False if checkpoint ``step`` already exists (nothing is written), else True.
+    """
+    if step in manager.all_steps():
+        return False
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config_utils.config_to_dict(config)))
+    return manager.save(step, args=args)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+            step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint ``step`` (default: the latest) onto ``abstract_state``'s shardings.
+
+    Args:
+        manager: from `make_manager`.
+        abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set, the
+            structure of the saved state.
+        step: which checkpoint; None = the latest.
+
+    Returns:
+        ``(state, data_state)``.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint (or no checkpoint ``step``).
+    """
+    step = _resolve_step(manager, step)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+
+def load_config(manager: ocp.CheckpointManager, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config saved with checkpoint ``step`` (default: the latest), locked.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint (or no checkpoint ``step``).
+    """
+    step = _resolve_step(manager, step)
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_utils.config_from_dict(restored.config)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+    """``step``, or the latest saved step; FileNotFoundError when there is none."""
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {str(manager.directory)!r}.")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {str(manager.directory)!r}; saved steps: "
+            f"{sorted(steps)}.")
+    return step

@@ -1,0 +1,423 @@
+"""Training: the train state, a pure sharded train step, and the training loop.
+
+Data flow::
+
+    data iterator (host-local numpy [B/P, H, W, C])
+      -> sharding.shard_batch   (global jax.Array [B, H, W, C] split over ("data", "fsdp"))
+      -> train_step(state, batch) -> (state, metrics)   (one jax.jit, state donated)
+      -> logs (stdout, TensorBoard), sample grids (EMA params), checkpoints (orbax)
+
+The same jitted step, with explicit in/out shardings from the rules table in
+``sharding.py``, runs on 1 CPU, 1 GPU and multi-host TPU pods.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from diffusion_jax import checkpoint, data, generate, guidance, losses, sharding
+from diffusion_jax.models import unet
+
+NUM_QUARTILES = 4
+
+
+class TrainState(NamedTuple):
+    """Everything a training run needs to continue exactly; a pytree.
+
+    Attributes:
+        step: int32 ``[]``, optimiser steps taken.
+        params: ``nnx.State`` of the model's ``nnx.Param`` variables.
+        opt_state: the optax state (moments share ``params``' structure).
+        ema_params: one ``nnx.State`` per ``config.optim.ema_decays`` entry, same order.
+        rng: uint32 key data ``[2]``; step ``s`` uses ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+    ema_params: tuple[nnx.State, ...]
+    rng: jax.Array
+
+
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> unet.UNet:
+    """The UNet of ``config.model`` for images of ``config.data`` (size, channels, classes)."""
+    return unet.unet_from_config(
+        config.model, image_size=config.data.image_size,
+        in_channels=config.data.num_channels, num_classes=config.data.num_classes, rngs=rngs)
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate per step: linear warmup 0 -> lr over ``warmup_steps``, then constant or
+    cosine decay to 0 at ``train.num_steps``.
+
+    Raises:
+        ValueError: unknown ``optim.schedule``.
+    """
+    optim, total = config.optim, config.train.num_steps
+    lr, warmup = optim.learning_rate, optim.warmup_steps
+    if optim.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r} must be 'constant' or 'cosine'.")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm gradient clipping (if ``optim.grad_clip > 0``) then Adam / AdamW.
+
+    Raises:
+        ValueError: unknown ``optim.name``.
+    """
+    optim, lr = config.optim, make_lr_schedule(config)
+    if optim.name == "adam":
+        opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    elif optim.name == "adamw":
+        opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                          weight_decay=optim.weight_decay)
+    else:
+        raise ValueError(f"optim.name={optim.name!r} must be 'adam' or 'adamw'.")
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
+    return opt
+
+
+def init_train_state(config: ml_collections.ConfigDict,
+                     tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state: parameters from ``key(config.seed)``, EMAs equal to the parameters."""
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    params = nnx.state(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in config.optim.ema_decays),
+        rng=jax.random.key_data(train_key))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Shapes and shardings of the train state, without allocating it.
+
+    Returns:
+        ``(graphdef, abstract_state, shardings)``: the model's graph definition, the state
+        as ``jax.ShapeDtypeStruct`` leaves carrying their sharding, and the same pytree of
+        `NamedSharding` (for ``jax.jit``).
+    """
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))))
+    shapes = jax.eval_shape(lambda: init_train_state(config, tx))
+    shardings = sharding.state_shardings(shapes, mesh)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return graphdef, abstract, shardings
+
+
+def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       shardings: TrainState) -> TrainState:
+    """`init_train_state`, compiled so every array is created directly in its sharding."""
+    return jax.jit(lambda: init_train_state(config, tx), out_shardings=shardings)()
+
+
+def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable:
+    """The pure step ``train_step(state, batch) -> (state, metrics)``.
+
+    With ``k = train.grad_accum_steps``, the batch ``[B, ...]`` is split into k micro-batches
+    of ``B / k`` (example ``j`` goes to micro-batch ``j mod k``, so every device holds part of
+    each), whose gradients are averaged in a ``lax.scan``: for equal-size micro-batches this
+    equals the gradient of the mean loss over the whole batch. Then::
+
+        params <- params + tx.update(grads)            (clip, Adam / AdamW, lr schedule)
+        ema_d  <- d * ema_d + (1 - d) * params          for each d in optim.ema_decays
+
+    Randomness: ``key = fold_in(rng, step)``; micro-batch ``i`` uses ``fold_in(key, i)``,
+    split into timestep/noise, dropout and label-dropout keys.
+
+    Args:
+        graphdef: the model's graph definition.
+        schedule: the `DiscreteSchedule` (T steps).
+        tx: the optimiser (from `make_optimizer`).
+        config: the full config.
+
+    Returns:
+        ``train_step``. ``batch`` is ``dict(image=[B, H, W, C], label=int32 [B])``; metrics are
+        scalars: ``loss``, ``grad_norm`` (before clipping), ``learning_rate``, and
+        ``loss_q0..loss_q3`` (`quartile_metrics`).
+    """
+    grad_fn = jax.value_and_grad(_make_loss_fn(graphdef, schedule, config), has_aux=True)
+    lr_fn = make_lr_schedule(config)
+    decays = tuple(config.optim.ema_decays)
+    num_micro = config.train.grad_accum_steps
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, loss, per_example, t = _accumulate_grads(
+            grad_fn, state.params, batch, key, num_micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, decays))
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=lr_fn(state.step),
+                       **quartile_metrics(per_example, t, schedule.num_timesteps))
+        return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh,
+                   state_shardings: TrainState) -> Callable:
+    """``jax.jit`` of the step with explicit shardings; the input state is donated."""
+    return jax.jit(
+        train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:
+    """Exponential moving average ``ema <- decay * ema + (1 - decay) * params``, leafwise."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def quartile_metrics(per_example: jax.Array, t: jax.Array,
+                     num_timesteps: int) -> dict[str, jax.Array]:
+    """Mean loss of the examples whose timestep lies in each quarter of [0, T).
+
+    Quarter ``q = floor(4 t / T)``; ``loss_q{i} = sum_{q_b = i} l_b / #{b: q_b = i}``,
+    NaN when no example falls in quarter i.
+
+    Args:
+        per_example: ``[B]`` losses.
+        t: int ``[B]`` timesteps in {0, ..., T-1}.
+        num_timesteps: T.
+
+    Returns:
+        ``{"loss_q0": [], ..., "loss_q3": []}``.
+    """
+    quarter = (t.astype(jnp.int32) * NUM_QUARTILES) // num_timesteps  # [B]
+    member = quarter[:, None] == jnp.arange(NUM_QUARTILES)  # [B, 4]
+    counts = member.sum(axis=0)
+    sums = jnp.sum(jnp.where(member, per_example[:, None], 0.0), axis=0)
+    means = jnp.where(counts > 0, sums / jnp.maximum(counts, 1), jnp.nan)
+    return {f"loss_q{i}": means[i] for i in range(NUM_QUARTILES)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains per ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+    Logs every ``train.log_every`` steps (stdout, TensorBoard events in ``workdir``),
+    writes a sample grid from the first EMA to ``workdir/samples/`` every
+    ``train.eval_every`` steps and checkpoints every ``train.checkpoint_every`` steps and at
+    the end.
+
+    Raises:
+        FloatingPointError: the loss or gradient norm became NaN/Inf; no checkpoint of the
+            bad state is written (the last good one stays the latest).
+        ValueError: inconsistent config (batch size vs. devices, accumulation, mesh).
+    """
+    _maybe_initialize_distributed(config.distributed)
+    run = _setup(config, workdir)
+    try:
+        return _train_loop(config, workdir, run)
+    finally:
+        run.manager.wait_until_finished()
+        run.manager.close()
+
+
+class _Run(NamedTuple):
+    """What the training loop needs, built once by `_setup`."""
+
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    step_fn: Callable
+    sample_fn: Callable | None
+    data_iter: Any
+    manager: Any
+
+
+def _setup(config, workdir) -> _Run:
+    """Mesh, state (restored or fresh), compiled step, sampler, data and checkpoints."""
+    _check_batch(config)
+    mesh = sharding.make_mesh(config.mesh)
+    schedule = guidance.schedule_from_config(config.diffusion)
+    tx = make_optimizer(config)
+    graphdef, abstract, shardings = abstract_train_state(config, tx, mesh)
+    manager = checkpoint.make_manager(
+        workdir, max_to_keep=config.train.keep_checkpoints,
+        async_checkpointing=config.train.async_checkpointing)
+    data_iter = data.make_train_iterator(
+        config.data, batch_size=config.train.batch_size, seed=config.seed)
+    if manager.latest_step() is not None:
+        state, data_state = checkpoint.restore(manager, abstract)
+        data_iter.set_state(data_state)
+        _log(f"Restored step {int(state.step)} from {manager.directory}.")
+    else:
+        state = create_train_state(config, tx, shardings)
+    step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
+    sample_fn = None
+    if config.train.eval_every > 0:
+        sample_fn = generate.make_sample_fn(
+            graphdef, schedule, config, mesh, num_samples=config.sample.num_samples)
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    _log(f"Model: {num_params:,} parameters; mesh {dict(mesh.shape)}; "
+         f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
+    return _Run(mesh, state, step_fn, sample_fn, data_iter, manager)
+
+
+def _train_loop(config, workdir, run: _Run) -> TrainState:
+    """Steps from the state's step to ``train.num_steps``; logs, samples and checkpoints."""
+    cfg = config.train
+    state, total = run.state, cfg.num_steps
+    logger = _MetricLogger(workdir, cfg.batch_size, int(state.step), total)
+    for done in range(int(state.step) + 1, total + 1):  # `done` = steps after this one
+        batch = sharding.shard_batch(next(run.data_iter), run.mesh)
+        state, metrics = run.step_fn(state, batch)
+        logger.add(metrics)
+        save = done % cfg.checkpoint_every == 0 or done == total
+        sample = run.sample_fn is not None and done % cfg.eval_every == 0
+        if save or sample or done % cfg.log_every == 0:
+            logger.flush(done, last_checkpoint=run.manager.latest_step())
+        if sample:
+            _write_samples(workdir, run.sample_fn, state, config.seed, done, logger)
+        if save:
+            checkpoint.save(run.manager, state, step=done,
+                            data_state=run.data_iter.get_state(), config=config)
+    logger.close()
+    return state
+
+
+class _MetricLogger:
+    """Collects per-step metrics; on `flush` checks them for NaN/Inf, then logs the means."""
+
+    def __init__(self, workdir: str, batch_size: int, start: int, total: int):
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        self.is_host0 = jax.process_index() == 0
+        self.writer = SummaryWriter(workdir) if self.is_host0 else None
+        self.bar = tqdm(total=total, initial=start, disable=not self.is_host0, desc="train")
+        self.batch_size, self.pending, self.last = batch_size, [], (start, time.time())
+
+    def add(self, metrics):
+        self.pending.append(metrics)
+        self.bar.update(1)
+
+    def flush(self, step: int, last_checkpoint: int | None):
+        history = jax.device_get(self.pending)
+        self.pending = []
+        for i, m in enumerate(history):
+            _check_finite(m, step - len(history) + i + 1, last_checkpoint)
+        means = {k: float(np.nanmean([m[k] for m in history])) for k in history[0]}
+        (last_step, last_time), now = self.last, time.time()
+        means["images_per_sec"] = (step - last_step) * self.batch_size / max(now - last_time, 1e-9)
+        self.last = (step, now)
+        self.bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.1f}")
+        _log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items()))
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _accumulate_grads(grad_fn, params, batch, key, num_micro):
+    """Mean loss and gradient over ``num_micro`` micro-batches (`make_train_step`)."""
+    if num_micro == 1:
+        (loss, (per_example, t)), grads = grad_fn(params, batch, jax.random.fold_in(key, 0))
+        return grads, loss, per_example, t
+    micro = jax.tree.map(  # [B, ...] -> [k, B / k, ...]; example j -> micro-batch j mod k
+        lambda x: x.reshape((-1, num_micro) + x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(grad_sum, inputs):
+        i, mb = inputs
+        (loss, (per_example, t)), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, per_example, t)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (loss, per_example, t) = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+    grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+    return grads, jnp.mean(loss), per_example.reshape(-1), t.reshape(-1)
+
+
+def _make_loss_fn(graphdef, schedule, config):
+    """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))`` for one micro-batch."""
+    diff, model_cfg = config.diffusion, config.model
+    num_classes = config.data.num_classes
+
+    def loss_fn(params, batch, key):
+        loss_key, dropout_key, label_key = jax.random.split(key, 3)
+        model = nnx.merge(graphdef, params)
+        labels = None
+        if model_cfg.class_conditional:  # replace labels by the null label num_classes w.p. p
+            drop = jax.random.bernoulli(label_key, model_cfg.cond_drop_prob, batch["label"].shape)
+            labels = jnp.where(drop, num_classes, batch["label"])
+
+        def denoise(x_t, t):
+            return model(x_t, t, labels, deterministic=False, dropout_key=dropout_key)
+
+        loss, per_example, t = losses.denoising_loss(
+            denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,
+            weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
+        return loss, (per_example, t)
+
+    return loss_fn
+
+
+def _write_samples(workdir, sample_fn, state, seed, step, logger):
+    """Samples with the first EMA (or the raw params) and writes ``samples/step_<step>.png``."""
+    params = state.ema_params[0] if state.ema_params else state.params
+    images = generate.to_uint8(sample_fn(params, jax.random.key(seed)))
+    grid = generate.image_grid(images)
+    if logger.is_host0:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        generate.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+        logger.writer.add_image("samples", grid, step, dataformats="HWC")
+
+
+def _check_finite(metrics, step, last_checkpoint):
+    """Raises FloatingPointError if the loss or gradient norm of ``step`` is NaN/Inf."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise FloatingPointError(
+            f"Non-finite training metrics at step {step}: loss={loss}, grad_norm={grad_norm}. "
+            f"Training stopped without saving this state; the last good checkpoint is step "
+            f"{last_checkpoint}. Lower optim.learning_rate, set optim.grad_clip, or check the data.")
+
+
+def _check_batch(config):
+    """Batch size must split evenly into micro-batches and over the devices."""
+    b, k = config.train.batch_size, config.train.grad_accum_steps
+    if k < 1 or b % k:
+        raise ValueError(
+            f"train.grad_accum_steps={k} must be >= 1 and divide train.batch_size={b}.")
+    if b % jax.device_count():
+        raise ValueError(
+            f"train.batch_size={b} must be divisible by the number of devices "
+            f"({jax.device_count()}).")
+
+
+def _maybe_initialize_distributed(dist_cfg):
+    """``jax.distributed.initialize`` (before any device use) when ``distributed.initialize``."""
+    if not dist_cfg.initialize:
+        return
+    kwargs = {k: dist_cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
+              if dist_cfg[k] is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+def _log(message: str):
+    """Prints on host 0 without breaking the progress bar."""
+    if jax.process_index() == 0:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        tqdm.write(message)

@@ -1,0 +1,39 @@
+"""Trains a diffusion model: ``python run_train.py --config=configs/digits.py --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.train.batch_size=64``; re-running with
+the same ``--workdir`` resumes from its latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def _parse_flags(argv):
+    """absl flag parsing that turns a bad ``--config.*`` override into a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # a --config.* key that the config does not have
+        message = str(e)[1:-1] if str(e).startswith("'") else str(e)  # a quoted KeyError
+        message = message.replace("\\n", " ").replace("\\'", "'")
+        raise SystemExit(f"FATAL Flags parsing error: unknown config field {message}")
+    except (flags.Error, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see the flags.")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

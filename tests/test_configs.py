@@ -1,0 +1,98 @@
+"""Configs: every file overrides default.py's schema only; overrides and errors via config_flags."""
+
+import os
+import sys
+
+import jax
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from training_fixtures import REPO
+
+from configs import cifar10, celeba64, ddpm256, default, digits, tiny
+from diffusion_jax import config_utils, train
+
+ALL = {"default": default, "cifar10": cifar10, "celeba64": celeba64, "ddpm256": ddpm256,
+       "digits": digits, "tiny": tiny}
+
+
+def _flat_keys(d, prefix=""):
+    keys = set()
+    for k, v in d.items():
+        keys |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return keys
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_configs_override_the_default_schema_only(name):
+    config = ALL[name].get_config()
+    assert _flat_keys(config.to_dict()) == _flat_keys(default.get_config().to_dict())
+    with pytest.raises(AttributeError):
+        config.train.batch_sise = 3  # locked: a misspelt key is an error
+
+
+def test_default_fields_are_all_commented():
+    lines = open(os.path.join(REPO, "configs", "default.py")).read().splitlines()
+    assignments = [l for l in lines if l.strip().startswith(("config.", "data.", "model.",
+                   "diffusion.", "optim.", "train.", "sample.", "mesh.", "distributed."))
+                   and " = " in l and "ConfigDict()" not in l]
+    assert len(assignments) == len(_flat_keys(default.get_config().to_dict()))
+    assert all("  # " in l for l in assignments), [l for l in assignments if "  # " not in l]
+
+
+def test_cifar10_is_the_ddpm_recipe():
+    c = cifar10.get_config()
+    assert (c.train.batch_size, c.optim.learning_rate, c.optim.warmup_steps) == (128, 2e-4, 5000)
+    assert (c.optim.ema_decays, c.train.num_steps, c.optim.grad_clip) == ((0.9999,), 800_000, 1.0)
+    assert (c.model.base_channels, c.model.channel_mult, c.model.attn_resolutions) == (
+        128, (1, 2, 2, 2), (16,))
+    assert c.data.random_flip and c.model.dropout == 0.1
+
+
+@pytest.mark.parametrize("name, max_params", [("tiny", 1_000_000), ("digits", 3_000_000),
+                                              ("cifar10", 35_746_307)])
+def test_models_build_with_expected_size(name, max_params):
+    config = ALL[name].get_config()
+    model = nnx.eval_shape(lambda: train.build_model(config, rngs=nnx.Rngs(0)))
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n <= max_params
+    if name == "cifar10":  # the diffusers google/ddpm-cifar10-32 count
+        assert n == 35_746_307
+
+
+def _parse(*args):
+    """Parses like run_train.py (config_flags reads the overrides from sys.argv)."""
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        fv(argv)
+    finally:
+        sys.argv = old_argv
+    return fv.config
+
+
+def test_command_line_overrides():
+    config = _parse("--config.train.batch_size=64", "--config.model.channel_mult=(1,2,4)",
+                    "--config.data.data_dir=/data")
+    assert config.train.batch_size == 64
+    assert config.model.channel_mult == (1, 2, 4)
+    assert config.data.data_dir == "/data"
+
+
+@pytest.mark.parametrize("arg, needle", [("--config.train.batch_sise=3", "batch_sise"),
+                                         ("--config.train.batch_size=abc", "batch_size")])
+def test_bad_override_names_the_key(arg, needle):
+    with pytest.raises((flags.Error, AttributeError), match=needle):
+        _parse(arg)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_config_json_round_trip(name):
+    config = ALL[name].get_config()
+    restored = config_utils.config_from_dict(config_utils.config_to_dict(config))
+    assert restored.to_dict() == config.to_dict()
+    assert restored.is_locked
