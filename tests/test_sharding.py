@@ -72,9 +72,10 @@ def test_parameters_and_moments_are_sharded_along_fsdp_by_the_rules():
     tx = train.make_optimizer(config)
     _, _, shardings = train.abstract_train_state(config, tx, mesh)
     state = train.create_train_state(config, tx, shardings)
-    kernel = state.params["conv_in"]["kernel"]  # [3, 3, 1, 8]: conv_out -> fsdp
+    kernel = state.params["conv_in"]["kernel"]  # [3, 3, 1, C]: conv_out -> fsdp
     assert kernel.value.sharding.spec == P(None, None, None, "fsdp")
-    assert {s.data.shape for s in kernel.value.addressable_shards} == {(3, 3, 1, 4)}
+    c = kernel.value.shape[-1]
+    assert {s.data.shape for s in kernel.value.addressable_shards} == {(3, 3, 1, c // 2)}
     mu = state.opt_state[1][0].mu["conv_in"]["kernel"]  # Adam moment follows its parameter
     assert mu.value.sharding.spec == P(None, None, None, "fsdp")
     norm_specs = [v.value.sharding.spec for path, v in nnx.to_flat_state(state.params)
