@@ -7,22 +7,13 @@ diffusion model being guided. Train with::
     classifier, losses = guidance.train_noisy_classifier_from_config(config, images, labels)
 """
 
-import ml_collections
-
 from configs import digits
 
 
 def get_config():
     """16x16 digits; classifier ch 32, mult (1, 2, 2); 2000 Adam steps of batch 128."""
     config = digits.get_config()
-    config.unlock()
-    config.classifier = ml_collections.ConfigDict()
-    config.classifier.base_channels = 32  # width of the first level
     config.classifier.channel_mult = (1, 2, 2)  # 16x16, 8x8, 4x4
-    config.classifier.num_groups = 8  # GroupNorm groups
-    config.classifier.steps = 2000  # Adam steps
     config.classifier.batch_size = 128
-    config.classifier.learning_rate = 2e-3
-    config.classifier.log_every = 200  # 0 = silent
-    config.lock()
+    config.classifier.log_every = 200
     return config

@@ -85,6 +85,21 @@ def get_config() -> ml_collections.ConfigDict:
     sample.langevin_steps_each = 5  # langevin steps per noise level
     sample.langevin_step_lr = 2e-5  # langevin step size scale (score_sde's snr-free NCSN rule)
 
+    config.sr = sr = ml_collections.ConfigDict()  # super-resolution (model.cond_image_channels > 0)
+    sr.factor = 2  # high-res size / low-res size; the low-res input is the area average
+    sr.upsample_method = "bicubic"  # low-res -> condition: "bicubic" | "bilinear" | "nearest"
+    sr.aug_max_t = 0  # training: low-res noised at step s ~ U{0..aug_max_t} (0 = no augmentation)
+    sr.sample_aug_t = -1  # cascade sampling: low-res noised at this step (-1 = no augmentation)
+
+    config.classifier = classifier = ml_collections.ConfigDict()  # noisy classifier (guidance)
+    classifier.base_channels = 32  # width of the first level
+    classifier.channel_mult = (1, 2)  # channels per level = base_channels * mult
+    classifier.num_groups = 8  # GroupNorm groups
+    classifier.steps = 2000  # Adam steps
+    classifier.batch_size = 64  # examples per step
+    classifier.learning_rate = 2e-3  # Adam learning rate
+    classifier.log_every = 0  # steps between loss prints; 0 = silent
+
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp
     mesh.fsdp = 1  # parameter-sharding axis size

@@ -8,8 +8,6 @@ comes from a base model. ``diffusion_jax.applications.super_resolution`` builds 
 conditioning (``sr_training_condition`` for training, ``sr_sample`` for sampling).
 """
 
-import ml_collections
-
 from configs import digits
 
 
@@ -25,11 +23,6 @@ def get_config():
     config.train.checkpoint_every = 500
     config.sample.num_samples = 16
 
-    config.unlock()
-    config.sr = ml_collections.ConfigDict()
-    config.sr.factor = 2  # high-res size / low-res size
-    config.sr.upsample_method = "bicubic"  # "bicubic" | "bilinear" | "nearest"
-    config.sr.aug_max_t = 100  # training: low-res noised at s ~ U{0..aug_max_t} (0 = off)
-    config.sr.sample_aug_t = 50  # cascade sampling: low-res noised at this step (-1 = off)
-    config.lock()
+    config.sr.aug_max_t = 100  # training: low-res noised at s ~ U{0..aug_max_t}
+    config.sr.sample_aug_t = 50  # cascade sampling: low-res noised at this step
     return config

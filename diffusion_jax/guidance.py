@@ -274,24 +274,13 @@ def train_noisy_classifier_from_config(config, images, labels):
     Returns:
         ``(classifier, losses)`` as :func:`train_noisy_classifier`.
     """
-    sched = schedule_from_config(config.diffusion)
+    sched = schedules.schedule_from_config(config.diffusion)
     cfg = config.classifier
     return train_noisy_classifier(
         images, labels, sched, jax.random.PRNGKey(config.seed), cfg.steps,
         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
         num_groups=cfg.num_groups, log_every=cfg.log_every)
-
-
-def schedule_from_config(diffusion_cfg):
-    """``DiscreteSchedule`` from a ``config.diffusion`` section (``schedule``, ``num_timesteps``,
-    ``beta_start``, ``beta_end``)."""
-    kwargs = {}
-    if diffusion_cfg.schedule in ("linear", "scaled_linear", "sigmoid"):
-        kwargs = dict(beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
-    betas = schedules.get_beta_schedule(diffusion_cfg.schedule, diffusion_cfg.num_timesteps,
-                                        **kwargs)
-    return schedules.make_schedule(betas)
 
 
 def _class_log_prob_grad(log_prob_fn, x, t, y):

@@ -224,6 +224,29 @@ def make_schedule(betas):
     )
 
 
+def schedule_from_config(diffusion_cfg):
+    """The :class:`DiscreteSchedule` a ``config.diffusion`` section describes.
+
+    ``betas = get_beta_schedule(schedule, num_timesteps, beta_start, beta_end)`` (the beta range
+    is passed to the schedules that take one: ``linear``, ``scaled_linear``, ``sigmoid``).
+
+    Args:
+        diffusion_cfg: the ``config.diffusion`` section (``schedule``, ``num_timesteps``,
+            ``beta_start``, ``beta_end``).
+
+    Returns:
+        A :class:`DiscreteSchedule` of ``[T]`` float32 arrays, ``T = num_timesteps``.
+
+    Raises:
+        ValueError: if ``diffusion_cfg.schedule`` is not a known schedule.
+    """
+    kwargs = {}
+    if diffusion_cfg.schedule in ("linear", "scaled_linear", "sigmoid"):
+        kwargs = dict(beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+    betas = get_beta_schedule(diffusion_cfg.schedule, diffusion_cfg.num_timesteps, **kwargs)
+    return make_schedule(betas)
+
+
 def extract(arr, t, ndim):
     """Gathers ``arr[t]`` and reshapes it to broadcast against a batch of rank ``ndim``.
 

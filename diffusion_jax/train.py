@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion_jax import checkpoint, data, generate, guidance, losses, sharding
+from diffusion_jax import checkpoint, data, generate, losses, schedules, sharding
+from diffusion_jax.applications import super_resolution
 from diffusion_jax.models import unet
 
 NUM_QUARTILES = 4
@@ -141,7 +142,7 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
         ema_d  <- d * ema_d + (1 - d) * params          for each d in optim.ema_decays
 
     Randomness: ``key = fold_in(rng, step)``; micro-batch ``i`` uses ``fold_in(key, i)``,
-    split into timestep/noise, dropout and label-dropout keys.
+    split into timestep/noise, dropout, label-dropout and SR-augmentation keys.
 
     Args:
         graphdef: the model's graph definition.
@@ -247,7 +248,7 @@ def _setup(config, workdir) -> _Run:
     """Mesh, state (restored or fresh), compiled step, sampler, data and checkpoints."""
     _check_batch(config)
     mesh = sharding.make_mesh(config.mesh)
-    schedule = guidance.schedule_from_config(config.diffusion)
+    schedule = schedules.schedule_from_config(config.diffusion)
     tx = make_optimizer(config)
     graphdef, abstract, shardings = abstract_train_state(config, tx, mesh)
     manager = checkpoint.make_manager(
@@ -356,15 +357,21 @@ def _make_loss_fn(graphdef, schedule, config):
     num_classes = config.data.num_classes
 
     def loss_fn(params, batch, key):
-        loss_key, dropout_key, label_key = jax.random.split(key, 3)
+        loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
         model = nnx.merge(graphdef, params)
         labels = None
         if model_cfg.class_conditional:  # replace labels by the null label num_classes w.p. p
             drop = jax.random.bernoulli(label_key, model_cfg.cond_drop_prob, batch["label"].shape)
             labels = jnp.where(drop, num_classes, batch["label"])
+        cond = None
+        if model_cfg.cond_image_channels > 0:  # SR3: condition on the upsampled low-res image
+            cond = super_resolution.sr_training_condition(
+                batch["image"], cond_key, factor=config.sr.factor, sched=schedule,
+                aug_max_t=config.sr.aug_max_t, method=config.sr.upsample_method)
 
         def denoise(x_t, t):
-            return model(x_t, t, labels, deterministic=False, dropout_key=dropout_key)
+            return model(x_t, t, labels, cond_image=cond, deterministic=False,
+                         dropout_key=dropout_key)
 
         loss, per_example, t = losses.denoising_loss(
             denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,

@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, data, generate, guidance, samplers, sharding, train
+from diffusion_jax import checkpoint, data, generate, guidance, samplers, schedules, sharding, train
 from diffusion_jax.applications import cli, common
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo/workdir", "Trained digits model workdir.")
@@ -51,7 +51,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     os.makedirs(_OUT.value, exist_ok=True)
     model, config = load_model(_WORKDIR.value)
-    sched = guidance.schedule_from_config(config.diffusion)
+    sched = schedules.schedule_from_config(config.diffusion)
     images, labels = data.load_eval_images(config.data, _NUM.value)
     key = jax.random.key(_SEED.value)
 
@@ -85,7 +85,7 @@ def main(argv):
 
     if _SR_WORKDIR.value:
         sr_model, sr_config = load_model(_SR_WORKDIR.value)
-        sr_sched = guidance.schedule_from_config(sr_config.diffusion)
+        sr_sched = schedules.schedule_from_config(sr_config.diffusion)
         hi, _ = data.load_eval_images(sr_config.data, _NUM.value)
         factor = sr_config.sr.factor
         options = cli.TaskOptions(sampler="ddim", num_steps=_STEPS.value, sr_factor=factor,

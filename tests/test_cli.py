@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from training_fixtures import REPO, subprocess_env
 
 from configs import tiny
@@ -48,6 +49,19 @@ def test_train_sample_and_exact_resume(tmp_path):
     assert npz["images"].shape == (5, 8, 8, 1) and npz["images"].dtype == np.uint8
     assert npz["labels"].shape == (5,) and npz["images"].std() > 0
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
+
+    bar = np.zeros((16, 16), np.uint8)  # a white vertical bar, resized to 8x8 by run_sample
+    bar[:, 4:12] = 255
+    image = str(tmp_path / "bar.png")
+    Image.fromarray(bar).save(image)
+    proc = _run("run_sample.py", f"--workdir={full}", "--task=sdedit", f"--input={image}",
+                "--t0=0.5", "--steps=3", "--num_samples=2", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdedit = np.load(os.path.join(out, "sdedit.npz"))
+    assert sdedit["input"].shape == sdedit["output"].shape == (2, 8, 8, 1)
+    assert sdedit["input"].max() > 0.9 and sdedit["input"].min() < -0.9  # the bar, in [-1, 1]
+    assert np.isfinite(sdedit["output"]).all() and not np.allclose(sdedit["output"],
+                                                                    sdedit["input"])
 
     _train(half, "--config.train.num_steps=2")  # stop half way ...
     _train(half)  # ... and continue in a new process

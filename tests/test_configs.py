@@ -11,11 +11,13 @@ from ml_collections import config_flags
 
 from training_fixtures import REPO
 
-from configs import cifar10, celeba64, ddpm256, default, digits, tiny
+from configs import (celeba64, cifar10, classifier_digits, ddpm256, default, digits, sr_digits,
+                     tiny)
 from diffusion_jax import config_utils, train
 
 ALL = {"default": default, "cifar10": cifar10, "celeba64": celeba64, "ddpm256": ddpm256,
-       "digits": digits, "tiny": tiny}
+       "digits": digits, "tiny": tiny, "sr_digits": sr_digits,
+       "classifier_digits": classifier_digits}
 
 
 def _flat_keys(d, prefix=""):
@@ -36,7 +38,8 @@ def test_configs_override_the_default_schema_only(name):
 def test_default_fields_are_all_commented():
     lines = open(os.path.join(REPO, "configs", "default.py")).read().splitlines()
     assignments = [l for l in lines if l.strip().startswith(("config.", "data.", "model.",
-                   "diffusion.", "optim.", "train.", "sample.", "mesh.", "distributed."))
+                   "diffusion.", "optim.", "train.", "sample.", "sr.", "classifier.", "mesh.",
+                   "distributed."))
                    and " = " in l and "ConfigDict()" not in l]
     assert len(assignments) == len(_flat_keys(default.get_config().to_dict()))
     assert all("  # " in l for l in assignments), [l for l in assignments if "  # " not in l]

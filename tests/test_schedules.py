@@ -1,6 +1,7 @@
 """Schedules against independent numpy float64 computations and closed forms."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from scipy import integrate
@@ -219,3 +220,17 @@ def test_geometric_sigmas_validates():
         schedules.geometric_sigmas(0.01, 1.0, 10)
     with pytest.raises(ValueError, match="num_levels"):
         schedules.geometric_sigmas(1.0, 0.01, 1)
+
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_schedule_from_config_section(name):
+    cfg = ml_collections.ConfigDict(dict(schedule=name, num_timesteps=50, beta_start=2e-4,
+                                         beta_end=0.05))
+    want = {"linear": np.linspace(2e-4, 0.05, 50),
+            "scaled_linear": np.linspace(np.sqrt(2e-4), np.sqrt(0.05), 50)**2,
+            "cosine": schedules.cosine_beta_schedule(50),  # takes no beta range
+            "sigmoid": schedules.sigmoid_beta_schedule(50, beta_start=2e-4, beta_end=0.05)}[name]
+    sched = schedules.schedule_from_config(cfg)
+    assert sched.num_timesteps == 50
+    np.testing.assert_allclose(sched.betas, np.asarray(want), rtol=1e-5)

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from training_fixtures import micro_config
 
-from diffusion_jax import data, guidance, sharding, train
+from diffusion_jax import data, schedules, sharding, train
 from diffusion_jax.models import unet
 
 
@@ -90,7 +90,7 @@ def _run_three_steps(config, devices):
     graphdef, _, shardings = train.abstract_train_state(config, tx, mesh)
     state = train.create_train_state(config, tx, shardings)
     step_fn = train.jit_train_step(
-        train.make_train_step(graphdef, guidance.schedule_from_config(config.diffusion), tx,
+        train.make_train_step(graphdef, schedules.schedule_from_config(config.diffusion), tx,
                               config), mesh, shardings)
     images, labels = data.load_eval_images(config.data, 48)
     for i in range(3):

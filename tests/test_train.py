@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from training_fixtures import micro_config
 
-from diffusion_jax import checkpoint, data, guidance, sharding, train
+from diffusion_jax import checkpoint, data, schedules, sharding, train
 
 
 def _setup(config):
@@ -19,7 +19,7 @@ def _setup(config):
     graphdef, abstract, shardings = train.abstract_train_state(config, tx, mesh)
     state = train.create_train_state(config, tx, shardings)
     step_fn = train.jit_train_step(
-        train.make_train_step(graphdef, guidance.schedule_from_config(config.diffusion), tx,
+        train.make_train_step(graphdef, schedules.schedule_from_config(config.diffusion), tx,
                               config), mesh, shardings)
     return mesh, state, step_fn, abstract
 
@@ -121,6 +121,30 @@ def test_grad_accumulation_equals_one_big_batch(monkeypatch):
     for key in ("loss", "grad_norm", "loss_q0", "loss_q1", "loss_q2", "loss_q3"):
         np.testing.assert_allclose(m_acc[key], m_big[key], rtol=1e-5, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), acc, big)
+
+
+def test_sr_training_conditions_on_the_upsampled_low_res_image(monkeypatch):
+    """cond_image_channels > 0: the loss is the model's given bicubic(area_mean_2x2(x0))."""
+    monkeypatch.setattr(train.losses, "denoising_loss", _deterministic_loss)
+    config = micro_config()
+    config.model.dropout = 0.0
+    config.model.cond_image_channels = config.data.num_channels  # sr.factor = 2, no augmentation
+    mesh, state, step_fn, _ = _setup(config)
+    batch = _digit_batch(config)
+    state, _ = step_fn(state, sharding.shard_batch(batch, mesh))  # zero-init output conv moves
+    params = jax.device_get(state.params)
+    _, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+
+    model = nnx.merge(nnx.graphdef(train.build_model(config, rngs=nnx.Rngs(0))), params)
+    x0 = jnp.asarray(batch["image"])                                       # [16, 8, 8, 1]
+    low = x0.reshape(16, 4, 2, 4, 2, 1).mean(axis=(2, 4))                  # [16, 4, 4, 1]
+    sched = schedules.schedule_from_config(config.diffusion)
+    loss_of = jax.jit(lambda c: _deterministic_loss(
+        lambda x, t: model(x, t, cond_image=c), sched, x0, None)[0])
+    losses = [float(loss_of(c))
+              for c in (jax.image.resize(low, x0.shape, "bicubic"), jnp.zeros_like(x0))]
+    np.testing.assert_allclose(metrics["loss"], losses[0], rtol=1e-5)
+    assert abs(losses[1] - losses[0]) > 1e-4 * losses[0]  # the condition changes the loss
 
 
 class _NanAfter:
