@@ -6,7 +6,7 @@
 
 Writes, each a grid whose rows are labelled in the file name's README caption:
 
-* ``sdedit.png``      rows: guide (a blocky 4x4 version of a digit), SDEdit at t0 = 0.3, 0.5, 0.7.
+* ``sdedit.png``      rows: real digit, guide (its blocky 4x4 version), SDEdit at t0 = 0.1, 0.2, 0.3.
 * ``inpaint.png``     rows: input with the right half removed, replacement, RePaint (5 resamplings).
 * ``ilvr.png``        rows: reference, ILVR samples with N = 2, 4, 8.
 * ``inversion.png``   rows: input, DDIM reconstruction (and, for class-conditional models, the
@@ -61,8 +61,9 @@ def main(argv):
         return cli.run_task(task, model, sched, inputs, options, key,
                             pred_type=config.diffusion.pred_type, clip_x0=(-1.0, 1.0))
 
-    blocky = np.asarray(common.nearest_upsample(common.area_downsample(images, 4), 4))
-    rows = [blocky] + [run("sdedit", blocky, t0=t0)["output"] for t0 in (0.3, 0.5, 0.7)]
+    factor = max(1, config.data.image_size // 4)  # the guide keeps 4x4 blocks of the digit
+    blocky = np.asarray(common.nearest_upsample(common.area_downsample(images, factor), factor))
+    rows = [images, blocky] + [run("sdedit", blocky, t0=t0)["output"] for t0 in (0.1, 0.2, 0.3)]
     save_rows("sdedit.png", rows)
 
     plain = run("inpaint", mask_region="right")
