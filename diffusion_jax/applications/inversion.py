@@ -147,7 +147,7 @@ def guided_edit(denoise, sched, x0, loss_fn, *, scale=1.0, num_steps=50, spacing
     Returns:
         ``[B, ...]`` edited images.
     """
-    kwargs = dict(num_steps=num_steps, spacing=spacing, pred_type=pred_type, t_start=t_start)
-    latent = ddim_invert(denoise, sched, x0, fixed_point_iters=fixed_point_iters, **kwargs)
     guided = guidance.loss_guided_denoiser(denoise, sched, loss_fn, scale, pred_type=pred_type)
-    return ddim_decode(guided, sched, latent, clip_x0=clip_x0, **kwargs)
+    return ddim_edit(denoise, guided, sched, x0, num_steps=num_steps, spacing=spacing,
+                     pred_type=pred_type, t_start=t_start, fixed_point_iters=fixed_point_iters,
+                     clip_x0=clip_x0)
