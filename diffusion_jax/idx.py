@@ -34,7 +34,7 @@ import numpy as np
 DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 SPLIT_ALIASES = {"test": ("test", "t10k"), "t10k": ("t10k", "test")}
-_IDX_NAME = re.compile(r"^(?P<stem>.+)-(?P<kind>images|labels)[-.]idx(?P<ndim>\d)-ubyte(\.gz)?$")
+_IDX_NAME = re.compile(r"^(?P<stem>.+)-(?P<kind>images|labels)[-.]idx\d-ubyte(\.gz)?$")
 
 
 def read_idx(path: str) -> np.ndarray:
