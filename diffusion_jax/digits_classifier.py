@@ -315,6 +315,41 @@ def confidence_statistics(probs, typical) -> dict:
                 class_entropy=float(-(nonzero * np.log(nonzero)).sum()))
 
 
+def degraded_digits(metric: DigitsMetric, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Poor "samples" made from the held-out 8x8 digits, to check that the metric tells them apart.
+
+    * ``blurred``: each digit under a Gaussian blur of std 0.6 px (``scipy.ndimage``, edges
+      continued by their nearest value);
+    * ``class_means``: mode collapse, each digit replaced by its class's mean train-half image;
+    * ``noise``: uniform noise in [-1, 1];
+    * ``stroke``: one full-ink 4-pixel bar added to each digit (a row or a column segment at
+      a random place).
+
+    Args:
+        metric: gives the halves (its seed).
+        seed: seed of the noise and the stroke positions.
+
+    Returns:
+        name -> images float [899, 8, 8, 1] in [-1, 1].
+    """
+    from scipy import ndimage
+
+    train_x, train_y, test_x, test_y = metric.halves(DIGITS_SIZE)
+    rng = np.random.default_rng(seed)
+    means = np.stack([train_x[train_y == k].mean(axis=0) for k in range(NUM_CLASSES)])
+    blurred = np.stack([ndimage.gaussian_filter(im[..., 0], 0.6, mode="nearest")
+                        for im in test_x])[..., None]
+    noise = rng.uniform(-1.0, 1.0, size=test_x.shape)
+    stroke = np.array(test_x)
+    for im in stroke:
+        line, start = rng.integers(0, DIGITS_SIZE), rng.integers(0, DIGITS_SIZE - 3)
+        if rng.random() < 0.5:
+            im[line, start:start + 4, 0] = 1.0
+        else:
+            im[start:start + 4, line, 0] = 1.0
+    return dict(blurred=blurred, class_means=means[test_y], noise=noise, stroke=stroke)
+
+
 def _side(images) -> int:
     shape = np.shape(images)
     if len(shape) != 4:
