@@ -103,7 +103,7 @@ def brightness_words(images) -> np.ndarray:
 
 
 def object_phrase(label: int, adjective: str = "", synonym: int = 0) -> str:
-    """The item as a noun phrase: ``"an ankle boot"``, ``"a dark coat"``, ``"a pair of light pants"``.
+    """The item as a noun phrase, ``"an ankle boot"``, ``"a dark coat"``, ``"a pair of pants"``.
 
     Args:
         label: Fashion-MNIST class in [0, 10).

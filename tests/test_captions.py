@@ -1,5 +1,4 @@
 """Fashion-MNIST captions: phrases, the template split, the measured attribute, seeded draws."""
-import re
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ def _images(levels, size=8):
 
 
 @pytest.mark.parametrize("label,adjective,synonym,expected", [
-    (0, "", 0, "a t-shirt"), (1, "", 0, "a pair of trousers"), (1, "dark", 1, "a pair of dark pants"),
-    (4, "light", 1, "a light jacket"), (9, "", 0, "an ankle boot"), (9, "dark", 0, "a dark ankle boot"),
-    (9, "", 1, "a boot"), (8, "", 1, "a handbag")])
+    (0, "", 0, "a t-shirt"), (1, "", 0, "a pair of trousers"),
+    (1, "dark", 1, "a pair of dark pants"), (4, "light", 1, "a light jacket"),
+    (9, "", 0, "an ankle boot"), (9, "dark", 0, "a dark ankle boot"), (9, "", 1, "a boot"),
+    (8, "", 1, "a handbag")])
 def test_object_phrases(label, adjective, synonym, expected):
     assert captions.object_phrase(label, adjective, synonym) == expected
 

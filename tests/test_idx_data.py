@@ -140,7 +140,8 @@ def test_emnist_layout_subsets_and_transpose(tmp_path):
     images, labels = idx.load_idx_split(str(tmp_path), "balanced-train")
     np.testing.assert_array_equal(images, bal_x.transpose(0, 2, 1))  # EMNIST is stored transposed
     np.testing.assert_array_equal(labels, bal_y)
-    assert idx.find_idx_split(str(tmp_path), "test")[0].endswith("emnist-letters-test-images-idx3-ubyte.gz")
+    test_images, _ = idx.find_idx_split(str(tmp_path), "test")
+    assert test_images.endswith("emnist-letters-test-images-idx3-ubyte.gz")
 
 
 def test_layout_errors(tmp_path):
