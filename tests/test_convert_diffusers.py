@@ -46,7 +46,7 @@ CIFAR10 = dict(
 @functools.partial(jax.jit, static_argnums=0,
                    compiler_options={"xla_backend_optimization_level": 0})  # fast CPU compile
 def _forward(graphdef, state, x, t, y):
-    return nnx.merge(graphdef, state)(x, t, y)
+    return nnx.merge(graphdef, state)(x, t, None if y is None else {"label": y})
 
 
 def _save_random(config, path, *, seed=0, safe=True, perturb=True):

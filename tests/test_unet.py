@@ -57,13 +57,16 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
-def _forward(graphdef, state, x, t, y, cond_image):
-    return nnx.merge(graphdef, state)(x, t, y, cond_image)
+def _forward(graphdef, state, x, t, cond):
+    return nnx.merge(graphdef, state)(x, t, cond)
 
 
 def _apply(model, x, t, y=None, cond_image=None):
-    """Deterministic forward pass, jitted the NNX functional way: ``nnx.split`` / ``nnx.merge``."""
-    return _forward(*nnx.split(model), x, t, y, cond_image)
+    """Deterministic forward pass, jitted the NNX functional way: ``nnx.split`` / ``nnx.merge``.
+
+    ``y`` / ``cond_image`` go into the condition pytree as ``label`` / ``image`` when given."""
+    cond = {k: v for k, v in (("label", y), ("image", cond_image)) if v is not None}
+    return _forward(*nnx.split(model), x, t, cond)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=_FAST_COMPILE)
@@ -154,11 +157,13 @@ def test_unconditional_output_and_time_dependence(plain):
     assert np.abs(other[0] - out[0]).max() > 1e-4  # t changed for example 0 only
     np.testing.assert_allclose(other[1], out[1], atol=1e-6)
     with pytest.raises(ValueError, match="unconditional"):
-        plain(x, t, y=jnp.zeros((B,), jnp.int32))
+        plain(x, t, {"label": jnp.zeros((B,), jnp.int32)})
     with pytest.raises(ValueError, match="integer timesteps"):
         plain(x, t.astype(jnp.float32))
     with pytest.raises(ValueError, match="cond_image_channels=0"):
-        plain(x, t, cond_image=x)
+        plain(x, t, {"image": x})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['text'\]"):
+        plain(x, t, {"text": jnp.zeros((B, 4, 8))})
     with pytest.raises(ValueError, match="dropout_key"):
         plain(x, t, deterministic=False)
 
@@ -178,7 +183,7 @@ def test_conditioning_modes(cond):
     null = jnp.full((B,), 3, jnp.int32)
     out_none = _apply(cond, x, sigma, None, image)
     assert out_none.shape == (B, 8, 8, 6) and out_none.dtype == jnp.float32
-    # y=None is the null label (row num_classes); real labels differ from it
+    # a missing label is the null label (row num_classes); real labels differ from it
     np.testing.assert_allclose(_apply(cond, x, sigma, null, image), out_none, atol=1e-6)
     out_real = _apply(cond, x, sigma, jnp.asarray([0, 2]), image)
     assert np.abs(out_real - out_none).max(axis=(1, 2, 3)).min() > 1e-4
@@ -189,8 +194,10 @@ def test_conditioning_modes(cond):
     shifted = _apply(cond, x, sigma.at[0].add(0.25), None, image)
     assert np.abs(shifted[0] - out_none[0]).max() > 1e-4
     np.testing.assert_allclose(shifted[1], out_none[1], atol=1e-6)
-    with pytest.raises(ValueError, match="cond_image must have shape"):
+    with pytest.raises(ValueError, match=r'cond\["image"\] must have shape'):
         cond(x, sigma)
+    with pytest.raises(ValueError, match=r'cond\["label"\] must be int'):
+        cond(x, sigma, {"label": jnp.zeros((B + 1,), jnp.int32), "image": image})
 
 
 def test_null_label_uses_row_num_classes(cond):

@@ -14,7 +14,7 @@ pure dict) and ``DIR/unet.json`` (the ``UNet`` keyword arguments). ``load_conver
 rebuilds the model.
 
 Class labels: a diffusers model with ``num_class_embeds=N`` becomes ``num_classes=N``; labels
-0..N-1 map to the same rows and the extra null row (label N, used for ``y=None``) is zero, i.e.
+0..N-1 map to the same rows and the extra null row (label N, used when ``cond`` has no ``"label"``) is zero, i.e.
 adds no class embedding.
 """
 from __future__ import annotations

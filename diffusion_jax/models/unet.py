@@ -1,9 +1,9 @@
 """DDPM/ADM-style UNet in Flax NNX.
 
-The network predicts ``f(x_t, t, y, c) -> [B, H, W, out_channels]`` from a noisy image
-``x_t: [B, H, W, C]`` (NHWC), a time value ``t: [B]``, optional class labels ``y: [B]``
-and an optional conditioning image ``c: [B, H, W, Cc]`` concatenated to the input
-channels. It knows nothing of schedules, losses or meshes.
+The network predicts ``f(x_t, t, cond) -> [B, H, W, out_channels]`` from a noisy image
+``x_t: [B, H, W, C]`` (NHWC), a time value ``t: [B]`` and the condition pytree
+``cond = {"label": y [B], "image": c [B, H, W, Cc]}`` (missing keys: absent): class labels
+``y`` and a conditioning image ``c`` concatenated to the input channels. It knows nothing of schedules, losses or meshes.
 
 Structure (mirrors diffusers' ``UNet2DModel`` so its checkpoints convert one to one)::
 
@@ -38,6 +38,7 @@ __all__ = ["DTYPES", "LAYOUTS", "LOGICAL_AXIS_NAMES", "UNet", "count_params", "l
            "unet_from_config"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+COND_KEYS = ("label", "image")  # the condition kinds this UNet accepts in ``cond``
 
 # Named layouts: UNet keyword arguments (image_size included; in_channels defaults to 3).
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -206,24 +207,30 @@ class UNet(nnx.Module):
         self.norm_out = layers.group_norm(ch, num_groups, norm_eps, **kw)
         self.conv_out = layers.conv(ch, self.out_channels, 3, zero_init=True, **kw)
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 cond_image: jax.Array | None = None, *, deterministic: bool = True,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array] | None = None, *,
+                 deterministic: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
         """Applies the network.
 
         Args:
-          x: ``[B, H, W, in_channels]`` noisy images; H and W divisible by ``2**(levels-1)``.
-          t: ``[B]`` (or scalar) integer timesteps (``time_input="discrete"``; a float dtype raises)
-            or float noise levels (``time_input="continuous"``).
-          y: ``[B]`` int labels in {0..num_classes}; ``num_classes`` is the null label and
-            ``None`` means all-null. Must be None for an unconditional model.
-          cond_image: ``[B, H, W, cond_image_channels]`` conditioning image (required iff
-            ``cond_image_channels > 0``).
-          deterministic: disable dropout.
-          dropout_key: PRNG key for dropout; required when ``deterministic=False`` and dropout > 0.
+            x: ``[B, H, W, in_channels]`` noisy images; H and W divisible by ``2**(levels-1)``.
+            t: ``[B]`` (or scalar) integer timesteps (``time_input="discrete"``; a float dtype
+                raises) or float noise levels (``time_input="continuous"``).
+            cond: the condition pytree, a dict with any of (a missing key means absent):
+                ``"label"``: int ``[B]`` labels in {0..num_classes}; ``num_classes`` is the null
+                label and a missing label means all-null. Only for class-conditional models.
+                ``"image"``: ``[B, H, W, cond_image_channels]``, concatenated to ``x``; required
+                iff ``cond_image_channels > 0``.
+                Any other key raises (this model has no text conditioning).
+            deterministic: disable dropout.
+            dropout_key: PRNG key for dropout; required when ``deterministic=False`` and
+                dropout > 0.
 
         Returns:
-          ``[B, H, W, out_channels]`` float32.
+            ``[B, H, W, out_channels]`` float32.
+
+        Raises:
+            ValueError: for a malformed ``x``, ``t`` dtype or ``cond`` (unknown key, wrong shape,
+                a label for an unconditional model, a missing or unexpected image).
         """
         b, hgt, wid, c = x.shape
         factor = 2 ** (self.num_levels - 1)
@@ -234,14 +241,7 @@ class UNet(nnx.Module):
         if self.time_input == "discrete" and not jnp.issubdtype(t.dtype, jnp.integer):
             raise ValueError(f"time_input='discrete' expects integer timesteps t, got {t.dtype}; "
                              "build the model with time_input='continuous' for float noise levels")
-        if y is not None and self.class_embed is None:
-            raise ValueError("y was given but the model is unconditional (num_classes=0)")
-        if self.cond_image_channels and (
-            cond_image is None or cond_image.shape != (b, hgt, wid, self.cond_image_channels)):
-            raise ValueError(f"cond_image must have shape {(b, hgt, wid, self.cond_image_channels)}, "
-                             f"got {None if cond_image is None else cond_image.shape}")
-        if not self.cond_image_channels and cond_image is not None:
-            raise ValueError("cond_image was given but cond_image_channels=0")
+        y, cond_image = self._unpack_cond(cond, x.shape)
         if not deterministic and self.dropout > 0 and dropout_key is None:
             raise ValueError("dropout_key is required when deterministic=False and dropout > 0")
 
@@ -282,6 +282,28 @@ class UNet(nnx.Module):
 
         h = self.conv_out(nnx.silu(self.norm_out(h)))
         return h.astype(jnp.float32)
+
+    def _unpack_cond(self, cond, x_shape):
+        """``(labels [B] or None, cond_image [B, H, W, Cc] or None)`` from ``cond``, checked."""
+        cond = {} if cond is None else cond
+        unknown = sorted(set(cond) - set(COND_KEYS))
+        if unknown:
+            raise ValueError(f"cond has unknown key(s) {unknown}; this UNet takes {list(COND_KEYS)}")
+        b, hgt, wid, _ = x_shape
+        y, cond_image = cond.get("label"), cond.get("image")
+        if y is not None:
+            if self.class_embed is None:
+                raise ValueError('cond["label"] was given but the model is unconditional '
+                                 "(num_classes=0)")
+            if y.shape != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
+                raise ValueError(f'cond["label"] must be int [{b}], got {y.dtype} {y.shape}')
+        image_shape = (b, hgt, wid, self.cond_image_channels)
+        if self.cond_image_channels and (cond_image is None or cond_image.shape != image_shape):
+            raise ValueError(f'cond["image"] must have shape {image_shape}, '
+                             f"got {None if cond_image is None else cond_image.shape}")
+        if not self.cond_image_channels and cond_image is not None:
+            raise ValueError('cond["image"] was given but cond_image_channels=0')
+        return y, cond_image
 
     def _apply(self, fn, module, *args):
         """``fn(module, *args)``, rematerialised in the backward pass when ``self.remat``."""
