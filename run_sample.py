@@ -25,22 +25,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import generate, image_io, loading, samplers, sharding
+from diffusion_jax import generate, image_io, loading, sharding
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted diffusers checkpoint instead.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
-                             "Sampler (default: config.sample.sampler).")
-_STEPS = flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).")
-_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Number of images.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_CLASS_LABEL = flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", None,
-                               "Classifier-free guidance weight w >= 0 (default: no guidance).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Diffusion and sampling settings of a --checkpoint model (--workdir uses its own).")
@@ -74,14 +65,15 @@ def _sample():
     if flags.FLAGS.task != "sample":
         cli.run_task_from_flags(flags.FLAGS, loaded.model, loaded.schedule, config, _OUT.value)
         return
-    n = _NUM_SAMPLES.value
-    labels = None if _CLASS_LABEL.value is None else np.full((n,), _CLASS_LABEL.value, np.int32)
+    fv = flags.FLAGS
+    n = fv.num_samples
+    labels = None if fv.class_label is None else np.full((n,), fv.class_label, np.int32)
     sample_fn = generate.make_sample_fn(
-        loaded.graphdef, loaded.schedule, config, mesh, num_samples=n, sampler=_SAMPLER.value,
-        options=cli.sampler_options(flags.FLAGS, config))
+        loaded.graphdef, loaded.schedule, config, mesh, num_samples=n, sampler=fv.sampler,
+        options=cli.sampler_options(fv, config))
     images = image_io.to_uint8(sample_fn(
-        loaded.params, jax.random.key(_SEED.value), None if labels is None else {"label": labels},
-        guidance_scale=_GUIDANCE.value))
+        loaded.params, jax.random.key(fv.seed), None if labels is None else {"label": labels},
+        guidance_scale=fv.guidance_scale))
     if jax.process_index() == 0:
         os.makedirs(_OUT.value, exist_ok=True)
         image_io.save_png(os.path.join(_OUT.value, "samples.png"), image_io.image_grid(images))

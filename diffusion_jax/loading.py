@@ -80,9 +80,6 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
 
 def _load_workdir(workdir, step, mesh):
     """``(graphdef, params, config)`` of a training workdir: first EMA of ``step``."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; is it a training "
-                                "workdir?")
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
     config = checkpoint.load_config(manager, step)
     graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)

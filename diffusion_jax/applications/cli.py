@@ -41,15 +41,27 @@ TASK_FLAGS = {
 
 
 def define_flags(flag_values=None):
-    """Register the task flags (``--task``, ``--input``, ``--mask``, ``--t0``, ...) with absl.
+    """Register the sampling and task flags (``--sampler``, ``--steps``, ``--task``, ...) with absl.
 
-    ``run_sample.py`` defines ``--sampler --steps --eta --num_samples --seed --out
-    --class_label --guidance_scale``; these are the rest.
+    ``run_sample.py`` adds where the model comes from (``--workdir`` / ``--checkpoint``) and
+    where the outputs go (``--out``).
     """
     from absl import flags  # pylint: disable=g-import-not-at-top
 
     fv = flags.FLAGS if flag_values is None else flag_values
     defaults = tasks.TaskOptions()
+    flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
+                      "Sampler (default: config.sample.sampler).", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).",
+                         flag_values=fv)
+    flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
+    flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
+                         flag_values=fv)
+    flags.DEFINE_float("guidance_scale", None,
+                       "Classifier-free guidance weight w >= 0 (default: no guidance).",
+                       flag_values=fv)
     flags.DEFINE_enum("task", "sample", list(TASKS), "What to do with the model.", flag_values=fv)
     flags.DEFINE_string("input", None, "Input PNG (default: dataset images).", flag_values=fv)
     flags.DEFINE_bool("resize_input", False, "Resize --input / --mask to the model's size "
