@@ -136,3 +136,8 @@ def test_sample_fn_compiles_once_for_every_guidance_scale_and_eta(monkeypatch):
     assert np.abs(outs[0] - outs[1]).max() > 1e-4 and np.abs(outs[1] - outs[2]).max() > 1e-4
     with pytest.raises(ValueError, match=r"integers in \[0, 9\] .* \[0, 10\]"):
         sample_fn(params, key, {"label": np.array([0, 3, 5, 10])})
+    # NaN parameters (same program, no retrace): an error naming the sampler, not NaN images
+    nan_params = jax.tree.map(lambda p: p * np.nan, params)
+    with pytest.raises(FloatingPointError, match=r"sampler 'ddim' produced non-finite values"):
+        sample_fn(nan_params, key, cond, guidance_scale=1.0, eta=0.0)
+    assert len(builds) == 1
