@@ -94,10 +94,11 @@ def _flags(*argv):
     return fv
 
 
-def _model_config(num_classes):
+def _model_config(num_classes, sr=False):
     config = tiny.get_config()
     config.model.class_conditional = num_classes > 0
     config.data.num_classes = num_classes
+    config.model.cond_image_channels = config.data.num_channels if sr else 0
     return config
 
 
@@ -116,11 +117,15 @@ def _model_config(num_classes):
     (["--task=invert", "--eta=0.5"], 10, r"--eta is not used by --task=invert"),
     (["--task=sdedit", "--sampler=langevin"], 10, r"'langevin' cannot start part-way"),
     (["--task=inpaint", "--sampler=langevin"], 10, r"'langevin' has no per-step hook"),
+    (["--task=sr"], 10, r"--task=sr needs a super-resolution model"),
+    (["--num_samples=2"], -10, r"super-resolution model; it runs with --task=sr, not sample"),
 ])
 def test_bad_sampling_flags_are_rejected_before_sampling(argv, num_classes, match):
+    """(num_classes < 0 stands for an unconditional super-resolution model.)"""
     from diffusion_jax.applications import cli
+    config = _model_config(max(num_classes, 0), sr=num_classes < 0)
     with pytest.raises(ValueError, match=match):
-        cli.check_flags(_flags(*argv), _model_config(num_classes))
+        cli.check_flags(_flags(*argv), config)
 
 
 def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():

@@ -97,7 +97,7 @@ def check_flags(fv, config):
         ValueError: with a one-line message naming the flag, for: a flag the task does not
             use; ``--steps`` or ``--num_samples`` below 1; a negative ``--guidance_scale``, or
             one on an unconditional model; a label outside ``[0, num_classes)``; a sampler the
-            task cannot use.
+            task cannot use; ``--task=sr`` without a super-resolution model or the reverse.
     """
     task = fv.task
     for name, users in TASK_FLAGS.items():
@@ -121,6 +121,11 @@ def check_flags(fv, config):
             allowed = f"[0, {num_classes - 1}]" if num_classes else "none (unconditional model)"
             raise ValueError(f"--{name}={label} is out of range: this model's classes are "
                              f"{allowed}.")
+    is_sr_model = config.model.cond_image_channels > 0
+    if (task == "sr") != is_sr_model:
+        raise ValueError("--task=sr needs a super-resolution model (model.cond_image_channels > 0)"
+                         if task == "sr" else
+                         f"This is a super-resolution model; it runs with --task=sr, not {task}.")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
 
