@@ -3,7 +3,7 @@
 Both sides run the same UNet layout (freshly initialised; speed does not depend on the weights) with
 the linear beta schedule, T = 1000, x_0 clipped to [-1, 1] and DDIM eta = 0:
 
-* ours: ``samplers.ddpm_sample`` / ``samplers.ddim_sample`` (one ``lax.scan``) under ``jax.jit``,
+* ours: ``samplers.run("ddpm" | "ddim", ...)`` (one ``lax.scan``) under ``jax.jit``,
   compiled ahead of time (compile time reported separately);
 * theirs: ``DDPMPipeline`` / ``DDIMPipeline`` (scheduler step loop under ``torch.no_grad``), progress
   bar off, ``output_type="np"``.
