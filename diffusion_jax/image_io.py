@@ -48,7 +48,8 @@ def save_png(path: str, image: np.ndarray) -> None:
 def read_image(path: str, size: int, channels: int, *, resize: bool = False) -> np.ndarray:
     """``[size, size, channels]`` float32 in [-1, 1] from an image file.
 
-    The file is converted to grey (``channels = 1``) or RGB (3). Its size must be
+    The file is converted to grey (``channels = 1``) or RGB (3); 16-bit grey files are scaled
+    by 255/65535 first. Its size must be
     ``size x size`` unless ``resize`` is set, which resizes it bilinearly (changing the aspect
     of a non-square image).
 
@@ -64,6 +65,9 @@ def read_image(path: str, size: int, channels: int, *, resize: bool = False) -> 
         image.load()
     except OSError as err:
         raise ValueError(f"{path!r} is not a readable image: {err}") from err
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale, do not saturate
+        wide = np.asarray(image, np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8))
     if image.size != (size, size):
         if not resize:
             raise ValueError(f"{path!r} is {image.size[0]}x{image.size[1]} (WxH) but the model "

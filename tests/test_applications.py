@@ -497,6 +497,19 @@ def test_cli_inputs_and_errors(tmp_path):
                                   [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
 
 
+def test_read_image_scales_16_bit_grey_instead_of_saturating(tmp_path):
+    from PIL import Image
+
+    from diffusion_jax import image_io
+    wide = np.tile(np.array([0, 1000, 32768, 65535], np.uint16), (4, 1))
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = image_io.read_image(str(tmp_path / "deep.png"), 4, 1)
+    want = np.round(wide / 257.0) / 127.5 - 1.0
+    np.testing.assert_allclose(got[..., 0], want, atol=1e-6)
+    assert got.min() == -1.0 and got.max() == 1.0 and 0.0 < got[0, 2, 0] < 0.01
+
+
 @pytest.mark.slow
 def test_sr3_trains_on_digits_and_its_samples_match_the_low_res_input():
     """A small conditional UNet trained for 300 steps on 8x8 digits conditioned on their 4x4
