@@ -199,19 +199,29 @@ def inference_timesteps(settings: SchedulerSettings, num_steps: int) -> np.ndarr
     return np.round(np.arange(total, 0, -ratio)).astype(np.int64) - 1
 
 
+def ddim_prev_timesteps(settings: SchedulerSettings, num_steps: int) -> np.ndarray:
+    """Where each DDIM step of diffusers' ``DDIMScheduler.step`` lands: ``t - T // n``.
+
+    diffusers uses this rule whatever the spacing (so with trailing spacing the last step may
+    land on a timestep >= 0 rather than on the final alpha-bar).
+
+    Returns:
+        ``[n]`` int64 in sampling order; -1 marks "use ``final_alpha_cumprod``".
+    """
+    prev = inference_timesteps(settings, num_steps) - settings.num_train_timesteps // num_steps
+    return np.maximum(prev, -1)
+
+
 def ddim_alphas(settings: SchedulerSettings, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """``(alpha_bar_t, alpha_bar_prev)`` of each DDIM step, as diffusers' ``DDIMScheduler.step``.
 
-    diffusers steps from ``t`` to ``t - T // n`` whatever the spacing; a negative target uses
-    ``final_alpha_cumprod``.
-
     Returns:
-        Two ``[n]`` float32 arrays, in sampling order.
+        Two ``[n]`` float32 arrays, in sampling order (see `ddim_prev_timesteps`).
     """
     ts = inference_timesteps(settings, num_steps)
-    prev = ts - settings.num_train_timesteps // num_steps
+    prev = ddim_prev_timesteps(settings, num_steps)
     ac = settings.alphas_cumprod
-    alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], settings.final_alpha_cumprod)
+    alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], settings.final_alpha_cumprod)
     return ac[ts].astype(np.float32), alpha_prev.astype(np.float32)
 
 
