@@ -21,8 +21,6 @@ import os
 import shutil
 from typing import Any, NamedTuple
 
-from flax import nnx
-
 from diffusion_jax.convert import common, scheduler, text_encoder, unet_cond, vae
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.cond_unet import CondUNet
@@ -130,12 +128,6 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDi
         json.dump({"format": FORMAT, "pipeline_class": sd.info["pipeline_class"],
                    "source": os.path.abspath(os.fspath(src))}, f, indent=2)
     return sd
-
-
-def count_params(model: nnx.Module) -> int:
-    """Number of scalar parameters of ``model`` (works on abstract models too)."""
-    import jax
-    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _check_index(index: dict[str, Any], path: str) -> None:
