@@ -4,7 +4,6 @@ Each torch model is perturbed off its initialisation (so e.g. a swapped norm sca
 saved with ``save_pretrained``, converted by ``diffusion_jax.convert`` and compared in float32:
 max |ours - theirs| <= 1e-4.
 """
-import functools
 import json
 
 import jax
@@ -12,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from sd_fixtures import (CLIP_SMALL, TOL, UNET_CONV, UNET_LINEAR, VAE_SMALL, nchw,
+                         numpy_init, perturb, run, write_vocab)
 
 from diffusion_jax.convert import common, text_encoder, unet_cond, vae
 from diffusion_jax.models.autoencoder import AutoencoderKL
@@ -22,28 +24,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.parity
-
-TOL = 1e-4
-# diffusers' own small test configs: two levels (32, 64), cross_attention_dim 32.
-UNET_LINEAR = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-    layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-    attention_head_dim=(2, 4), norm_num_groups=32, use_linear_projection=True)
-# 1x1-conv projections, one head count for every level, two transformer blocks, float32
-# attention, attention at the lower level only, DDPM-style embedding options.
-UNET_CONV = dict(
-    sample_size=16, in_channels=3, out_channels=5, block_out_channels=(32, 64),
-    layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
-    attention_head_dim=4, norm_num_groups=16, use_linear_projection=False,
-    upcast_attention=True, transformer_layers_per_block=2, flip_sin_to_cos=False, freq_shift=1)
-VAE_SMALL = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1, norm_num_groups=32, scaling_factor=0.3)
-CLIP_SMALL = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=16)
 
 # Published configs (the fields that differ from diffusers' defaults).
 SD15_UNET_CONFIG = dict(
@@ -72,32 +52,10 @@ CLIP_L14_CONFIG = dict(
     vocab_size=49408)
 
 
-def _perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})  # fast CPU compile
-def _apply(fn, graphdef, state, *args):
-    return fn(nnx.merge(graphdef, state), *args)
-
-
-def _run(fn, model, *args):
-    return _apply(fn, *nnx.split(model), *args)
-
-
-def _nchw(a):
-    return np.asarray(a).transpose(0, 3, 1, 2)
-
-
 @pytest.mark.parametrize("config", [UNET_LINEAR, UNET_CONV], ids=["linear_proj", "conv_proj"])
 def test_cond_unet_matches_diffusers(config, tmp_path):
     torch.manual_seed(0)
-    ref = _perturb(diffusers.UNet2DConditionModel(**config), 1)
+    ref = perturb(diffusers.UNet2DConditionModel(**config), 1)
     ref.save_pretrained(tmp_path)
     ours, record = unet_cond.load_diffusers(tmp_path)
     assert record["sample_size"] == 16
@@ -107,10 +65,10 @@ def test_cond_unet_matches_diffusers(config, tmp_path):
     text = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
     with torch.no_grad():
         want = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(text)).sample.numpy()
-    got = _run(lambda m, x, t, c: m(x, t, {"text": c}), ours, x.transpose(0, 2, 3, 1),
+    got = run(lambda m, x, t, c: m(x, t, {"text": c}), ours, x.transpose(0, 2, 3, 1),
                jnp.asarray(t), jnp.asarray(text))
     assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(_nchw(got), want, atol=TOL, rtol=0)
+    np.testing.assert_allclose(nchw(got), want, atol=TOL, rtol=0)
 
 
 def test_cond_unet_needs_text_of_the_right_width():
@@ -125,7 +83,7 @@ def test_cond_unet_needs_text_of_the_right_width():
 
 def test_autoencoder_matches_diffusers(tmp_path):
     torch.manual_seed(0)
-    ref = _perturb(diffusers.AutoencoderKL(**VAE_SMALL), 2)
+    ref = perturb(diffusers.AutoencoderKL(**VAE_SMALL), 2)
     ref.save_pretrained(tmp_path)
     ours, record = vae.load_diffusers(tmp_path)
     assert ours.scaling_factor == 0.3
@@ -134,22 +92,22 @@ def test_autoencoder_matches_diffusers(tmp_path):
         post = ref.encode(torch.from_numpy(x)).latent_dist
         decoded = ref.decode(post.mean).sample.numpy()
         kl = post.kl().numpy()
-    mean, logvar, kl_ours, dec = _run(
+    mean, logvar, kl_ours, dec = run(
         lambda m, x: (lambda p: (p.mean, p.logvar, p.kl(), m.decode(p.mode())))(m.encode(x)),
         ours, x.transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(_nchw(mean), post.mean.numpy(), atol=TOL, rtol=0)
-    np.testing.assert_allclose(_nchw(logvar), post.logvar.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(nchw(mean), post.mean.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(nchw(logvar), post.logvar.numpy(), atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(kl_ours), kl, rtol=1e-5)
     assert np.abs(decoded).max() > 0.1
-    np.testing.assert_allclose(_nchw(dec), decoded, atol=TOL, rtol=0)
+    np.testing.assert_allclose(nchw(dec), decoded, atol=TOL, rtol=0)
 
 
 def test_posterior_logvar_is_clipped_and_sampled_with_the_key():
-    model = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4,
-                          rngs=nnx.Rngs(0))
+    model = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), layers_per_block=1,
+                                              norm_num_groups=4, rngs=nnx.Rngs(0)))
     bias = model.quant_conv.bias
-    bias.value = bias.value.at[4:].set(1e4)  # log-variance channels far above the clip
-    post = _run(lambda m, x: m.encode(x), model, jnp.zeros((1, 8, 8, 3)))
+    bias[...] = bias[...].at[4:].set(1e4)  # log-variance channels far above the clip
+    post = run(lambda m, x: m.encode(x), model, jnp.zeros((1, 8, 8, 3)))
     np.testing.assert_array_equal(np.asarray(post.logvar), 20.0)
     key = jax.random.key(3)
     z = jax.jit(post.sample)(key)
@@ -163,7 +121,7 @@ def test_text_encoder_matches_transformers(act, eos, tmp_path):
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(**CLIP_SMALL, hidden_act=act, eos_token_id=eos,
                                          bos_token_id=0, pad_token_id=1)
-    ref = _perturb(transformers.CLIPTextModel(config), 3)
+    ref = perturb(transformers.CLIPTextModel(config), 3)
     ref.save_pretrained(tmp_path)
     ours, _ = text_encoder.load_transformers(tmp_path)
     ids = np.random.default_rng(2).integers(8, 990, (3, 16))
@@ -176,27 +134,12 @@ def test_text_encoder_matches_transformers(act, eos, tmp_path):
         plain = ref(torch.from_numpy(ids), output_hidden_states=True)
         masked = ref(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
         skip = ref.final_layer_norm(plain.hidden_states[-2]).numpy()
-    out = _run(lambda m, i: m(i, clip_skip=1), ours, jnp.asarray(ids))
-    out_masked = _run(lambda m, i, k: m(i, k), ours, jnp.asarray(ids), jnp.asarray(mask))
+    out = run(lambda m, i: m(i, clip_skip=1), ours, jnp.asarray(ids))
+    out_masked = run(lambda m, i, k: m(i, k), ours, jnp.asarray(ids), jnp.asarray(mask))
     for got, want in ((out.last_hidden_state, plain.last_hidden_state),
                       (out.pooler_output, plain.pooler_output), (out.hidden_state, skip),
                       (out_masked.last_hidden_state, masked.last_hidden_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)
-
-
-def _write_vocab(directory, tokenizer_config):
-    """A tiny CLIP BPE vocabulary: every byte symbol, its ``</w>`` form, a few merges."""
-    from tokenizers import pre_tokenizers
-
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = ["h e", "l l", "he ll", "hell o</w>", "c a", "ca t</w>", "p h", "o t", "ph ot",
-              "phot o</w>", "a </w>"]
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    vocab += ["</w>", "<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir()
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
 
 
 PROMPTS = ["Hello  cat", "a photo of a CAT!", "héllo wörld 123 <|endoftext|> x", "",
@@ -205,7 +148,7 @@ PROMPTS = ["Hello  cat", "a photo of a CAT!", "héllo wörld 123 <|endoftext|> x
 
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"], ids=["sd1_pad", "sd2_pad"])
 def test_tokenizer_matches_transformers(pad, tmp_path):
-    _write_vocab(tmp_path / "vm", {"model_max_length": 12, "pad_token": pad})
+    write_vocab(tmp_path / "vm", {"model_max_length": 12, "pad_token": pad})
     ref = transformers.CLIPTokenizer.from_pretrained(tmp_path / "vm")
     want = np.asarray(ref(PROMPTS, padding="max_length", max_length=12,
                           truncation=True).input_ids)
@@ -224,7 +167,7 @@ def test_tokenizer_errors_name_the_file(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
         load_tokenizer(tmp_path / "empty")
-    _write_vocab(tmp_path / "nolen", {})
+    write_vocab(tmp_path / "nolen", {})
     with pytest.raises(ValueError, match="model_max_length"):
         load_tokenizer(tmp_path / "nolen")
 
@@ -280,7 +223,7 @@ def test_weight_errors_name_the_weight(tmp_path):
 
 def test_fp16_bin_weights_are_read(tmp_path):
     torch.manual_seed(0)
-    ref = _perturb(diffusers.AutoencoderKL(**VAE_SMALL), 5).half()
+    ref = perturb(diffusers.AutoencoderKL(**VAE_SMALL), 5).half()
     ref.save_pretrained(tmp_path, safe_serialization=False, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.bin").exists()
     ours, _ = vae.load_diffusers(tmp_path)
