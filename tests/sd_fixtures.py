@@ -53,7 +53,7 @@ def run(fn, model, *args):
 
 
 def numpy_init(build, seed=0):
-    """The model ``build()`` makes, with N(0, 0.1^2) numpy parameters (no per-shape init compiles)."""
+    """The model ``build()`` makes, with N(0, 0.1^2) numpy parameters (no init compiles)."""
     graphdef, state = nnx.split(nnx.eval_shape(build))
     rng = np.random.default_rng(seed)
     values = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype),

@@ -1,4 +1,4 @@
-"""Round trip of a tiny random diffusers StableDiffusionPipeline through convert_pipeline / load_pipeline."""
+"""A tiny random diffusers StableDiffusionPipeline through convert_pipeline / load_pipeline."""
 import json
 
 import jax
@@ -62,7 +62,8 @@ def test_converted_pipeline_matches_every_diffusers_component(saved, stored):
     np.testing.assert_array_equal(sd.tokenizer(PROMPTS), ids.numpy())
     with torch.no_grad():
         states = pipe.text_encoder(ids)[0]
-    ours_states = run(lambda m, i: m(i).last_hidden_state, sd.text_encoder, jnp.asarray(ids.numpy()))
+    ours_states = run(lambda m, i: m(i).last_hidden_state, sd.text_encoder,
+                      jnp.asarray(ids.numpy()))
     np.testing.assert_allclose(np.asarray(ours_states), states.numpy(), atol=TOL, rtol=0)
 
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -73,7 +74,8 @@ def test_converted_pipeline_matches_every_diffusers_component(saved, stored):
     got = run(lambda m, x, t, c: m(x, t, {"text": c}), sd.unet, latents.transpose(0, 2, 3, 1),
               jnp.asarray(t), jnp.asarray(states.numpy()))
     np.testing.assert_allclose(nchw(got), pred, atol=TOL, rtol=0)
-    decoded = run(lambda m, z: m.decode(z / m.scaling_factor), sd.vae, latents.transpose(0, 2, 3, 1))
+    decoded = run(lambda m, z: m.decode(z / m.scaling_factor), sd.vae,
+                  latents.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(nchw(decoded), image.numpy(), atol=TOL, rtol=0)
 
     assert sd.scheduler.pred_type == "v"

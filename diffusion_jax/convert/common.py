@@ -57,7 +57,7 @@ def find_weights(directory: str | os.PathLike, stems: tuple[str, ...]) -> str:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors or torch ``.bin`` state dict as float32 numpy arrays (fp16/bf16 upcast)."""
+    """Reads a safetensors or torch ``.bin`` state dict as float32 numpy (fp16/bf16 upcast)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         tensors = load_file(path)

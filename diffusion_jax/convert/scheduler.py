@@ -1,4 +1,4 @@
-"""``scheduler/scheduler_config.json`` -> this project's diffusion settings, read as diffusers reads it.
+"""``scheduler/scheduler_config.json`` -> this project's diffusion settings, as diffusers reads it.
 
 The noise process a checkpoint was trained with is fixed by the betas; the scheduler class the
 config names (PNDM, DDIM, Euler, ...) only picks a sampler, which is ours to choose. So this
@@ -149,7 +149,8 @@ def diffusers_betas(name: str, num: int, beta_start: float, beta_end: float) -> 
                            for i in range(num)], np.float32)
     if name == "sigmoid":
         ramp = np.linspace(-6.0, 6.0, num, dtype=np.float32).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-ramp)) * (beta_end - beta_start) + beta_start).astype(np.float32)
+        betas = 1.0 / (1.0 + np.exp(-ramp)) * (beta_end - beta_start) + beta_start
+        return betas.astype(np.float32)
     raise ValueError(f"unknown diffusers beta_schedule {name!r}; expected one of "
                      f"{sorted(SCHEDULE_NAMES)}")
 

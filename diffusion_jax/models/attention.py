@@ -53,7 +53,8 @@ class Attention(nnx.Module):
     """diffusers ``Attention``: ``to_out(attn(to_q(x), to_k(c), to_v(c)))`` with N heads.
 
     ``q = x W_q``, ``k = c W_k``, ``v = c W_v`` (``c = x`` for self-attention), split into
-    ``heads`` heads of width ``head_dim``; ``out = concat_heads(softmax(q k^T / sqrt(d)) v) W_o + b_o``.
+    ``heads`` heads of width ``head_dim``;
+    ``out = concat_heads(softmax(q k^T / sqrt(d)) v) W_o + b_o``.
 
     Shapes: ``x: [B, T, query_dim]``, ``context: [B, S, context_dim]`` -> ``[B, T, query_dim]``.
 
@@ -71,9 +72,9 @@ class Attention(nnx.Module):
         inner = heads * head_dim
         kv_dim = context_dim or query_dim
         self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
-        self.to_q = _linear(query_dim, inner, ("embed", "heads"), qkv_bias, dtype, param_dtype, rngs)
-        self.to_k = _linear(kv_dim, inner, ("embed", "heads"), qkv_bias, dtype, param_dtype, rngs)
-        self.to_v = _linear(kv_dim, inner, ("embed", "heads"), qkv_bias, dtype, param_dtype, rngs)
+        qkv = lambda din: _linear(din, inner, ("embed", "heads"), qkv_bias, dtype, param_dtype,
+                                  rngs)
+        self.to_q, self.to_k, self.to_v = qkv(query_dim), qkv(kv_dim), qkv(kv_dim)
         self.to_out = nnx.List([_linear(inner, query_dim, ("heads", "embed"), True, dtype,
                                         param_dtype, rngs)])
 
@@ -86,7 +87,8 @@ class Attention(nnx.Module):
 
 
 class GEGLU(nnx.Module):
-    """``proj(x) = [h, g]``; returns ``h * gelu(g)`` (exact erf GELU). ``[B, T, D] -> [B, T, F]``."""
+    """``proj(x) = [h, g]``; returns ``h * gelu(g)`` (exact erf GELU); ``[B, T, D] -> [B, T, F]``.
+    """
 
     def __init__(self, dim: int, inner: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         self.proj = _linear(dim, 2 * inner, ("embed", "mlp"), True, dtype, param_dtype, rngs)

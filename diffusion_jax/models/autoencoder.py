@@ -103,7 +103,7 @@ class AutoencoderKL(nnx.Module):
         return DiagonalGaussian(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """``z: [B, h, w, latent_channels]`` (unscaled) -> ``[B, h f, w f, out_channels]`` float32."""
+        """``z: [B, h, w, latent_channels]`` (unscaled) -> ``[B, h f, w f, out_channels]`` f32."""
         z = z.astype(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
@@ -118,7 +118,8 @@ class AutoencoderKL(nnx.Module):
 class ResnetBlock(nnx.Module):
     """Residual block without time input: ``skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))``.
 
-    ``skip`` (named ``conv_shortcut``) is a 1x1 conv when the width changes. ``[B,H,W,in] -> [B,H,W,out]``.
+    ``skip`` (named ``conv_shortcut``) is a 1x1 conv when the width changes.
+    Shapes: ``[B, H, W, in] -> [B, H, W, out]``.
     """
 
     def __init__(self, cin: int, cout: int, groups: int, *, dtype: Dtype, param_dtype: Dtype,
@@ -137,7 +138,7 @@ class ResnetBlock(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-    """``resnets[1](attentions[0](resnets[0](x)))`` (attention optional); one-head self-attention."""
+    """``resnets[1](attentions[0](resnets[0](x)))``; one-head self-attention (optional)."""
 
     def __init__(self, ch: int, groups: int, attention: bool, **kw):
         self.resnets = nnx.List([ResnetBlock(ch, ch, groups, **kw) for _ in range(2)])

@@ -54,7 +54,7 @@ class CLIPTokenizer:
         return np.asarray([e.attention_mask for e in self.backend.encode_batch(prompts)], np.int32)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (readable by `load_tokenizer`)."""
+        """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (read by `load_tokenizer`)."""
         os.makedirs(directory, exist_ok=True)
         self.backend.save(os.path.join(directory, "tokenizer.json"))
         tokens = {name: self.backend.id_to_token(i) for name, i in
