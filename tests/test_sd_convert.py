@@ -9,7 +9,7 @@ from flax import nnx
 
 from sd_fixtures import CLIP_SMALL, TOL, UNET_LINEAR, VAE_SMALL, nchw, perturb, run, write_vocab
 
-from diffusion_jax.convert import pipeline, scheduler
+from diffusion_jax.convert import pipeline, scheduler, unet_cond
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -43,8 +43,9 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(saved, tmp_path_factory):
+    """The pipeline converted through the command-line entry point."""
     out = tmp_path_factory.mktemp("converted")
-    pipeline.convert_pipeline(saved[0], out)
+    pipeline.main(["--src", str(saved[0]), "--out", str(out)])
     return out
 
 
@@ -97,9 +98,9 @@ def test_load_pipeline_reads_a_diffusers_directory_directly(saved, stored):
 
 
 def test_bfloat16_override_sets_the_compute_dtype(converted):
-    sd = pipeline.load_pipeline(converted, dtype=jnp.bfloat16)
-    assert sd.unet.dtype == jnp.bfloat16 and sd.vae.dtype == jnp.bfloat16
-    assert sd.unet.conv_in.kernel[...].dtype == jnp.float32  # parameters stay float32
+    unet, record = unet_cond.load_converted(converted / "unet", dtype=jnp.bfloat16)
+    assert unet.dtype == jnp.bfloat16 and record["format"] == unet_cond.FORMAT
+    assert unet.conv_in.kernel[...].dtype == jnp.float32  # parameters stay float32
 
 
 def test_index_errors_name_the_component(saved, tmp_path):

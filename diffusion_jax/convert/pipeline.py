@@ -13,12 +13,18 @@ Source layout (diffusers ``save_pretrained``)::
 ``params`` + ``config.json`` per model; the tokenizer as ``tokenizer.json``; the validated
 scheduler config) plus a ``model_index.json`` tagged with `FORMAT`. `load_pipeline` reads
 either layout and returns a `StableDiffusion`.
+
+Command line::
+
+    python -m diffusion_jax.convert.pipeline --src SD_DIR --out OUT_DIR
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from diffusion_jax.convert import common, scheduler, text_encoder, unet_cond, vae
@@ -130,6 +136,18 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDi
     return sd
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: ``--src SD_DIR --out OUT_DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="diffusers SD pipeline directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    sd = convert_pipeline(args.src, args.out)
+    kwargs = sd.info["unet"]["kwargs"]
+    print(f"wrote {args.out}: unet {kwargs['block_out_channels']} x{kwargs['layers_per_block']}, "
+          f"prediction {sd.scheduler.pred_type}, tokenizer length {sd.tokenizer.max_length}")
+
+
 def _check_index(index: dict[str, Any], path: str) -> None:
     """Every component we need is present with the class we convert; unknown extras raise."""
     for name, (library, cls) in _EXPECTED.items():
@@ -145,3 +163,7 @@ def _check_index(index: dict[str, Any], path: str) -> None:
                    - {"_class_name", "_diffusers_version", "_name_or_path"})
     if extra:
         raise ValueError(f"{path}/{INDEX_FILE}: unsupported pipeline component(s) {extra}")
+
+
+if __name__ == "__main__":
+    main()
