@@ -97,10 +97,14 @@ def test_load_pipeline_reads_a_diffusers_directory_directly(saved, stored):
     assert direct.scheduler.timestep_spacing == stored.scheduler.timestep_spacing == "trailing"
 
 
-def test_bfloat16_override_sets_the_compute_dtype(converted):
+def test_dtype_overrides_set_compute_and_parameter_dtypes(converted):
     unet, record = unet_cond.load_converted(converted / "unet", dtype=jnp.bfloat16)
     assert unet.dtype == jnp.bfloat16 and record["format"] == unet_cond.FORMAT
     assert unet.conv_in.kernel[...].dtype == jnp.float32  # parameters stay float32
+    half, _ = unet_cond.load_converted(converted / "unet", param_dtype=jnp.bfloat16)
+    assert half.conv_in.kernel[...].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half.conv_in.kernel[...], np.float32),
+                               np.asarray(unet.conv_in.kernel[...]), rtol=1e-2)
 
 
 def test_index_errors_name_the_component(saved, tmp_path):

@@ -110,7 +110,7 @@ def map_weights(target: Any, source: Mapping[str, np.ndarray], key_of: Callable[
         ignore: source keys that carry no parameter (e.g. buffers).
 
     Returns:
-        The same nested dict with float32 ``jax.Array`` leaves.
+        The same nested dict with ``jax.Array`` leaves in the dtype of ``target``.
 
     Raises:
         ValueError: a weight is missing, left unused, or has the wrong shape after conversion.
@@ -129,7 +129,7 @@ def map_weights(target: Any, source: Mapping[str, np.ndarray], key_of: Callable[
         if value.shape != tuple(node.shape):
             raise ValueError(f"{component}: weight {key!r} has shape {source[key].shape} "
                              f"({value.shape} after conversion); expected {tuple(node.shape)}")
-        return jnp.asarray(value, jnp.float32)
+        return jnp.asarray(value, node.dtype)  # float32, or e.g. bf16 with param_dtype
 
     params = fill(target, ())
     if unused:
