@@ -141,10 +141,23 @@ def test_zero_snr_rescale_ends_at_zero_and_keeps_first():
     (dict(thresholding=True), "thresholding"),
     (dict(variance_type="learned_range"), "variance_type"),
     (dict(my_new_option=1), "my_new_option"),
+    (dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
 ])
 def test_unsupported_fields_are_named(config, field):
     with pytest.raises(ValueError, match=field):
         sc.scheduler_settings(config)
+
+
+@pytest.mark.parametrize("name", [
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler", "HeunDiscreteScheduler"])
+def test_configs_of_the_schedulers_sd_pipelines_ship_with_are_read(name):
+    ref = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="v_prediction")
+    settings = sc.scheduler_settings(dict(ref.config))
+    np.testing.assert_allclose(settings.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-5)
+    assert settings.pred_type == "v"
 
 
 def test_num_steps_out_of_range():

@@ -43,7 +43,7 @@ SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear",
 _READ = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
          "prediction_type", "clip_sample", "clip_sample_range", "set_alpha_to_one",
          "steps_offset", "timestep_spacing", "rescale_betas_zero_snr", "variance_type"}
-_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path"}
+_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 # Options of other scheduler classes that only shape *their* sampling loop (our samplers take
 # their own options), or thresholding settings that are inert while thresholding is off.
 _SAMPLER_ONLY = {"skip_prk_steps", "interpolation_type", "use_karras_sigmas",
@@ -51,8 +51,12 @@ _SAMPLER_ONLY = {"skip_prk_steps", "interpolation_type", "use_karras_sigmas",
                  "timestep_type", "final_sigmas_type", "solver_order", "algorithm_type",
                  "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped",
                  "use_lu_lambdas", "variance_type_dpm", "dynamic_thresholding_ratio",
-                 "sample_max_value", "sde_type", "predict_x0", "solver_p", "use_flow_sigmas",
-                 "flow_shift", "noise_sampler_seed", "s_noise", "rho"}
+                 "sample_max_value", "sde_type", "predict_x0", "solver_p", "flow_shift",
+                 "noise_sampler_seed", "s_noise", "rho", "disable_corrector", "time_shift_type"}
+# Options that change the noise levels themselves (flow matching, resolution-dependent
+# shifts): only their inert values are accepted.
+_FIXED = {"thresholding": (False, None), "use_dynamic_shifting": (False, None),
+          "shift_terminal": (None,), "use_flow_sigmas": (False, None)}
 
 
 class SchedulerSettings(NamedTuple):
@@ -97,13 +101,15 @@ def scheduler_settings(config: dict[str, Any]) -> SchedulerSettings:
 
     Raises:
         ValueError: an unknown field, an unsupported value (thresholding, learned variances,
-            an unknown schedule / prediction type / spacing), naming it.
+            flow-matching shifts, an unknown schedule / prediction type / spacing), naming it.
     """
-    unknown = sorted(set(config) - _READ - _BOOKKEEPING - _SAMPLER_ONLY - {"thresholding"})
+    unknown = sorted(set(config) - _READ - _BOOKKEEPING - _SAMPLER_ONLY - set(_FIXED))
     if unknown:
         raise ValueError(f"scheduler: unsupported config field(s) {unknown}")
-    if config.get("thresholding"):
-        raise ValueError("scheduler: thresholding=True (dynamic thresholding) is not supported")
+    for field, allowed in _FIXED.items():
+        if config.get(field, allowed[0]) not in allowed:
+            raise ValueError(f"scheduler: {field}={config[field]!r} is not supported; "
+                             f"supported: {list(allowed)}")
     get = config.get
     num = int(get("num_train_timesteps", 1000))
     start, end = float(get("beta_start", 1e-4)), float(get("beta_end", 0.02))
@@ -126,7 +132,7 @@ def scheduler_settings(config: dict[str, Any]) -> SchedulerSettings:
         schedule=None if trained is not None or rescale else SCHEDULE_NAMES[name],
         beta_start=start, beta_end=end, clip_sample=bool(get("clip_sample", True)),
         clip_sample_range=float(get("clip_sample_range", 1.0)),
-        ddpm_variance=_choice("variance_type", get("variance_type", "fixed_small"),
+        ddpm_variance=_choice("variance_type", get("variance_type") or "fixed_small",
                               DDPM_VARIANCE),
         timestep_spacing=_choice("timestep_spacing", get("timestep_spacing", "leading"),
                                  {s: s for s in SPACINGS}),
