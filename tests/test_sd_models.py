@@ -222,6 +222,20 @@ def test_weight_errors_name_the_weight(tmp_path):
         vae.load_diffusers(tmp_path / "noweights")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_safetensors_are_read(dtype, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = perturb(diffusers.AutoencoderKL(**VAE_SMALL), 5).to(getattr(torch, dtype))
+    (tmp_path / "config.json").write_text(json.dumps(VAE_SMALL))
+    save_file(ref.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    ours, _ = vae.load_diffusers(tmp_path)
+    np.testing.assert_array_equal(
+        np.asarray(ours.encoder.conv_in.kernel[...]),
+        ref.encoder.conv_in.weight.detach().float().numpy().transpose(2, 3, 1, 0))
+
+
 def test_fp16_bin_weights_are_read(tmp_path):
     torch.manual_seed(0)
     ref = perturb(diffusers.AutoencoderKL(**VAE_SMALL), 5).half()

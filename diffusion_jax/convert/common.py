@@ -57,10 +57,18 @@ def find_weights(directory: str | os.PathLike, stems: tuple[str, ...]) -> str:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors or torch ``.bin`` state dict as float32 numpy (fp16/bf16 upcast)."""
+    """Reads a safetensors or torch ``.bin`` state dict as float32 numpy (fp16/bf16 upcast).
+
+    safetensors files are read with numpy (no torch needed) except bf16 ones, which numpy
+    cannot name; those and ``.bin`` pickles go through torch.
+    """
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        tensors = load_file(path)
+        from safetensors.numpy import load_file
+        try:
+            return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+        except TypeError:  # bfloat16 tensors
+            from safetensors.torch import load_file as load_torch
+            tensors = load_torch(path)
     else:
         import torch
         tensors = torch.load(path, map_location="cpu", weights_only=True)
