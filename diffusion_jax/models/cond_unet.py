@@ -22,7 +22,7 @@ holds these head counts; the converter maps it.)
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +144,7 @@ class CondUNet(nnx.Module):
         self.conv_norm_out = layers.group_norm(ch, norm_num_groups, norm_eps, **kw)
         self.conv_out = layers.conv(ch, out_channels, 3, **kw)
 
-    def __call__(self, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
         """Applies the network.
 
         Args:
@@ -164,7 +164,7 @@ class CondUNet(nnx.Module):
         if hgt % factor or wid % factor or c != self.in_channels:
             raise ValueError(f"x has shape {x.shape}; expected [B, H, W, {self.in_channels}] with "
                              f"H and W divisible by {factor}")
-        text = cond.get("text") if isinstance(cond, dict) else None
+        text = cond.get("text") if isinstance(cond, Mapping) else None
         if text is None or text.ndim != 3 or text.shape[0] != b or \
                 text.shape[2] != self.cross_attention_dim:
             raise ValueError(f"cond['text'] must have shape [{b}, S, {self.cross_attention_dim}], "
