@@ -11,18 +11,26 @@ classifier-free guidance a pipeline runs the UNet on ``2B`` rows per step.
 Usage::
 
     python benchmarks/sd_memory.py [--batch 1 8] [--param_dtype float32 bfloat16] [--out FILE]
+
+On the CPU backend, bf16 convolutions and matmuls are computed through float32 copies, which
+adds ~3 GiB of temporaries at any batch (float32 compute needs 1.58 GiB at batch 1); GPU and
+TPU numbers need a run there.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax.models.cond_unet import SD15_UNET, CondUNet
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from diffusion_jax.models.cond_unet import SD15_UNET, CondUNet  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
