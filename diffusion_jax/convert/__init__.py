@@ -1,0 +1,1 @@
+"""Converters from diffusers / transformers checkpoints (PyTorch) to this package's NNX models."""

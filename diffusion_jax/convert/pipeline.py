@@ -1,0 +1,169 @@
+"""A diffusers Stable Diffusion pipeline directory -> converted NNX components, in one call.
+
+Source layout (diffusers ``save_pretrained``)::
+
+    model_index.json                      component -> [library, class]
+    unet/          config.json + diffusion_pytorch_model[.fp16].{safetensors,bin}
+    vae/           config.json + diffusion_pytorch_model[.fp16].{safetensors,bin}
+    text_encoder/  config.json + model[.fp16].safetensors | pytorch_model.bin
+    tokenizer/     tokenizer.json | vocab.json + merges.txt, tokenizer_config.json
+    scheduler/     scheduler_config.json
+
+`convert_pipeline` writes the same five subdirectories in this package's format (orbax
+``params`` + ``config.json`` per model; the tokenizer as ``tokenizer.json``; the validated
+scheduler config) plus a ``model_index.json`` tagged with `FORMAT`. `load_pipeline` reads
+either layout and returns a `StableDiffusion`.
+
+Command line::
+
+    python -m diffusion_jax.convert.pipeline --src SD_DIR --out OUT_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from diffusion_jax.convert import common, scheduler, text_encoder, unet_cond, vae
+from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.models.cond_unet import CondUNet
+from diffusion_jax.models.text_encoder import CLIPTextModel
+from diffusion_jax.models.tokenizer import CLIPTokenizer, load_tokenizer
+
+FORMAT = "diffusion_jax.stable_diffusion/1"
+INDEX_FILE = "model_index.json"
+SCHEDULER_FILE = "scheduler_config.json"
+# component -> the (library, class) diffusers must have written for it.
+_EXPECTED = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+             "text_encoder": ("transformers", "CLIPTextModel"),
+             "tokenizer": ("transformers", "CLIPTokenizer")}
+# Components a text-to-image run does not need (left unconverted).
+_UNUSED = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
+
+
+class StableDiffusion(NamedTuple):
+    """The converted parts of an SD pipeline.
+
+    Attributes:
+        unet: `CondUNet`, ``unet(z_t, t, {"text": states}) -> prediction``.
+        vae: `AutoencoderKL`; latents are ``vae.encode(x).mode() * vae.scaling_factor``.
+        text_encoder: `CLIPTextModel`, ``text_encoder(ids).last_hidden_state`` is ``cond["text"]``.
+        tokenizer: `CLIPTokenizer`, ``tokenizer(prompts) -> [B, 77]`` ids.
+        scheduler: `scheduler.SchedulerSettings` (betas, prediction type, timestep spacing, ...).
+        info: ``{"unet": record, "vae": record, "text_encoder": record,
+            "scheduler_config": dict, "pipeline_class": str}`` (records hold the model kwargs and
+            ``sample_size``).
+    """
+    unet: CondUNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: scheduler.SchedulerSettings
+    info: dict[str, Any]
+
+
+def load_pipeline(path: str | os.PathLike, **overrides) -> StableDiffusion:
+    """Loads a converted pipeline directory, or converts a diffusers one in memory.
+
+    Args:
+        path: a directory written by `convert_pipeline`, or a diffusers SD pipeline directory.
+        **overrides: model keyword arguments for the three networks, e.g. ``dtype=jnp.bfloat16``.
+
+    Raises:
+        FileNotFoundError: ``model_index.json`` or a component file is missing.
+        ValueError: a component or field that cannot be mapped (named).
+    """
+    path = os.fspath(path)
+    index = common.read_json(os.path.join(path, INDEX_FILE), "pipeline index")
+    if index.get("format") != FORMAT:
+        return load_diffusers_pipeline(path, **overrides)
+    unet, unet_rec = unet_cond.load_converted(os.path.join(path, "unet"), **overrides)
+    ae, vae_rec = vae.load_converted(os.path.join(path, "vae"), **overrides)
+    te, te_rec = text_encoder.load_converted(os.path.join(path, "text_encoder"), **overrides)
+    sched_config = common.read_json(os.path.join(path, "scheduler", SCHEDULER_FILE),
+                                    "scheduler config")
+    return StableDiffusion(
+        unet, ae, te, load_tokenizer(os.path.join(path, "tokenizer")),
+        scheduler.scheduler_settings(sched_config),
+        {"unet": unet_rec, "vae": vae_rec, "text_encoder": te_rec,
+         "scheduler_config": sched_config, "pipeline_class": index.get("pipeline_class")})
+
+
+def load_diffusers_pipeline(path: str | os.PathLike, **overrides) -> StableDiffusion:
+    """Reads a diffusers SD pipeline directory into a `StableDiffusion` (float32 parameters).
+
+    Raises:
+        FileNotFoundError: ``model_index.json`` or a component file is missing.
+        ValueError: the index names a component class we cannot convert, or a component's
+            config field / weight cannot be mapped.
+    """
+    path = os.fspath(path)
+    index = common.read_json(os.path.join(path, INDEX_FILE), "pipeline index")
+    _check_index(index, path)
+    unet, unet_rec = unet_cond.load_diffusers(os.path.join(path, "unet"), **overrides)
+    ae, vae_rec = vae.load_diffusers(os.path.join(path, "vae"), **overrides)
+    te, te_rec = text_encoder.load_transformers(os.path.join(path, "text_encoder"), **overrides)
+    sched_config = common.read_json(os.path.join(path, "scheduler", SCHEDULER_FILE),
+                                    "scheduler config")
+    return StableDiffusion(
+        unet, ae, te, load_tokenizer(os.path.join(path, "tokenizer")),
+        scheduler.scheduler_settings(sched_config),
+        {"unet": unet_rec, "vae": vae_rec, "text_encoder": te_rec,
+         "scheduler_config": sched_config, "pipeline_class": index.get("_class_name")})
+
+
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDiffusion:
+    """Converts the diffusers pipeline at ``src`` and writes it to ``out`` (see the module doc).
+
+    Returns:
+        The loaded `StableDiffusion` (float32).
+    """
+    sd = load_diffusers_pipeline(src)
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder"):
+        common.save_component(os.path.join(out, name), getattr(sd, name), sd.info[name])
+    sd.tokenizer.save(os.path.join(out, "tokenizer"))
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    shutil.copyfile(os.path.join(os.fspath(src), "scheduler", SCHEDULER_FILE),
+                    os.path.join(out, "scheduler", SCHEDULER_FILE))
+    with open(os.path.join(out, INDEX_FILE), "w") as f:
+        json.dump({"format": FORMAT, "pipeline_class": sd.info["pipeline_class"],
+                   "source": os.path.abspath(os.fspath(src))}, f, indent=2)
+    return sd
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: ``--src SD_DIR --out OUT_DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="diffusers SD pipeline directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    sd = convert_pipeline(args.src, args.out)
+    kwargs = sd.info["unet"]["kwargs"]
+    print(f"wrote {args.out}: unet {kwargs['block_out_channels']} x{kwargs['layers_per_block']}, "
+          f"prediction {sd.scheduler.pred_type}, tokenizer length {sd.tokenizer.max_length}")
+
+
+def _check_index(index: dict[str, Any], path: str) -> None:
+    """Every component we need is present with the class we convert; unknown extras raise."""
+    for name, (library, cls) in _EXPECTED.items():
+        entry = index.get(name)
+        if not entry or list(entry) != [library, cls]:
+            raise ValueError(f"{path}/{INDEX_FILE}: component {name!r} is {entry!r}; expected "
+                             f"{[library, cls]}")
+    entry = index.get("scheduler")
+    if not entry or entry[0] != "diffusers":
+        raise ValueError(f"{path}/{INDEX_FILE}: component 'scheduler' is {entry!r}; expected a "
+                         "diffusers scheduler")
+    extra = sorted(set(index) - set(_EXPECTED) - {"scheduler"} - _UNUSED
+                   - {"_class_name", "_diffusers_version", "_name_or_path"})
+    if extra:
+        raise ValueError(f"{path}/{INDEX_FILE}: unsupported pipeline component(s) {extra}")
+
+
+if __name__ == "__main__":
+    main()
