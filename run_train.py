@@ -9,6 +9,7 @@ SIGTERM / SIGINT save a checkpoint after the current step and exit with 143 / 13
 signal exits at once. Errors end with a one-line message and exit status 1.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -35,7 +36,10 @@ def main(argv):
     except train.TrainingInterrupted as e:
         print(f"Stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (resume.ResumeError, checkpoint.CheckpointSaveError, FloatingPointError) as e:
+    except checkpoint.CheckpointSaveError as e:
+        print(f"FATAL CheckpointSaveError: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # pylint: disable=protected-access  a stuck writer thread must not block exit
+    except (resume.ResumeError, FloatingPointError) as e:
         sys.exit(f"FATAL {type(e).__name__}: {e}")
 
 

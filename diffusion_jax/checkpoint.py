@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Callable
 
 import ml_collections
@@ -27,6 +28,10 @@ import orbax.checkpoint as ocp
 from diffusion_jax import config_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+# manager -> the step of its newest save, so a failed commit can be named
+_LAST_SAVED_STEP = weakref.WeakKeyDictionary()
 
 
 class CheckpointSaveError(RuntimeError):
@@ -58,11 +63,20 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
 
 
 def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
-         data_state: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
+         data_state: dict[str, Any], config: ml_collections.ConfigDict,
+         timeout_s: float = 3600.0) -> bool:
     """Saves ``state``, the data position and the config as checkpoint ``step``.
+
+    The save (with an asynchronous manager: waiting for the previous save, then copying
+    the arrays to host memory) runs in a helper thread, so a stuck write cannot hang the
+    caller; an asynchronous save's commit is awaited by `wait` / `close`.
 
     Returns:
         False if checkpoint ``step`` already exists (nothing is written), else True.
+
+    Raises:
+        CheckpointSaveError: the save, or the previous asynchronous one, failed or did not
+            finish within ``timeout_s`` seconds.
     """
     if step in manager.all_steps():
         return False
@@ -70,10 +84,10 @@ def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config_utils.config_to_dict(config)))
-    try:
-        return manager.save(step, args=args)
-    except Exception as e:  # noqa: BLE001  includes a failure of the previous async save
-        raise _save_error(manager, f"saving checkpoint {step}", e) from e
+    saved = _run_with_timeout(manager, lambda: manager.save(step, args=args),
+                              f"saving checkpoint {step}", timeout_s)
+    _LAST_SAVED_STEP[manager] = step
+    return saved
 
 
 def wait(manager: ocp.CheckpointManager, timeout_s: float) -> None:
@@ -83,8 +97,9 @@ def wait(manager: ocp.CheckpointManager, timeout_s: float) -> None:
         CheckpointSaveError: a pending save failed, or it did not commit within ``timeout_s``
             seconds (the wait runs in a helper thread, so a stuck write cannot hang the caller).
     """
-    _run_with_timeout(manager, manager.wait_until_finished, "waiting for the checkpoint to "
-                      "commit", timeout_s)
+    step = _LAST_SAVED_STEP.get(manager)
+    what = "waiting for the last checkpoint" if step is None else f"waiting for checkpoint {step}"
+    _run_with_timeout(manager, manager.wait_until_finished, f"{what} to commit", timeout_s)
 
 
 def close(manager: ocp.CheckpointManager, timeout_s: float) -> None:
@@ -140,13 +155,13 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     return step
 
 
-def _run_with_timeout(manager, fn: Callable[[], Any], what: str, timeout_s: float) -> None:
-    """Runs ``fn`` in a daemon thread; its exception, or a timeout, is a CheckpointSaveError."""
-    errors = []
+def _run_with_timeout(manager, fn: Callable[[], Any], what: str, timeout_s: float) -> Any:
+    """``fn()`` run in a daemon thread; its exception, or a timeout, is a CheckpointSaveError."""
+    errors, results = [], []
 
     def target():
         try:
-            fn()
+            results.append(fn())
         except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
             errors.append(e)
 
@@ -159,6 +174,7 @@ def _run_with_timeout(manager, fn: Callable[[], Any], what: str, timeout_s: floa
             f"(train.checkpoint_timeout_s); is the directory writable and the disk not full?")
     if errors:
         raise _save_error(manager, what, errors[0]) from errors[0]
+    return results[0]
 
 
 def _save_error(manager, what: str, error: BaseException) -> CheckpointSaveError:

@@ -270,10 +270,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _maybe_initialize_distributed(config.distributed)
     with _StopSignals() as stop:
         run = _setup(config, workdir, resume_step)
+        timeout_s = config.train.checkpoint_timeout_s
         try:
-            return _train_loop(config, workdir, run, stop)
-        finally:
-            checkpoint.close(run.manager, config.train.checkpoint_timeout_s)
+            state = _train_loop(config, workdir, run, stop)
+        except BaseException:
+            _close_after_error(run.manager, timeout_s)
+            raise
+        checkpoint.close(run.manager, timeout_s)
+        return state
 
 
 class _Run(NamedTuple):
@@ -336,14 +340,22 @@ def _train_loop(config, workdir, run: _Run, stop: "_StopSignals") -> TrainState:
         if sample:
             _write_samples(workdir, run.sample_fn, state, config.seed, done, logger)
         if save:
-            checkpoint.save(run.manager, state, step=done,
-                            data_state=run.data_iter.get_state(), config=config)
+            checkpoint.save(run.manager, state, step=done, data_state=run.data_iter.get_state(),
+                            config=config, timeout_s=cfg.checkpoint_timeout_s)
         if signum:
             checkpoint.wait(run.manager, cfg.checkpoint_timeout_s)
             logger.close()
             raise TrainingInterrupted(signum, done, str(run.manager.directory))
     logger.close()
     return state
+
+
+def _close_after_error(manager, timeout_s: float) -> None:
+    """Lets earlier saves commit while an error propagates; a second error is only logged."""
+    try:
+        checkpoint.close(manager, timeout_s)
+    except checkpoint.CheckpointSaveError as e:
+        _log(f"Also: {e}")
 
 
 def _due(done: int, every: int) -> bool:
