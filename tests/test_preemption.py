@@ -38,9 +38,20 @@ class _SignalAt:
 
 
 def _config(num_steps):
+    """Checkpoints only at the end (or on a signal); log_every = 0: metrics only at saves."""
     config = micro_config()
     config.train.num_steps, config.train.checkpoint_every = num_steps, 100
+    config.train.log_every = 0
     return config
+
+
+@pytest.mark.parametrize("field", ["log_every", "checkpoint_every", "eval_every", "num_steps"])
+def test_negative_intervals_are_refused_up_front(tmp_path, field):
+    config = micro_config()
+    config.train[field] = -1
+    with pytest.raises(ValueError, match=rf"train.{field}=-1 must be >= 0 \(0 = never\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before anything is created
 
 
 @pytest.fixture(scope="module")
