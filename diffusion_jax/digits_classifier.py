@@ -17,6 +17,7 @@ upwards for small sample sizes, so compare at about the reference size (~900 sam
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -257,11 +258,13 @@ def _cached_classifier(images, labels, seed: int, cache_dir: str | None) -> Digi
         path = os.path.join(cache_dir, f"digits_classifier_seed{seed}_v{_CACHE_VERSION}.npz")
         if os.path.exists(path):
             model = DigitsClassifier(rngs=nnx.Rngs(seed))
-            with np.load(path) as data:
-                flat = [(p, v.replace(jnp.asarray(data["/".join(map(str, p))])))
-                        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-            nnx.update(model, nnx.from_flat_state(flat))
-            return model
+            try:
+                flat = _read_cached_params(path, model)
+            except ValueError as e:  # a cache: report it, then retrain and overwrite
+                print(f"{e}; retraining the digits classifier and rewriting it.", file=sys.stderr)
+            else:
+                nnx.update(model, nnx.from_flat_state(flat))
+                return model
     model = train_digits_classifier(images, labels, seed=seed)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
@@ -269,3 +272,20 @@ def _cached_classifier(images, labels, seed: int, cache_dir: str | None) -> Digi
                   for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         np.savez(path, **arrays)
     return model
+
+
+def _read_cached_params(path: str, model: DigitsClassifier) -> list:
+    """``[(param path, param)]`` from a cache file; ValueError naming it if unreadable."""
+    try:
+        with np.load(path) as data:
+            flat = []
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+                value = data["/".join(map(str, p))]
+                if value.shape != v.shape:
+                    raise ValueError(f"entry {'/'.join(map(str, p))} has shape {value.shape}, "
+                                     f"expected {v.shape}")
+                flat.append((p, v.replace(jnp.asarray(value))))
+            return flat
+    except Exception as e:  # noqa: BLE001  zip / pickle / truncation / missing-key errors
+        raise ValueError(f"classifier cache {path!r} is unreadable ({type(e).__name__}: {e})"
+                         ) from e

@@ -82,3 +82,17 @@ def test_cached_classifier_is_saved_and_read_back(metric, cache_dir, tmp_path):
     feats2, probs2 = tampered.features_and_probs(x)
     np.testing.assert_array_equal(feats, feats2)
     assert np.all(probs2.argmax(-1) == 3)  # the edited file, not a retrained model, was used
+
+
+def test_corrupt_cache_is_reported_and_replaced(metric, cache_dir, tmp_path, capsys):
+    (name,) = os.listdir(cache_dir)
+    corrupt = tmp_path / name
+    with open(os.path.join(cache_dir, name), "rb") as f:
+        corrupt.write_bytes(f.read()[:200])  # a truncated copy
+    rebuilt = dc.DigitsMetric(seed=0, cache_dir=str(tmp_path))
+    x = metric.halves(8)[2][:50]
+    np.testing.assert_allclose(rebuilt.features_and_probs(x)[0], metric.features_and_probs(x)[0],
+                               rtol=1e-5, atol=1e-6)  # retrained with the same seed
+    assert f"classifier cache '{corrupt}' is unreadable" in capsys.readouterr().err
+    with np.load(corrupt) as data:  # rewritten with the retrained parameters
+        assert "head/bias" in data.files
