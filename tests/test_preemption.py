@@ -171,3 +171,41 @@ def test_sigterm_mid_run_then_rerun_is_bit_identical(tmp_path):
     fresh = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "fresh")))
     assert int(resumed.step) == steps[0] + 2
     jax.tree.map(np.testing.assert_array_equal, resumed, fresh)
+
+
+_AGREE = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+from diffusion_jax import train
+stop = train._StopSignals()  # not entered: the flag is set by hand on process 1 only
+seen = []
+for step in range(3):
+    if pid == 1 and step == 1:
+        stop.signum = 15
+    seen.append(train._agreed_signal(stop))
+print("seen", seen, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_agree_on_the_stop_step():
+    """Only process 1 is signalled (before step 1); both see the signal at step 1."""
+    import socket  # pylint: disable=g-import-not-at-top
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, str(port), str(i)], cwd=REPO,
+                              env=subprocess_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert "seen [0, 15, 15]" in out, out

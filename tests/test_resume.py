@@ -4,11 +4,13 @@ checkpoints named together with the newest intact step, and ``resume_step`` gets
 import glob
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from training_fixtures import micro_config
+from training_fixtures import REPO, micro_config, subprocess_env
 
 from diffusion_jax import checkpoint, resume, train
 
@@ -117,3 +119,15 @@ def test_no_intact_checkpoint_and_unknown_step(trained, tmp_path):
         train.train_and_evaluate(micro_config(), workdir)
     with pytest.raises(resume.ResumeError, match=r"--step=3: no checkpoint 3 .* \[2, 4\]"):
         train.train_and_evaluate(micro_config(), workdir, resume_step=3)
+
+
+def test_run_train_refusal_is_one_line_with_exit_1(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_train.py"), "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--config.model.base_channels=32"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("FATAL ResumeError: refusing to resume checkpoint 4 "), lines[-5:]
+    assert "model.base_channels: 16 -> 32" in lines[-1] and "Traceback" not in proc.stderr
