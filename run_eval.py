@@ -7,10 +7,11 @@
 ``--samples`` is an ``.npz`` as written by ``run_sample.py``: ``images`` uint8 [N, H, W, C]
 (and optionally ``labels`` int [N], -1 = unconditional).
 
-* ``digits``: works offline. A small classifier trained on sklearn digits scores the samples:
-  digit-FD against the held-out real digits, confidence share, class histogram and entropy,
-  printed beside the same numbers for real data (``reference``); with class labels also the
-  share of samples classified as their label.
+* ``digits``: works offline. A calibrated classifier fit on half of sklearn's digits scores the
+  samples: digit-FD against those real digits, the share that is both typical and classified
+  with calibrated confidence >= 0.9, class histogram and entropy, printed beside the same
+  numbers for the other, held-out half of the real digits (``reference``); with class labels
+  also the share of samples classified as their label.
 * ``fid``: FID with the standard Inception weights (a local file, nothing is downloaded)
   against precomputed ``(mu, sigma)`` statistics. ``--save_stats=PATH`` writes the statistics
   of the scored images, e.g. to precompute ``--ref_stats`` from an ``.npz`` of real images.
@@ -30,7 +31,6 @@ _REF_STATS = flags.DEFINE_string("ref_stats", None, "npz with reference mu / sig
 _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the samples' mu / sigma here (fid).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per Inception call (fid).")
 _SEED = flags.DEFINE_integer("seed", 0, "Digits split / classifier seed (digits).")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache the digits classifier here (digits).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON to this file.")
 flags.mark_flags_as_required(["samples"])
 
@@ -87,7 +87,7 @@ def _load_samples(path: str):
 def _digits(images: np.ndarray, labels) -> dict:
     from diffusion_jax import digits_classifier
 
-    metric = digits_classifier.DigitsMetric(seed=_SEED.value, cache_dir=_CACHE_DIR.value)
+    metric = digits_classifier.DigitsMetric(seed=_SEED.value)
     result = metric(images)
     if labels is not None and np.all(labels >= 0):
         result["label_accuracy"] = metric.accuracy(images, labels)

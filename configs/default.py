@@ -16,15 +16,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.workdir_note = ""  # free text, stored with the config in each checkpoint
 
     config.data = data = ml_collections.ConfigDict()
-    data.source = "tfds"  # "digits" (sklearn, offline) | "tfds" | "image_folder"
+    data.source = "tfds"  # "digits" (sklearn, offline) | "tfds" | "image_folder" | "idx"
     data.name = "cifar10"  # tfds dataset name (source="tfds")
     data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = ~/tensorflow_datasets
-    data.split = "train"  # split to train on
+    data.split = "train"  # split to train on (idx: "train", "test" or a file stem)
     data.image_size = 32  # images are center-cropped and resized to image_size x image_size
     data.num_channels = 3  # 1 (grayscale) or 3 (RGB)
     data.num_classes = 0  # number of labels; 0 = unlabelled data
     data.random_flip = True  # random horizontal flips
-    data.folder = ""  # root of the images (source="image_folder")
+    data.folder = ""  # root of the images (source="image_folder") or IDX files (source="idx")
     data.worker_count = 0  # grain read threads; 0 = read in the main thread
 
     config.model = model = ml_collections.ConfigDict()  # UNet kwargs (see models/unet.py)

@@ -22,6 +22,11 @@ Sources (``data.source``):
   * ``"image_folder"``: PNG / JPEG files under ``data.folder`` (searched recursively);
     when the images sit in subfolders, each top-level subfolder is a class and labels are
     the subfolder names' positions in sorted order.
+  * ``"idx"``: the MNIST file format (``diffusion_jax.idx``): ``data.split``'s
+    ``*-images-idx3-ubyte[.gz]`` / ``*-labels-idx1-ubyte[.gz]`` pair under ``data.folder``,
+    e.g. Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package
+    (``/usr/share/datasets/fashion-mnist``, ``make fashion-data``), MNIST, KMNIST or EMNIST.
+    (Fashion-MNIST prepared for tfds is ``source="tfds"`` with ``name="fashion_mnist"``.)
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ DataIterator = grain.DatasetIterator
 """The iterator type `make_train_iterator` returns: a grain ``DatasetIterator`` with
 ``get_state() -> dict`` and ``set_state(dict)`` (also usable with ``grain.checkpoint``)."""
 
-SOURCES = ("digits", "tfds", "image_folder")
+SOURCES = ("digits", "tfds", "image_folder", "idx")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -208,7 +213,23 @@ def _open_source(data_cfg) -> grain.MapDataset:
             )
         items = [{"path": p, "label": l} for p, l in zip(paths, labels)]
         return grain.MapDataset.source(items).map(_read_image_file)
+    if source == "idx":
+        return grain.MapDataset.source(_idx_source(data_cfg))
     raise ValueError(f"data.source={source!r} is not one of {SOURCES}.")
+
+
+def _idx_source(data_cfg) -> Sequence[dict[str, Any]]:
+    """The IDX split under ``data.folder``, its labels checked against ``data.num_classes``."""
+    from diffusion_jax import idx
+
+    if not data_cfg.folder:
+        raise FileNotFoundError(
+            "data.source='idx' needs data.folder, a directory of *-images-idx3-ubyte[.gz] files "
+            "(e.g. /usr/share/datasets/fashion-mnist after `make fashion-data`).")
+    source = idx.IdxDataSource(data_cfg.folder, data_cfg.split)
+    _check_labels(source.labels, data_cfg.get("num_classes", 0),
+                  f"data.folder={data_cfg.folder!r} split {data_cfg.split!r}")
+    return source
 
 
 def _tfds_label_range(records) -> list[int]:

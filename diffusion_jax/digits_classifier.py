@@ -1,37 +1,91 @@
-"""Offline sample-quality metric for digit models: a small classifier on sklearn's 8x8 digits.
+"""Offline sample-quality metric for digit models: a calibrated classifier on sklearn's 8x8 digits.
 
 Without network access there are no Inception weights; this module gives models trained on
-``sklearn.datasets.load_digits`` a metric usable anywhere. A three-layer MLP (64-256-64-10) is
-trained in a few seconds, with a fixed seed, on a stratified half of the 1,797 digits. Its
-64-d penultimate activations play the role of Inception's pool3 features:
+``sklearn.datasets.load_digits`` a metric usable anywhere, built to tell good samples from poor
+ones rather than to call everything a confident digit:
 
-* ``digit_fd``: Fréchet distance between the Gaussian fits of sample and held-out-half features;
-* ``confidence_share``: share of samples whose largest class probability is >= 0.9;
-* ``class_histogram`` / ``class_entropy``: predicted-class frequencies and their entropy
-  (nats; ``ln 10 = 2.303`` for a uniform spread, ``0`` for a single digit).
+* **Split.** The 1,797 digits are split into stratified halves (``load_digits_halves``). The
+  train half is split again: two thirds fit the classifier, one third (the calibration split)
+  fits its temperature and the typical range below. The test half is never seen by any fit; it
+  is the "real held-out digits" that ``DigitsMetric.reference`` scores as if they were samples.
+* **Calibrated class probabilities.** Multinomial logistic regression on the 64 pixels
+  (deterministic L-BFGS, well under a second), then temperature scaling: one scalar ``T``
+  minimising the cross-entropy of ``softmax(z / T)`` on the calibration split, so that a
+  probability of 0.9 means about 90 % correct on held-out digits.
+* **Typicality.** A classifier is most confident on prototypes, so a collapsed model that emits
+  every class's mean image would look perfect to it. Each sample's squared Mahalanobis distance
+  to the mean of its predicted class (pooled within-class covariance with Ledoit-Wolf
+  shrinkage) must lie inside the central 98 % of the calibration split's distances: too small
+  flags over-smooth prototypes (blur, class means), too large flags noise and corruptions. This
+  is the two-sided typicality test of Nalisnick et al. (2019) under a class-conditional
+  Gaussian.
+* **Scores.** ``confidence_share``: share of samples that are typical *and* have calibrated
+  ``max_k p_k >= 0.9``; ``digit_fd``: Fréchet distance between the Gaussian fits of the samples'
+  features and the train half's features, where the features are the 64 pixels concatenated
+  with the 10 calibrated logits (pixels see changes in appearance that keep the class evidence,
+  e.g. an added stroke or class-mean collapse; logits see lost class evidence, e.g. blur);
+  plus the predicted-class histogram and its entropy (nats; ``ln 10 = 2.303`` when uniform).
 
-``DigitsMetric.reference()`` reports the same numbers for real data (train half as "samples"
-against the test half), the scale on which model-vs-data values should be read. FD is biased
-upwards for small sample sizes, so compare at about the reference size (~900 samples).
+Samples of side ``S`` are scored by a classifier fit on the halves as the data pipeline serves
+them at side ``S`` (area-downsampled to 8x8), so a model that reproduces its training data scores
+like ``reference(S)``. Fits are cached in memory per ``(seed, S)``. FD is biased upwards for
+small sample sizes, so compare at about the reference size (~900 samples).
 """
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
+import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from diffusion_jax import metrics
 
 DIGITS_SIZE = 8
 NUM_CLASSES = 10
-FEATURE_DIM = 64
+FEATURE_DIM = DIGITS_SIZE * DIGITS_SIZE + NUM_CLASSES
 CONFIDENCE_THRESHOLD = 0.9
-_CACHE_VERSION = 1
+TYPICAL_QUANTILES = (0.01, 0.99)
+CALIBRATION_FRACTION = 1.0 / 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsClassifier:
+    """A fitted, calibrated digits classifier with its typicality test (all float64 numpy).
+
+    Attributes:
+        weights: [64, 10] logistic-regression weights on flattened 8x8 inputs.
+        bias: [10] logistic-regression intercepts.
+        temperature: ``T`` of the calibrated logits ``(x W + b) / T``.
+        class_means: [10, 64] mean input of each class (fit split).
+        precision: [64, 64] inverse of the shrunk pooled within-class covariance.
+        typical_range: ``(lo, hi)`` bounds on the squared Mahalanobis distance of typical inputs.
+    """
+
+    weights: np.ndarray
+    bias: np.ndarray
+    temperature: float
+    class_means: np.ndarray
+    precision: np.ndarray
+    typical_range: tuple[float, float]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated logits ``(x W + b) / T``: x [N, 64] -> [N, 10]."""
+        return (x @ self.weights + self.bias) / self.temperature
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities ``softmax(logits(x))``: x [N, 64] -> [N, 10]."""
+        return _softmax(self.logits(x))
+
+    def mahalanobis_sq(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """``d2_n = (x_n - m_{y_n})^T P (x_n - m_{y_n})``: x [N, 64], labels [N] -> [N]."""
+        r = x - self.class_means[labels]
+        return np.einsum("ni,ij,nj->n", r, self.precision, r)
+
+    def typical(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Boolean [N]: ``lo <= mahalanobis_sq(x, labels) <= hi``."""
+        d2 = self.mahalanobis_sq(x, labels)
+        lo, hi = self.typical_range
+        return (d2 >= lo) & (d2 <= hi)
 
 
 def load_digits_halves(seed: int = 0, image_size: int = DIGITS_SIZE):
@@ -71,9 +125,9 @@ def to_digit_inputs(images) -> np.ndarray:
         images: [N, H, W, C] float in [-1, 1], ``H == W`` a multiple of 8.
 
     Returns:
-        [N, 64] float32.
+        [N, 64] float64.
     """
-    images = np.asarray(images, dtype=np.float32)
+    images = np.asarray(images, dtype=np.float64)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
     n, h, w, _ = images.shape
@@ -86,206 +140,248 @@ def to_digit_inputs(images) -> np.ndarray:
     return small.reshape(n, DIGITS_SIZE * DIGITS_SIZE)
 
 
-class DigitsClassifier(nnx.Module):
-    """MLP ``64 -> 256 -> 64 -> 10`` with ReLUs; ``features`` is the 64-d penultimate layer."""
+def fit_digits_classifier(images, labels, *, seed: int = 0) -> DigitsClassifier:
+    """Fits the calibrated classifier and its typicality test on real digits.
 
-    def __init__(self, *, rngs: nnx.Rngs):
-        self.hidden = nnx.Linear(DIGITS_SIZE * DIGITS_SIZE, 256, rngs=rngs)
-        self.penultimate = nnx.Linear(256, FEATURE_DIM, rngs=rngs)
-        self.head = nnx.Linear(FEATURE_DIM, NUM_CLASSES, rngs=rngs)
-
-    def features(self, x: jax.Array) -> jax.Array:
-        """[N, 64] flattened digits -> [N, 64] penultimate activations."""
-        return jax.nn.relu(self.penultimate(jax.nn.relu(self.hidden(x))))
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[N, 64] flattened digits -> (features [N, 64], logits [N, 10])."""
-        feats = self.features(x)
-        return feats, self.head(feats)
-
-
-def train_digits_classifier(images, labels, *, seed: int = 0, num_steps: int = 600,
-                            learning_rate: float = 3e-3,
-                            noise_std: float = 0.1) -> DigitsClassifier:
-    """Trains ``DigitsClassifier`` full-batch with Adam on cross-entropy.
-
-    Each step sees the inputs with fresh Gaussian noise of std ``noise_std`` (in [-1, 1] units)
-    so the classifier tolerates the small pixel errors of generated samples. The whole loop is
-    one jitted ``fori_loop``; step ``i`` draws its noise from ``fold_in(key(seed), i)``.
+    A stratified ``CALIBRATION_FRACTION`` of the images (split by ``seed``) is held out; the rest
+    fits multinomial logistic regression (L2, ``C = 1``) and the class-conditional Gaussian
+    (class means, Ledoit-Wolf-shrunk pooled covariance of ``x - m_y``). On the held-out part,
+    ``T = fit_temperature(logits, labels)`` and ``typical_range`` are the ``TYPICAL_QUANTILES``
+    of the squared Mahalanobis distances to the predicted class's mean.
 
     Args:
-        images: [N, H, W, C] in [-1, 1] (see ``to_digit_inputs``).
-        labels: [N] int.
-        seed: parameter initialisation and noise seed.
-        num_steps: Adam steps.
-        learning_rate: Adam step size.
-        noise_std: input noise std.
+        images: [N, H, W, C] in [-1, 1] (see ``to_digit_inputs``), every class present.
+        labels: [N] int in [0, 10).
+        seed: seed of the fit / calibration split.
 
     Returns:
-        The trained classifier.
+        The fitted ``DigitsClassifier``.
     """
-    x = jnp.asarray(to_digit_inputs(images))
-    y = jnp.asarray(labels, dtype=jnp.int32)
-    model = DigitsClassifier(rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = optax.adam(learning_rate)
-    key = jax.random.key(seed)
+    from sklearn.covariance import LedoitWolf
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
 
-    def loss_fn(params, step):
-        noisy = x + noise_std * jax.random.normal(jax.random.fold_in(key, step), x.shape)
-        _, logits = nnx.merge(graphdef, params)(noisy)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    x, y = to_digit_inputs(images), np.asarray(labels, dtype=np.int64)
+    if set(np.unique(y)) != set(range(NUM_CLASSES)):
+        raise ValueError(f"labels must contain every class 0..{NUM_CLASSES - 1}, "
+                         f"got {sorted(set(np.unique(y)))}")
+    fit_idx, cal_idx = train_test_split(np.arange(y.shape[0]), test_size=CALIBRATION_FRACTION,
+                                        stratify=y, random_state=seed)
+    x_fit, y_fit = x[fit_idx], y[fit_idx]
+    regression = LogisticRegression(C=1.0, max_iter=5000).fit(x_fit, y_fit)
+    class_means = np.stack([x_fit[y_fit == k].mean(axis=0) for k in range(NUM_CLASSES)])
+    shrunk = LedoitWolf(assume_centered=True).fit(x_fit - class_means[y_fit])
+    weights, bias = regression.coef_.T.astype(np.float64), regression.intercept_.astype(np.float64)
+    raw_cal = x[cal_idx] @ weights + bias
+    uncalibrated = DigitsClassifier(weights, bias, 1.0, class_means, shrunk.precision_,
+                                    (0.0, np.inf))
+    temperature = fit_temperature(raw_cal, y[cal_idx])
+    d2 = uncalibrated.mahalanobis_sq(x[cal_idx], raw_cal.argmax(axis=-1))
+    lo, hi = np.quantile(d2, TYPICAL_QUANTILES)
+    return dataclasses.replace(uncalibrated, temperature=temperature,
+                               typical_range=(float(lo), float(hi)))
 
-    def train_step(step, carry):
-        params, opt_state = carry
-        grads = jax.grad(loss_fn)(params, step)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
 
-    @jax.jit
-    def train(params):
-        return jax.lax.fori_loop(0, num_steps, train_step, (params, optimizer.init(params)))[0]
+def fit_temperature(logits, labels) -> float:
+    r"""Temperature scaling (Guo et al., 2017): the ``T`` that minimises held-out cross-entropy.
 
-    nnx.update(model, train(params))
-    return model
+    .. math::
+        T^* = \arg\min_{T > 0} -\frac{1}{N}\sum_n \log \operatorname{softmax}(z_n / T)_{y_n}
+
+    The objective is minimised over ``log T`` in [-5, 5] with a bounded Brent search
+    (deterministic). Dividing by ``T`` keeps every argmax, so accuracy is unchanged.
+
+    Args:
+        logits: [N, K] uncalibrated logits ``z``.
+        labels: [N] int true classes ``y``.
+
+    Returns:
+        ``T`` as a Python float (``> 1`` softens over-confident logits).
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N, K] and labels [N], got {logits.shape} and "
+                         f"{labels.shape}")
+
+    def nll(log_t):
+        return _cross_entropy(logits / np.exp(log_t), labels)
+
+    result = minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded",
+                             options=dict(xatol=1e-6))
+    return float(np.exp(result.x))
 
 
 class DigitsMetric:
-    """Digit-FD and class-confidence statistics of image sets, against the held-out real digits.
-
-    The classifier is trained on the 8x8 train half. Samples of side ``S`` are compared with
-    the test half served at side ``S`` by the data pipeline (then area-downsampled like the
-    samples), so a model that reproduces its training data scores like ``reference(S)``.
+    """Digit-FD and calibrated confidence statistics of image sets, against real digits.
 
     Args:
-        seed: seed of the data split and of the classifier's training.
-        cache_dir: if given, the trained parameters are saved there (and reused on the next
-            construction with the same seed) as ``digits_classifier_seed{seed}_v1.npz``.
+        seed: seed of the halves split and of the fit / calibration split.
     """
 
-    def __init__(self, seed: int = 0, cache_dir: str | None = None):
+    def __init__(self, seed: int = 0):
         self.seed = seed
-        self._halves = {}      # image size -> load_digits_halves(seed, size)
-        self._test_refs = {}   # image size -> (test-half statistics, test-half probs)
-        train_x, train_y, _, _ = self.halves(DIGITS_SIZE)
-        self.classifier = _cached_classifier(train_x, train_y, seed, cache_dir)
-        self._forward = nnx.jit(_features_and_probs)
 
     def halves(self, image_size: int = DIGITS_SIZE):
-        """``load_digits_halves(seed, image_size)``, loaded once per size."""
-        if image_size not in self._halves:
-            self._halves[image_size] = load_digits_halves(self.seed, image_size)
-        return self._halves[image_size]
+        """``load_digits_halves(seed, image_size)``, loaded once per size and seed."""
+        return _halves(self.seed, image_size)
 
-    def features_and_probs(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """images [N, H, W, C] in [-1, 1] -> (features [N, 64] float64, probs [N, 10] float64)."""
-        feats, probs = self._forward(self.classifier, jnp.asarray(to_digit_inputs(images)))
-        return np.asarray(feats, np.float64), np.asarray(probs, np.float64)
+    def classifier(self, image_size: int = DIGITS_SIZE) -> DigitsClassifier:
+        """The classifier fit on the train half served at side ``image_size``."""
+        return _fitted(self.seed, image_size)[0]
+
+    def features_and_probs(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features, calibrated probabilities and typicality of ``images``.
+
+        Args:
+            images: [N, S, S, C] float in [-1, 1], S a multiple of 8.
+
+        Returns:
+            ``(features [N, 74] = [pixels (64), calibrated logits (10)], probs [N, 10],
+            typical [N] bool)``.
+        """
+        clf = self.classifier(_side(images))
+        x = to_digit_inputs(images)
+        logits = clf.logits(x)
+        typical = clf.typical(x, logits.argmax(axis=-1))
+        return np.concatenate([x, logits], axis=-1), _softmax(logits), typical
 
     def accuracy(self, images, labels) -> float:
         """Share of ``images`` classified as ``labels``."""
-        _, probs = self.features_and_probs(images)
+        _, probs, _ = self.features_and_probs(images)
         return float(np.mean(probs.argmax(axis=-1) == np.asarray(labels)))
 
     def __call__(self, images) -> dict:
-        """Metrics of a sample set against the held-out half of the real digits.
+        """Metrics of a sample set against the train half of the real digits.
 
         Args:
             images: [N, S, S, C] float in [-1, 1], N >= 2, S a multiple of 8.
 
         Returns:
-            dict with ``num_samples``, ``digit_fd``, ``confidence_share``, ``mean_max_prob``,
-            ``class_histogram`` (10 shares) and ``class_entropy`` (nats), all JSON-able.
+            dict with ``num_samples``, ``digit_fd`` and the ``confidence_statistics`` keys, all
+            JSON-able.
         """
-        feats, probs = self.features_and_probs(images)
-        test_stats, _ = self._test_reference(np.shape(images)[1])
-        fd = metrics.frechet_distance(*metrics.feature_statistics(feats), *test_stats)
-        return dict(num_samples=int(feats.shape[0]), digit_fd=fd, **confidence_statistics(probs))
+        feats, probs, typical = self.features_and_probs(images)
+        train_stats = _fitted(self.seed, _side(images))[1]
+        fd = metrics.frechet_distance(*metrics.feature_statistics(feats), *train_stats)
+        return dict(num_samples=int(feats.shape[0]), digit_fd=fd,
+                    **confidence_statistics(probs, typical))
 
     def reference(self, image_size: int = DIGITS_SIZE) -> dict:
-        """Data-vs-data values at side ``image_size``.
+        """Real-vs-real values at side ``image_size``: the scale to read sample scores on.
 
         Returns:
-            dict with ``train_vs_test`` (``__call__`` of the train half, i.e. real digits
-            scored as samples), ``test_half`` (``confidence_statistics`` of the test half) and
-            ``classifier_test_accuracy``.
+            dict with ``heldout_vs_train`` (``__call__`` of the held-out test half, i.e. real
+            digits no fit has seen, scored as samples), ``classifier_test_accuracy`` and
+            ``temperature``.
         """
-        train_x, _, _, test_y = self.halves(image_size)
-        _, test_probs = self._test_reference(image_size)
-        return dict(train_vs_test=self(train_x), test_half=confidence_statistics(test_probs),
-                    classifier_test_accuracy=float(np.mean(test_probs.argmax(-1) == test_y)))
-
-    def _test_reference(self, image_size: int):
-        if image_size not in self._test_refs:
-            _, _, test_x, _ = self.halves(image_size)
-            feats, probs = self.features_and_probs(test_x)
-            self._test_refs[image_size] = (metrics.feature_statistics(feats), probs)
-        return self._test_refs[image_size]
+        _, _, test_x, test_y = self.halves(image_size)
+        return dict(heldout_vs_train=self(test_x),
+                    classifier_test_accuracy=self.accuracy(test_x, test_y),
+                    temperature=self.classifier(image_size).temperature)
 
 
-def confidence_statistics(probs) -> dict:
-    r"""Class-confidence summary of classifier probabilities.
+def confidence_statistics(probs, typical) -> dict:
+    r"""Class-confidence summary of calibrated probabilities and typicality flags.
 
-    ``confidence_share = mean_n [max_k p_nk >= 0.9]``, ``mean_max_prob = mean_n max_k p_nk``,
+    With ``c_n = [max_k p_nk >= 0.9]`` and ``t_n`` the typicality flag:
+    ``confidence_share = mean_n c_n t_n``, ``classifier_confidence_share = mean_n c_n``,
+    ``typical_share = mean_n t_n``, ``mean_max_prob = mean_n max_k p_nk``,
     ``class_histogram_k = mean_n [argmax p_n = k]`` and
-    ``class_entropy = -sum_k h_k ln h_k`` (nats; ``ln 10`` when all classes are equally common).
+    ``class_entropy = -sum_k h_k ln h_k`` (nats; ``ln K`` when all classes are equally common).
 
     Args:
         probs: [N, K] rows summing to 1.
+        typical: [N] bool.
 
     Returns:
         dict of Python floats / a list of K floats.
     """
     probs = np.asarray(probs, dtype=np.float64)
+    typical = np.asarray(typical, dtype=bool)
+    if typical.shape != probs.shape[:1]:
+        raise ValueError(f"typical must be [N] for probs {probs.shape}, got {typical.shape}")
     max_prob = probs.max(axis=-1)
+    confident = max_prob >= CONFIDENCE_THRESHOLD
     hist = np.bincount(probs.argmax(axis=-1), minlength=probs.shape[-1]) / probs.shape[0]
     nonzero = hist[hist > 0]
-    return dict(confidence_share=float(np.mean(max_prob >= CONFIDENCE_THRESHOLD)),
+    return dict(confidence_share=float(np.mean(confident & typical)),
+                classifier_confidence_share=float(np.mean(confident)),
+                typical_share=float(np.mean(typical)),
                 mean_max_prob=float(max_prob.mean()),
                 class_histogram=[float(h) for h in hist],
                 class_entropy=float(-(nonzero * np.log(nonzero)).sum()))
 
 
-def _features_and_probs(model: DigitsClassifier, x: jax.Array):
-    feats, logits = model(x)
-    return feats, jax.nn.softmax(logits, axis=-1)
+def degraded_digits(metric: DigitsMetric, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Poor "samples" made from the held-out 8x8 digits, to check that the metric tells them apart.
+
+    * ``blurred``: each digit under a Gaussian blur of std 0.6 px (``scipy.ndimage``, edges
+      continued by their nearest value);
+    * ``class_means``: mode collapse, each digit replaced by its class's mean train-half image;
+    * ``noise``: uniform noise in [-1, 1];
+    * ``stroke``: one full-ink 4-pixel bar added to each digit (a row or a column segment at
+      a random place).
+
+    Args:
+        metric: gives the halves (its seed).
+        seed: seed of the noise and the stroke positions.
+
+    Returns:
+        name -> images float [899, 8, 8, 1] in [-1, 1].
+    """
+    from scipy import ndimage
+
+    train_x, train_y, test_x, test_y = metric.halves(DIGITS_SIZE)
+    rng = np.random.default_rng(seed)
+    means = np.stack([train_x[train_y == k].mean(axis=0) for k in range(NUM_CLASSES)])
+    blurred = np.stack([ndimage.gaussian_filter(im[..., 0], 0.6, mode="nearest")
+                        for im in test_x])[..., None]
+    noise = rng.uniform(-1.0, 1.0, size=test_x.shape)
+    stroke = np.array(test_x)
+    for im in stroke:
+        line, start = rng.integers(0, DIGITS_SIZE), rng.integers(0, DIGITS_SIZE - 3)
+        if rng.random() < 0.5:
+            im[line, start:start + 4, 0] = 1.0
+        else:
+            im[start:start + 4, line, 0] = 1.0
+    return dict(blurred=blurred, class_means=means[test_y], noise=noise, stroke=stroke)
 
 
-def _cached_classifier(images, labels, seed: int, cache_dir: str | None) -> DigitsClassifier:
-    """Trains the classifier, or loads its parameters from ``cache_dir`` when saved before."""
-    path = None
-    if cache_dir:
-        path = os.path.join(cache_dir, f"digits_classifier_seed{seed}_v{_CACHE_VERSION}.npz")
-        if os.path.exists(path):
-            model = DigitsClassifier(rngs=nnx.Rngs(seed))
-            try:
-                flat = _read_cached_params(path, model)
-            except ValueError as e:  # a cache: report it, then retrain and overwrite
-                print(f"{e}; retraining the digits classifier and rewriting it.", file=sys.stderr)
-            else:
-                nnx.update(model, nnx.from_flat_state(flat))
-                return model
-    model = train_digits_classifier(images, labels, seed=seed)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        arrays = {"/".join(map(str, p)): np.asarray(v[...])
-                  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-        np.savez(path, **arrays)
-    return model
+def _side(images) -> int:
+    shape = np.shape(images)
+    if len(shape) != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {shape}")
+    return int(shape[1])
 
 
-def _read_cached_params(path: str, model: DigitsClassifier) -> list:
-    """``[(param path, param)]`` from a cache file; ValueError naming it if unreadable."""
-    try:
-        with np.load(path) as data:
-            flat = []
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-                value = data["/".join(map(str, p))]
-                if value.shape != v.shape:
-                    raise ValueError(f"entry {'/'.join(map(str, p))} has shape {value.shape}, "
-                                     f"expected {v.shape}")
-                flat.append((p, v.replace(jnp.asarray(value))))
-            return flat
-    except Exception as e:  # noqa: BLE001  zip / pickle / truncation / missing-key errors
-        raise ValueError(f"classifier cache {path!r} is unreadable ({type(e).__name__}: {e})"
-                         ) from e
+@functools.lru_cache(maxsize=8)
+def _halves(seed: int, image_size: int):
+    arrays = load_digits_halves(seed, image_size)
+    for a in arrays:
+        a.flags.writeable = False  # shared by every caller of the cache
+    return arrays
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted(seed: int, image_size: int):
+    """``(classifier, train-half feature statistics (mu, sigma))`` at side ``image_size``."""
+    train_x, train_y, _, _ = _halves(seed, image_size)
+    clf = fit_digits_classifier(train_x, train_y, seed=seed)
+    x = to_digit_inputs(train_x)
+    feats = np.concatenate([x, clf.logits(x)], axis=-1)
+    return clf, metrics.feature_statistics(feats)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=-1))
+    return float(np.mean(log_norm - z[np.arange(labels.shape[0]), labels]))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from diffusion_jax import digits_classifier
 
@@ -28,11 +29,13 @@ def test_digits_metric_on_real_digits_reports_high_confidence(tmp_path):
     result = json.loads(proc.stdout)
     assert result == json.loads(out.read_text())
     assert result["metric"] == "digits" and result["num_samples"] == images.shape[0]
-    assert result["confidence_share"] >= 0.9
-    assert result["label_accuracy"] >= 0.9
-    # The samples are the reference set itself (up to uint8 rounding): FD near 0, far below
-    # the data-vs-data value.
-    assert result["digit_fd"] < 0.1 * result["reference"]["train_vs_test"]["digit_fd"]
+    # The samples are the held-out real digits, up to uint8 rounding: they score like the
+    # real-vs-real reference.
+    heldout = result["reference"]["heldout_vs_train"]
+    assert result["confidence_share"] >= 0.75
+    assert result["confidence_share"] == pytest.approx(heldout["confidence_share"], abs=0.02)
+    assert result["digit_fd"] == pytest.approx(heldout["digit_fd"], rel=0.1)
+    assert result["label_accuracy"] >= 0.94
 
 
 def test_fid_without_weights_is_a_usage_error(tmp_path):
