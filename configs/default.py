@@ -70,9 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.num_steps = 800_000  # optimiser steps
     train.log_every = 100  # steps between metric logs (stdout + TensorBoard); 0 = never
     train.eval_every = 10_000  # steps between sample grids (0 = never)
-    # steps between checkpoints; 0 = only the final one. A checkpoint is also saved at the end
-    # and when SIGTERM / SIGINT stops the run.
-    train.checkpoint_every = 10_000
+    train.checkpoint_every = 10_000  # steps between checkpoints; 0 = never (end + signals always)
     train.keep_checkpoints = 3  # checkpoints kept (max_to_keep)
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
     train.async_checkpointing = True  # write checkpoints in a background thread
