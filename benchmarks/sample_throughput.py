@@ -3,7 +3,7 @@
 Both sides run the same UNet layout (freshly initialised; speed does not depend on the weights) with
 the linear beta schedule, T = 1000, x_0 clipped to [-1, 1] and DDIM eta = 0:
 
-* ours: ``samplers.ddpm_sample`` / ``samplers.ddim_sample`` (one ``lax.scan``) under ``jax.jit``,
+* ours: ``samplers.run("ddpm" | "ddim", ...)`` (one ``lax.scan``) under ``jax.jit``,
   compiled ahead of time (compile time reported separately);
 * theirs: ``DDPMPipeline`` / ``DDIMPipeline`` (scheduler step loop under ``torch.no_grad``), progress
   bar off, ``output_type="np"``.
@@ -107,25 +107,21 @@ def run_jax_case(case):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from diffusion_jax import samplers, schedules
+    from diffusion_jax import denoisers, samplers, schedules
 
     model = common.jax_unet(case["layout"], case["dtype"])
     graphdef, weights = nnx.split(model)
     sched = schedules.make_schedule(schedules.linear_beta_schedule(NUM_TIMESTEPS))
     steps = case["steps"]
 
+    options = samplers.make_options(num_steps=steps, eta=0.0, pred_type="eps",
+                                    variance="posterior", clip_x0=(-1.0, 1.0))
+    # DDPM takes every step; a shorter timed DDPM chain starts part-way (t_start).
+    t_start = None if case["sampler"] != "ddpm" or steps == FULL_STEPS["ddpm"] else steps - 1
+
     def sample(weights, x_T, key):
-        net = nnx.merge(graphdef, weights)
-
-        def denoise(x, t):
-            return net(x, t, deterministic=True)
-
-        if case["sampler"] == "ddpm":
-            t_start = None if steps == FULL_STEPS["ddpm"] else steps - 1
-            return samplers.ddpm_sample(denoise, sched, x_T, key, pred_type="eps",
-                                        variance="posterior", clip_x0=(-1.0, 1.0), t_start=t_start)
-        return samplers.ddim_sample(denoise, sched, x_T, key, num_steps=steps, eta=0.0,
-                                    pred_type="eps", clip_x0=(-1.0, 1.0))
+        denoise = denoisers.model_denoiser(nnx.merge(graphdef, weights))
+        return samplers.run(case["sampler"], denoise, sched, x_T, key, options, t_start=t_start)
 
     lay = case["layout"]
     key = jax.random.key(0)
@@ -137,7 +133,7 @@ def run_jax_case(case):
     timing = common.time_calls(lambda: jax.block_until_ready(compiled(weights, x_T, key)),
                                warmup=case["warmup"], iters=case["iters"])
     result = _finish(case, timing, compile_s=compile_s, device_kind=jax.devices()[0].device_kind,
-                     implementation=f"diffusion_jax.samplers.{case['sampler']}_sample (jit, lax.scan)")
+                     implementation=f"diffusion_jax.samplers.run({case['sampler']!r}) (jit, lax.scan)")
     if case["device"] == "gpu":
         result["peak_device_memory_mb"] = (jax.devices()[0].memory_stats() or {}).get(
             "peak_bytes_in_use", 0) / 2**20

@@ -4,7 +4,7 @@ Starts from ``configs/digits.py``, whose ``data`` and ``diffusion`` sections mus
 diffusion model being guided. Train with::
 
     images, labels = data.load_eval_images(config.data, None)
-    classifier, losses = guidance.train_noisy_classifier_from_config(config, images, labels)
+    classifier, losses = classifier_training.train_noisy_classifier_from_config(config, images, labels)
 """
 
 from configs import digits

@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral sampling, DDIM, and (annealed) Langevin dynamics.
+"""Samplers: DDPM ancestral sampling, DDIM, (annealed) Langevin dynamics, and the registry.
 
 Every sampler takes a denoiser callable, never a model. Discrete-time samplers take
 
@@ -25,7 +25,41 @@ range checks then only run for Python numbers). Bind the static ones with ``func
 or call the sampler inside your own jitted function, e.g. one that takes the model parameters
 as an argument and builds ``denoise`` from them (this keeps parameters out of the compiled
 constants).
+
+The registry
+------------
+:data:`SAMPLERS` maps a name to a :class:`SamplerEntry`; it is the only dispatcher (the CLI,
+every application, the training-time sample grid, the figure script and the benchmarks go
+through :func:`run`). A registered function has the uniform signature
+
+    fn(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None) -> x_0
+
+* ``denoise(x [B, ...], t int32 [B]) -> prediction [B, ...]`` of ``options.pred_type``;
+  a model, its condition and guidance are closed over (:mod:`diffusion_jax.denoisers`).
+* ``schedule``: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
+* ``x_start``: float ``[B, ...]``, the chain's start (``N(0, I)``, or a noised image at
+  ``t_start``).
+* ``key``: PRNG key; per-step keys are ``fold_in(key, i)``.
+* ``options``: :class:`SamplerOptions` (a pytree: ``eta`` and ``langevin_step_lr`` are leaves,
+  so they may be traced and changing them does not recompile; the rest is static).
+* ``t_start``: static int, start the chain at that step (SDEdit); only for entries registered
+  with ``supports_t_start=True``. ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev`` runs
+  after every step (inpainting, ILVR); only with ``supports_step_hook=True``.
+
+A new sampler is one decorated function::
+
+    @samplers.register("my_solver", supports_t_start=False, supports_step_hook=False)
+    def _my_solver(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+        ...
+
+Options are built once from ``config.sample`` (+ ``config.diffusion.pred_type``) and flags by
+:func:`options_from_config`; a flag left unset (``None``) keeps the config's value.
 """
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +70,177 @@ from diffusion_jax.schedules import extract
 
 DDPM_VARIANCES = ("posterior", "beta")
 DDIM_SPACINGS = ("uniform", "quadratic")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """Settings of a registered sampler; a pytree whose leaves are ``eta`` and
+    ``langevin_step_lr`` (traceable), all other fields static.
+
+    Attributes:
+        num_steps: DDIM steps / Langevin noise levels (DDPM always takes every step).
+        eta: DDIM noise scale in [0, 1] (0: deterministic).
+        spacing: DDIM timestep spacing, ``uniform`` or ``quadratic``.
+        pred_type: what the denoiser predicts: ``eps``, ``x0``, ``v`` or ``score``.
+        clip_x0: ``None`` or ``(lo, hi)`` (``True``: ``(-1, 1)``), clip of the predicted x0.
+        variance: DDPM reverse variance, ``posterior`` or ``beta``.
+        langevin_steps_each: Langevin updates per noise level.
+        langevin_step_lr: Langevin step size at the last level.
+    """
+    num_steps: int = 50
+    eta: float = 0.0
+    spacing: str = "uniform"
+    pred_type: str = "eps"
+    clip_x0: tuple[float, float] | None = None
+    variance: str = "posterior"
+    langevin_steps_each: int = 5
+    langevin_step_lr: float = 2e-5
+
+
+jax.tree_util.register_dataclass(
+    SamplerOptions, data_fields=["eta", "langevin_step_lr"],
+    meta_fields=["num_steps", "spacing", "pred_type", "clip_x0", "variance",
+                 "langevin_steps_each"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerEntry:
+    """One registered sampler: its function and what it supports."""
+    fn: Callable
+    supports_t_start: bool
+    supports_step_hook: bool
+
+
+SAMPLERS: dict[str, SamplerEntry] = {}
+
+
+def register(name, *, supports_t_start=True, supports_step_hook=True):
+    """Decorator adding ``fn`` to :data:`SAMPLERS` under ``name`` (see the module docstring).
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+
+    def decorate(fn):
+        if name in SAMPLERS:
+            raise ValueError(f"A sampler named {name!r} is already registered.")
+        SAMPLERS[name] = SamplerEntry(fn, supports_t_start, supports_step_hook)
+        return fn
+
+    return decorate
+
+
+def check_sampler(name, *, t_start=False, step_hook=False):
+    """Raise ``ValueError`` unless ``name`` is registered and supports what is asked.
+
+    Call it where the request is parsed (a CLI, an application's entry) so a bad combination
+    fails before any model is traced.
+
+    Args:
+        name: sampler name.
+        t_start: whether the caller starts the chain part-way (SDEdit).
+        step_hook: whether the caller needs a per-step hook (inpainting, ILVR).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; expected one of {list(SAMPLERS)}.")
+    entry = SAMPLERS[name]
+    if t_start and not entry.supports_t_start:
+        raise ValueError(f"sampler {name!r} cannot start part-way (t_start); use one of "
+                         f"{[n for n, e in SAMPLERS.items() if e.supports_t_start]}.")
+    if step_hook and not entry.supports_step_hook:
+        raise ValueError(f"sampler {name!r} has no per-step hook (inpainting, ILVR); use one of "
+                         f"{[n for n, e in SAMPLERS.items() if e.supports_step_hook]}.")
+
+
+def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """Run the registered sampler ``name``: ``x_start [B, ...] -> x_0 [B, ...]``.
+
+    Args:
+        name: a key of :data:`SAMPLERS`.
+        denoise, schedule, x_start, key, options, t_start, step_hook: see the module docstring.
+
+    Returns:
+        ``x_0 [B, ...]``.
+
+    Raises:
+        ValueError: unknown sampler, an unsupported ``t_start`` / ``step_hook``, or a bad
+            ``x_start`` (integer dtype, rank < 1).
+
+    Example:
+        >>> options = options_from_config(config, num_steps=25)
+        >>> x0 = jax.jit(lambda k, o: run("ddim", denoise, sched, x_T, k, o))(key, options)
+    """
+    check_sampler(name, t_start=t_start is not None, step_hook=step_hook is not None)
+    _check_x(x_start, "x_start")
+    return SAMPLERS[name].fn(denoise, schedule, x_start, key, options, t_start=t_start,
+                             step_hook=step_hook)
+
+
+def options_from_config(config, **overrides):
+    """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``.
+
+    Overrides whose value is ``None`` are ignored (an unset flag keeps the config's value), so
+    a CLI passes its flags straight through: ``options_from_config(config, num_steps=FLAGS.steps,
+    eta=FLAGS.eta)``. ``config.sample.clip_x0`` may be a bool or a ``(lo, hi)`` pair.
+
+    Args:
+        config: a config with ``sample`` (``num_steps``, ``eta``, ``clip_x0``,
+            ``ddpm_variance``, ``langevin_steps_each``, ``langevin_step_lr``, optionally
+            ``spacing``) and ``diffusion.pred_type``.
+        **overrides: any :class:`SamplerOptions` field.
+
+    Returns:
+        Validated :class:`SamplerOptions`.
+
+    Raises:
+        ValueError: for an unknown override or an invalid value (naming the field).
+    """
+    sample_cfg = config.sample
+    values = dict(num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
+                  spacing=sample_cfg.get("spacing", "uniform"),
+                  pred_type=config.diffusion.pred_type, clip_x0=sample_cfg.clip_x0,
+                  variance=sample_cfg.ddpm_variance,
+                  langevin_steps_each=sample_cfg.langevin_steps_each,
+                  langevin_step_lr=sample_cfg.langevin_step_lr)
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"Unknown sampler option(s) {unknown}; expected some of {list(values)}.")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return make_options(**values)
+
+
+def make_options(**fields):
+    """:class:`SamplerOptions` from ``fields``, validated, with ``clip_x0`` normalised.
+
+    Raises:
+        ValueError: naming the first invalid field.
+    """
+    options = SamplerOptions(**fields)
+    _check_positive_int("num_steps", options.num_steps)
+    _check_eta(options.eta)
+    _check_choice("spacing", options.spacing, DDIM_SPACINGS)
+    _check_choice("pred_type", options.pred_type, PRED_TYPES)
+    _check_choice("variance", options.variance, DDPM_VARIANCES)
+    _check_positive_int("langevin_steps_each", options.langevin_steps_each)
+    _check_positive("langevin_step_lr", options.langevin_step_lr)
+    clip = _clip_bounds(options.clip_x0)
+    return dataclasses.replace(options, num_steps=int(options.num_steps), clip_x0=clip)
+
+
+def check_finite(samples, sampler):
+    """Raise ``FloatingPointError`` if host array ``samples [B, ...]`` has a NaN or Inf.
+
+    The message names the sampler and the affected samples: a non-finite output is never
+    written as an image.
+    """
+    samples = np.asarray(samples)
+    bad = ~np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1)
+    if bad.any():
+        which = np.nonzero(bad)[0]
+        raise FloatingPointError(
+            f"sampler {sampler!r} produced non-finite values (NaN/Inf) in {which.size} of "
+            f"{samples.shape[0]} samples (indices {which[:10].tolist()}); check the model's "
+            "parameters, the condition (e.g. a label outside [0, num_classes)) and the settings.")
 
 
 def ddpm_step(denoise, sched, x_t, t, key, *, pred_type="eps", variance="posterior", clip_x0=None):
@@ -116,6 +321,7 @@ def ddpm_sample(denoise, sched, x_T, key, *, pred_type="eps", variance="posterio
         >>> sample = jax.jit(functools.partial(ddpm_sample, denoise, variance="beta"))
         >>> x0 = sample(sched, jax.random.normal(key, (16, 32, 32, 3)), key)   # [16, 32, 32, 3]
     """
+    _check_x(x_T, "x_T")
     _check_choice("pred_type", pred_type, PRED_TYPES)
     _check_choice("variance", variance, DDPM_VARIANCES)
     clip_x0 = _clip_bounds(clip_x0)
@@ -259,6 +465,7 @@ def ddim_sample(denoise, sched, x_T, key, *, num_steps=50, eta=0.0, spacing="uni
         >>> x0, traj = ddim_sample(denoise, sched, x_T, key, num_steps=10, return_trajectory=True)
         >>> traj.shape                                                     # (10, *x_T.shape)
     """
+    _check_x(x_T, "x_T")
     _check_choice("pred_type", pred_type, PRED_TYPES)
     _check_eta(eta)
     clip_x0 = _clip_bounds(clip_x0)
@@ -311,6 +518,7 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
     sigmas = jnp.asarray(sigmas, jnp.float32)
     if sigmas.ndim != 1 or sigmas.shape[0] < 1:
         raise ValueError(f"sigmas must have shape [L] with L >= 1, got shape {sigmas.shape}.")
+    _check_x(x_init, "x_init")
     _check_positive_int("n_steps_each", n_steps_each)
     _check_positive("step_lr", step_lr)
     batch = x_init.shape[0]
@@ -320,7 +528,8 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
     def body(x, inputs):
         k, level = inputs
         sigma_b = jnp.full((batch,), sigmas[level], jnp.float32)
-        x = _langevin_update(x, score_fn(x, sigma_b), step_sizes[level], jax.random.fold_in(key, k))
+        score = _call_denoiser(score_fn, x, sigma_b)
+        x = _langevin_update(x, score, step_sizes[level], jax.random.fold_in(key, k))
         return x, (x if return_trajectory else None)
 
     x, traj = lax.scan(body, x_init, (jnp.arange(levels.shape[0]), levels))
@@ -363,6 +572,62 @@ def langevin_sample(score_fn, x_init, key, *, step_size, num_steps):
     return x
 
 
+@register("ddpm")
+def _ddpm_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """:func:`ddpm_sample` over every step (``options.num_steps`` does not apply)."""
+    return ddpm_sample(denoise, schedule, x_start, key, pred_type=options.pred_type,
+                       variance=options.variance, clip_x0=options.clip_x0, t_start=t_start,
+                       step_hook=step_hook)
+
+
+@register("ddim")
+def _ddim_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """:func:`ddim_sample`; from ``t_start`` it takes ``min(num_steps, t_start + 1)`` steps, the
+    most a chain from there can have."""
+    num_steps = options.num_steps if t_start is None else min(options.num_steps, t_start + 1)
+    return ddim_sample(denoise, schedule, x_start, key, num_steps=num_steps, eta=options.eta,
+                       spacing=options.spacing, pred_type=options.pred_type,
+                       clip_x0=options.clip_x0, t_start=t_start, step_hook=step_hook)
+
+
+@register("langevin", supports_t_start=False, supports_step_hook=False)
+def _langevin_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """:func:`annealed_langevin_sample` on the variance-exploding view of a VP denoiser.
+
+    The ``L = num_steps`` levels are the DDIM timesteps ``t_l`` with
+    ``sigma_l = sqrt((1 - ab_{t_l}) / ab_{t_l})``; the chain starts at ``sigma_0 x_start`` and
+    its result (a clean-image estimate) is clipped when ``clip_x0`` is set.
+    """
+    del t_start, step_hook  # unsupported: run() rejects them
+    ts = ddim_timesteps(schedule.num_timesteps, options.num_steps)            # [L] descending
+    alpha_bar = schedule.alphas_cumprod[ts]
+    sigmas = jnp.sqrt((1.0 - alpha_bar) / alpha_bar)                          # [L] decreasing
+    score_fn = _ve_score_fn(denoise, schedule, ts, sigmas, options.pred_type)
+    y = annealed_langevin_sample(score_fn, sigmas, sigmas[0] * x_start, key,
+                                 n_steps_each=options.langevin_steps_each,
+                                 step_lr=options.langevin_step_lr)
+    return y if options.clip_x0 is None else jnp.clip(y, *options.clip_x0)
+
+
+def _ve_score_fn(denoise, schedule, ts, sigmas, pred_type):
+    """A VP (DDPM) denoiser as the score of the variance-exploding variable y = x_t / sqrt(ab_t).
+
+    ``y = x_0 + sigma eps`` with ``sigma_t = sqrt((1 - ab_t) / ab_t)``, so
+    ``score(y, sigma_t) = -eps(sqrt(ab_t) y, t) / sigma_t``. ``sigma [B]`` must be one of
+    ``sigmas [L]`` (the levels at timesteps ``ts [L]``).
+    """
+
+    def score_fn(y, sigma):
+        level = jnp.argmin(jnp.abs(sigmas[None, :] - sigma[:, None]), axis=1)  # [B]
+        t = ts[level]
+        alpha_bar = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (y.ndim - 1))
+        x_t = jnp.sqrt(alpha_bar) * y
+        _, eps = to_x0_and_eps(_call_denoiser(denoise, x_t, t), x_t, alpha_bar, pred_type)
+        return -eps / sigma.reshape(alpha_bar.shape)
+
+    return score_fn
+
+
 def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
     """Scans ``step(x, t, t_prev, key) -> (x_prev, x0_pred)`` over ``ts`` [S], then the hook."""
 
@@ -381,10 +646,28 @@ def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
 def _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0):
     """``(x0, eps)`` from the denoiser at ``t_b`` [B]; with ``clip_x0``, eps follows clipped x0."""
     alpha_bar = extract(sched.alphas_cumprod, t_b, x_t.ndim)               # [B, 1, ..., 1]
-    x0, eps = to_x0_and_eps(denoise(x_t, t_b), x_t, alpha_bar, pred_type)
+    x0, eps = to_x0_and_eps(_call_denoiser(denoise, x_t, t_b), x_t, alpha_bar, pred_type)
     if clip_x0 is not None:
         x0, eps = to_x0_and_eps(jnp.clip(x0, *clip_x0), x_t, alpha_bar, "x0")
     return x0, eps
+
+
+def _call_denoiser(denoise, x, t):
+    """``denoise(x, t)``, checked at trace time (static, so free under jit) to return ``x``'s
+    shape: a wrong batch or rank would otherwise broadcast silently."""
+    pred = denoise(x, t)
+    if getattr(pred, "shape", None) != x.shape:
+        raise ValueError(f"The denoiser returned shape {getattr(pred, 'shape', type(pred))} for x "
+                         f"of shape {x.shape}; it must return a prediction of x's shape.")
+    return pred
+
+
+def _check_x(x, field):
+    """Raise ``ValueError`` unless ``x`` is a floating array ``[B, ...]`` (rank >= 1)."""
+    dtype, ndim = getattr(x, "dtype", None), getattr(x, "ndim", 0)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or ndim < 1:
+        raise ValueError(f"{field} must be a floating-point array [B, ...], got "
+                         f"{dtype} with shape {getattr(x, 'shape', ())}.")
 
 
 def _langevin_update(x, score, step_size, key):

@@ -28,8 +28,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, data, generate, losses, resume, schedules, sharding
-from diffusion_jax.applications import super_resolution
+from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses, resume,
+                           schedules, sharding)
 from diffusion_jax.models import unet
 
 NUM_QUARTILES = 4
@@ -459,25 +459,16 @@ def _accumulate_grads(grad_fn, params, batch, key, num_micro):
 
 def _make_loss_fn(graphdef, schedule, config):
     """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))`` for one micro-batch."""
-    diff, model_cfg = config.diffusion, config.model
-    num_classes = config.data.num_classes
+    diff = config.diffusion
 
     def loss_fn(params, batch, key):
         loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
         model = nnx.merge(graphdef, params)
-        labels = None
-        if model_cfg.class_conditional:  # replace labels by the null label num_classes w.p. p
-            drop = jax.random.bernoulli(label_key, model_cfg.cond_drop_prob, batch["label"].shape)
-            labels = jnp.where(drop, num_classes, batch["label"])
-        cond = None
-        if model_cfg.cond_image_channels > 0:  # SR3: condition on the upsampled low-res image
-            cond = super_resolution.sr_training_condition(
-                batch["image"], cond_key, factor=config.sr.factor, sched=schedule,
-                aug_max_t=config.sr.aug_max_t, method=config.sr.upsample_method)
+        cond = conditioning.training_condition(config, schedule, batch, label_key=label_key,
+                                               image_key=cond_key)
 
         def denoise(x_t, t):
-            return model(x_t, t, labels, cond_image=cond, deterministic=False,
-                         dropout_key=dropout_key)
+            return model(x_t, t, cond, deterministic=False, dropout_key=dropout_key)
 
         loss, per_example, t = losses.denoising_loss(
             denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,
@@ -489,12 +480,11 @@ def _make_loss_fn(graphdef, schedule, config):
 
 def _write_samples(workdir, sample_fn, state, seed, step, logger):
     """Samples with the first EMA (or the raw params) and writes ``samples/step_<step>.png``."""
-    params = state.ema_params[0] if state.ema_params else state.params
-    images = generate.to_uint8(sample_fn(params, jax.random.key(seed)))
-    grid = generate.image_grid(images)
+    images = image_io.to_uint8(sample_fn(generate.sampling_params(state), jax.random.key(seed)))
+    grid = image_io.image_grid(images)
     if logger.is_host0:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        generate.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+        image_io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
         logger.writer.add_image("samples", grid, step, dataformats="HWC")
 
 

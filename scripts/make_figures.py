@@ -23,16 +23,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, data, generate, guidance, samplers, schedules, sharding, train
-from diffusion_jax.applications import cli, common
+from diffusion_jax import (classifier_training, data, denoisers, guidance, image_io, loading,
+                           samplers)
+from diffusion_jax.applications import common, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo/workdir", "Trained digits model workdir.")
 _SR_WORKDIR = flags.DEFINE_string("sr_workdir", None, "Trained SR3 workdir (configs/sr_digits.py).")
@@ -50,16 +49,17 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     os.makedirs(_OUT.value, exist_ok=True)
-    model, config = load_model(_WORKDIR.value)
-    sched = schedules.schedule_from_config(config.diffusion)
+    loaded = loading.load(workdir=_WORKDIR.value)
+    model, config, sched = loaded.model, loaded.config, loaded.schedule
     images, labels = data.load_eval_images(config.data, _NUM.value)
     key = jax.random.key(_SEED.value)
 
+    options = _options(config)
+
     def run(task, inputs=images, **option_overrides):
-        options = cli.TaskOptions(**{"sampler": "ddim", "num_steps": _STEPS.value,
-                                     **option_overrides})
-        return cli.run_task(task, model, sched, inputs, options, key,
-                            pred_type=config.diffusion.pred_type, clip_x0=(-1.0, 1.0))
+        task_options = tasks.TaskOptions(**{"sampler": "ddim", "sampler_options": options,
+                                            **option_overrides})
+        return tasks.run_task(task, model, sched, inputs, task_options, key)
 
     factor = max(1, config.data.image_size // 4)  # the guide keeps 4x4 blocks of the digit
     blocky = np.asarray(common.nearest_upsample(common.area_downsample(images, factor), factor))
@@ -85,51 +85,42 @@ def main(argv):
         save_rows("classifier_guidance.png", classifier_rows(model, sched, config, key))
 
     if _SR_WORKDIR.value:
-        sr_model, sr_config = load_model(_SR_WORKDIR.value)
-        sr_sched = schedules.schedule_from_config(sr_config.diffusion)
+        sr_loaded = loading.load(workdir=_SR_WORKDIR.value)
+        sr_config = sr_loaded.config
         hi, _ = data.load_eval_images(sr_config.data, _NUM.value)
-        factor = sr_config.sr.factor
-        options = cli.TaskOptions(sampler="ddim", num_steps=_STEPS.value, sr_factor=factor,
-                                  sr_method=sr_config.sr.upsample_method)
-        out = cli.run_task("sr", sr_model, sr_sched, hi, options, key,
-                           pred_type=sr_config.diffusion.pred_type, clip_x0=(-1.0, 1.0))
+        sr_options = tasks.TaskOptions(
+            sampler="ddim", sampler_options=_options(sr_config), sr_factor=sr_config.sr.factor,
+            sr_method=sr_config.sr.upsample_method, sr_aug_t=sr_config.sr.sample_aug_t)
+        out = tasks.run_task("sr", sr_loaded.model, sr_loaded.schedule, hi, sr_options, key)
         save_rows("super_resolution.png", [out["low_res"], out["output"], hi])
 
 
-def load_model(workdir):
-    """``(model, config)`` with the first EMA of the latest checkpoint in ``workdir``."""
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
-    config = checkpoint.load_config(manager)
-    graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)
-    state, _ = checkpoint.restore(manager, abstract)
-    params = state.ema_params[0] if state.ema_params else state.params
-    return nnx.merge(graphdef, params), config
+def _options(config):
+    """DDIM options of ``config`` with ``--steps`` steps and x0 clipped to [-1, 1]."""
+    return samplers.options_from_config(config, num_steps=_STEPS.value, clip_x0=True)
 
 
 def cfg_row(model, sched, config, scale, key):
     """One sample per class (0..K-1) with classifier-free guidance weight ``scale``."""
     labels = jnp.arange(model.num_classes, dtype=jnp.int32)
-    denoise = generate.build_denoiser(model, labels=labels, guidance_scale=scale)
+    denoise = denoisers.build_denoiser(model, {"label": labels}, guidance_scale=scale)
     shape = (model.num_classes, config.data.image_size, config.data.image_size,
              config.data.num_channels)
     x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)
-    return np.asarray(samplers.ddim_sample(denoise, sched, x_T, key, num_steps=_STEPS.value,
-                                           pred_type=config.diffusion.pred_type, clip_x0=True))
+    return np.asarray(samplers.run("ddim", denoise, sched, x_T, key, _options(config)))
 
 
 def classifier_rows(model, sched, config, key):
     """Unguided samples, then one row per class guided by a freshly trained noisy classifier."""
     images, labels = data.load_eval_images(config.data, None)
-    classifier, _ = guidance.train_noisy_classifier_from_config(_CLASSIFIER_CONFIG.value,
-                                                                images, labels)
+    classifier, _ = classifier_training.train_noisy_classifier_from_config(
+        _CLASSIFIER_CONFIG.value, images, labels)
     log_prob = guidance.classifier_log_prob_fn(classifier)
-    uncond = generate.build_denoiser(model)
+    uncond = denoisers.build_denoiser(model)
     shape = (_NUM.value, config.data.image_size, config.data.image_size, config.data.num_channels)
     x_T = jax.random.normal(jax.random.fold_in(key, 3), shape)
-    sample = lambda denoise: np.asarray(samplers.ddim_sample(
-        denoise, sched, x_T, key, num_steps=_STEPS.value, pred_type=config.diffusion.pred_type,
-        clip_x0=True))
+    sample = lambda denoise: np.asarray(samplers.run("ddim", denoise, sched, x_T, key,
+                                                     _options(config)))
     rows = [sample(uncond)]
     for label in range(int(labels.max()) + 1):
         rows.append(sample(guidance.classifier_guided_denoiser(
@@ -141,8 +132,8 @@ def save_rows(name, rows):
     """Stack ``rows`` (each ``[n, H, W, C]`` in [-1, 1]) into one grid PNG under ``--out``."""
     n = max(len(r) for r in rows)
     padded = [np.concatenate([r, -np.ones((n - len(r),) + r.shape[1:], np.float32)]) for r in rows]
-    grid = generate.image_grid(generate.to_uint8(np.concatenate(padded)), num_cols=n)
-    generate.save_png(os.path.join(_OUT.value, name), grid)
+    grid = image_io.image_grid(image_io.to_uint8(np.concatenate(padded)), num_cols=n)
+    image_io.save_png(os.path.join(_OUT.value, name), grid)
     print(f"wrote {os.path.join(_OUT.value, name)}")
 
 

@@ -85,11 +85,24 @@ def test_resolve_t_start_rejects_out_of_range(t0):
         common.resolve_t_start(t0, 100)
 
 
-def test_run_sampler_rejects_unknown_sampler():
+def test_applications_reject_unknown_or_unsupported_samplers_before_tracing():
+    """The registry decides: an unknown name, or Langevin (no t_start / step hook) for SDEdit,
+    inpainting and ILVR, fails with a message naming the samplers that would work."""
     sched = _sched()
-    with pytest.raises(ValueError, match="sampler"):
-        _fast(common.run_sampler, "euler", lambda x, t: x, sched, jnp.zeros((1,) + SHAPE),
-                           jax.random.PRNGKey(0))
+    x = jnp.zeros((1,) + SHAPE)
+    key = jax.random.PRNGKey(0)
+
+    def never_called(x, t):
+        raise AssertionError("the denoiser must not be traced")
+
+    with pytest.raises(ValueError, match=r"Unknown sampler 'euler'; expected one of \['ddpm'"):
+        samplers.run("euler", never_called, sched, x, key, samplers.make_options())
+    with pytest.raises(ValueError, match=r"'langevin' cannot start part-way.*'ddpm', 'ddim'"):
+        sdedit.sdedit(never_called, sched, x, key, t0=0.5, sampler="langevin")
+    with pytest.raises(ValueError, match="'langevin' has no per-step hook"):
+        inpaint.inpaint(never_called, sched, x, jnp.ones(SHAPE), key, sampler="langevin")
+    with pytest.raises(ValueError, match="'langevin' has no per-step hook"):
+        ilvr.ilvr_sample(never_called, sched, x, key, factor=2, sampler="langevin")
 
 
 # ----------------------------------------------------------------------------- ILVR
@@ -179,10 +192,12 @@ def test_sdedit_full_noise_matches_unconditional_sampling_up_to_alpha_bar_T():
     denoise = _gaussian_denoiser(sched, mean, var)
     guide = _images(jax.random.PRNGKey(0), 8, mean, var)
     key = jax.random.PRNGKey(3)
-    got = _fast(sdedit.sdedit, denoise, sched, guide, key, t0=1.0, sampler="ddim", num_steps=50)
+    got = _fast(sdedit.sdedit, denoise, sched, guide, key, t0=1.0, sampler="ddim",
+                options=samplers.make_options(num_steps=50))
     noise_key, chain_key = jax.random.split(key)
     z = jax.random.normal(noise_key, guide.shape)
-    uncond = _fast(common.run_sampler, "ddim", denoise, sched, z, chain_key, num_steps=50)
+    uncond = _fast(samplers.run, "ddim", denoise, sched, z, chain_key,
+                   samplers.make_options(num_steps=50))
     ab = sched.alphas_cumprod[-1]
     d = jnp.sqrt(ab) * guide + (jnp.sqrt(1.0 - ab) - 1.0) * z
     assert float(jnp.max(jnp.abs(got - uncond))) <= 1.5 * float(jnp.max(jnp.abs(d))) + 1e-6
@@ -198,7 +213,7 @@ def test_sdedit_small_t0_returns_the_guide():
     errors = []
     for t0, sampler in ((0.001, "ddpm"), (0.01, "ddim"), (0.1, "ddpm")):
         out = _fast(sdedit.sdedit, denoise, sched, guide, jax.random.PRNGKey(1), t0=t0,
-                    sampler=sampler, num_steps=10)
+                    sampler=sampler, options=samplers.make_options(num_steps=10))
         rms = float(jnp.sqrt(jnp.mean((out - guide) ** 2)))
         noise_std = float(jnp.sqrt(1.0 - sched.alphas_cumprod[common.resolve_t_start(t0, 1000)]))
         assert rms < 1.5 * noise_std, (t0, rms, noise_std)
@@ -234,7 +249,8 @@ def test_repaint_schedule_structure():
         inpaint.repaint_schedule(10, 0, 2)
 
 
-@pytest.mark.parametrize("kwargs", [dict(sampler="ddpm"), dict(sampler="ddim", num_steps=20),
+@pytest.mark.parametrize("kwargs", [dict(sampler="ddpm"),
+                                    dict(sampler="ddim", options=samplers.make_options(num_steps=20)),
                                     dict(jump_length=5, jump_n_sample=3)])
 def test_inpaint_keeps_known_pixels_exactly_and_fills_from_the_right_mode(kwargs):
     """Two modes +-0.8 * 1; the known left half comes from the + mode, so the posterior of the
@@ -357,7 +373,7 @@ def _white_sr_model(sched, factor):
 
     def model_fn(x, t, cond):
         ab = schedules.extract(sched.alphas_cumprod, t, x.ndim)
-        x0 = ilvr.lowpass(cond, factor) + jnp.sqrt(ab) * (x - ilvr.lowpass(x, factor))
+        x0 = ilvr.lowpass(cond["image"], factor) + jnp.sqrt(ab) * (x - ilvr.lowpass(x, factor))
         return diffusion.eps_from_x0(x, x0, ab)
 
     return model_fn
@@ -370,7 +386,8 @@ def test_sr_sample_with_exact_conditional_denoiser_matches_low_res(sampler):
     hi = jax.random.normal(jax.random.PRNGKey(0), (32, 8, 8, 1))
     low = common.area_downsample(hi, factor)
     out = _fast(sr.sr_sample, _white_sr_model(sched, factor), sched, low, jax.random.PRNGKey(1),
-                       image_size=8, method="nearest", sampler=sampler, num_steps=100)
+                       image_size=8, method="nearest", sampler=sampler,
+                       options=samplers.make_options(num_steps=100))
     np.testing.assert_allclose(common.area_downsample(out, factor), low, atol=1e-4)
     detail = out - ilvr.lowpass(out, factor)       # the free part is a fresh N(0, I - P) draw
     np.testing.assert_allclose(jnp.mean(detail**2) * 16 / 15, 1.0, atol=0.1)
@@ -386,7 +403,7 @@ def test_cascade_sample_augments_the_base_sample():
     def sr_fn(low, k):
         seen["low"] = low
         return _fast(sr.sr_sample, _white_sr_model(sched, factor), sched, low, k, image_size=8,
-                            method="nearest", aug_t=-1, num_steps=10)
+                            method="nearest", aug_t=-1, options=samplers.make_options(num_steps=10))
 
     low, high = sr.cascade_sample(base, sr_fn, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(seen["low"], low)
@@ -400,7 +417,7 @@ def test_cascade_sample_augments_the_base_sample():
 
 
 class _OracleModel:
-    """Stands in for the UNet: exact eps of N(0, 0.25 I) images, or with ``cond_image`` the
+    """Stands in for the UNet: exact eps of N(0, 0.25 I) images, or with ``cond["image"]`` the
     exact SR denoiser of ``_white_sr_model`` scaled to that variance (factor 2)."""
 
     num_classes = 0
@@ -408,8 +425,9 @@ class _OracleModel:
     def __init__(self, sched):
         self.sched = sched
 
-    def __call__(self, x, t, y=None, cond_image=None):
+    def __call__(self, x, t, cond=None):
         ab = schedules.extract(self.sched.alphas_cumprod, t, x.ndim)
+        cond_image = (cond or {}).get("image")
         if cond_image is None:
             return jnp.sqrt(1 - ab) * x / (0.25 * ab + 1 - ab)
         x0 = (ilvr.lowpass(cond_image, 2)
@@ -419,12 +437,13 @@ class _OracleModel:
 
 @pytest.mark.parametrize("task", ["sdedit", "inpaint", "ilvr", "sr", "invert"])
 def test_cli_run_task_and_write_outputs(task, tmp_path):
-    from diffusion_jax.applications import cli
+    from diffusion_jax.applications import cli, tasks
     sched = _sched(50, 0.3)
     images = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
-    options = cli.TaskOptions(sampler="ddim", num_steps=50, mask_region="top", t0=0.4,
-                              ilvr_factor=2, sr_factor=2, sr_method="nearest")
-    out = cli.run_task(task, _OracleModel(sched), sched, images, options, jax.random.PRNGKey(1))
+    options = tasks.TaskOptions(sampler="ddim", sampler_options=samplers.make_options(num_steps=50),
+                                mask_region="top", t0=0.4, ilvr_factor=2, sr_factor=2,
+                                sr_method="nearest")
+    out = tasks.run_task(task, _OracleModel(sched), sched, images, options, jax.random.PRNGKey(1))
     np.testing.assert_array_equal(out["input"][:, 4:] if task == "inpaint" else out["input"],
                                   np.asarray(images)[:, 4:] if task == "inpaint" else images)
     result = out["output"]
@@ -452,23 +471,43 @@ def test_cli_run_task_and_write_outputs(task, tmp_path):
 def test_cli_inputs_and_errors(tmp_path):
     from PIL import Image
 
-    from diffusion_jax.applications import cli
+    from diffusion_jax.applications import cli, tasks
     pixels = np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))            # 8x8 ramp
     Image.fromarray(pixels).save(tmp_path / "ramp.png")
     data_cfg = type("DataCfg", (), dict(image_size=8, num_channels=1))()
-    images = cli.load_inputs(cli.TaskOptions(input=str(tmp_path / "ramp.png"), num_samples=2),
-                             data_cfg)
+    images = cli.load_inputs(str(tmp_path / "ramp.png"), 2, data_cfg)
     assert images.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(images[0, :, :, 0], pixels / 127.5 - 1.0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="nothere.png"):
-        cli.load_inputs(cli.TaskOptions(input=str(tmp_path / "nothere.png")), data_cfg)
+        cli.load_inputs(str(tmp_path / "nothere.png"), 1, data_cfg)
+    # another size is an error naming both sizes, unless resizing is asked for
+    Image.fromarray(np.tile(pixels, (1, 2))).save(tmp_path / "wide.png")          # 16 x 8
+    with pytest.raises(ValueError, match=r"wide.png' is 16x8 .* takes 8x8 .*--resize_input"):
+        cli.load_inputs(str(tmp_path / "wide.png"), 1, data_cfg)
+    resized = cli.load_inputs(str(tmp_path / "wide.png"), 1, data_cfg, resize=True)
+    assert resized.shape == (1, 8, 8, 1)
+    np.testing.assert_array_equal(resized[0], np.repeat(resized[0, :1], 8, axis=0))  # rows equal
+    np.testing.assert_allclose(resized.mean(), images[0].mean(), atol=0.1)     # same brightness
     with pytest.raises(ValueError, match="task"):
-        cli.run_task("colorize", _OracleModel(_sched()), _sched(), jnp.zeros((1, 8, 8, 1)),
-                     cli.TaskOptions(), jax.random.PRNGKey(0))
+        tasks.run_task("colorize", _OracleModel(_sched()), _sched(), jnp.zeros((1, 8, 8, 1)),
+                       tasks.TaskOptions(), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="mask_region"):
-        cli.region_mask((1, 8, 8, 1), "diagonal")
-    np.testing.assert_array_equal(cli.region_mask((1, 4, 4, 1), "center")[..., 0],
+        tasks.region_mask((1, 8, 8, 1), "diagonal")
+    np.testing.assert_array_equal(tasks.region_mask((1, 4, 4, 1), "center")[..., 0],
                                   [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+
+
+def test_read_image_scales_16_bit_grey_instead_of_saturating(tmp_path):
+    from PIL import Image
+
+    from diffusion_jax import image_io
+    wide = np.tile(np.array([0, 1000, 32768, 65535], np.uint16), (4, 1))
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = image_io.read_image(str(tmp_path / "deep.png"), 4, 1)
+    want = np.round(wide / 257.0) / 127.5 - 1.0
+    np.testing.assert_allclose(got[..., 0], want, atol=1e-6)
+    assert got.min() == -1.0 and got.max() == 1.0 and 0.0 < got[0, 2, 0] < 0.01
 
 
 @pytest.mark.slow
@@ -497,7 +536,7 @@ def test_sr3_trains_on_digits_and_its_samples_match_the_low_res_input():
         x0 = images[jax.random.randint(idx_key, (64,), 0, 1500)]
         cond = sr.sr_training_condition(x0, cond_key, factor=2, sched=sched, aug_max_t=5,
                                         method="bilinear")
-        loss_fn = lambda m: losses.denoising_loss(lambda x, t: m(x, t, cond_image=cond), sched,
+        loss_fn = lambda m: losses.denoising_loss(lambda x, t: m(x, t, {"image": cond}), sched,
                                                   x0, loss_key)[0]
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
@@ -507,9 +546,8 @@ def test_sr3_trains_on_digits_and_its_samples_match_the_low_res_input():
         train_step(model, optimizer, jax.random.PRNGKey(step))
     test = images[1500:1564]                                  # held out
     low = common.area_downsample(test, 2)
-    out = _fast(sr.sr_sample, lambda x, t, c: model(x, t, cond_image=c), sched, low,
-                       jax.random.PRNGKey(7), image_size=8, method="bilinear", num_steps=20,
-                       clip_x0=(-1.0, 1.0))
+    out = _fast(sr.sr_sample, model, sched, low, jax.random.PRNGKey(7), image_size=8,
+                method="bilinear", options=samplers.make_options(num_steps=20, clip_x0=True))
     err = float(jnp.mean(jnp.abs(common.area_downsample(out, 2) - low)))
     baseline = float(jnp.mean(jnp.abs(common.area_downsample(jnp.roll(test, 1, 0), 2) - low)))
     assert err < 0.5 * baseline, (err, baseline)

@@ -50,12 +50,12 @@ def test_train_sample_and_exact_resume(tmp_path):
     assert npz["labels"].shape == (5,) and npz["images"].std() > 0
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
 
-    bar = np.zeros((16, 16), np.uint8)  # a white vertical bar, resized to 8x8 by run_sample
+    bar = np.zeros((16, 16), np.uint8)  # a white vertical bar, resized to 8x8 when asked
     bar[:, 4:12] = 255
     image = str(tmp_path / "bar.png")
     Image.fromarray(bar).save(image)
     proc = _run("run_sample.py", f"--workdir={full}", "--task=sdedit", f"--input={image}",
-                "--t0=0.5", "--steps=3", "--num_samples=2", f"--out={out}")
+                "--resize_input", "--t0=0.5", "--steps=3", "--num_samples=2", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     sdedit = np.load(os.path.join(out, "sdedit.npz"))
     assert sdedit["input"].shape == sdedit["output"].shape == (2, 8, 8, 1)
@@ -81,3 +81,83 @@ def test_bad_config_override_fails_naming_the_key(tmp_path, arg, needle):
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
     proc = _run("run_sample.py", f"--workdir={tmp_path}", f"--out={tmp_path}/out")
     assert proc.returncode != 0 and "no checkpoint directory" in proc.stderr
+
+
+def _flags(*argv):
+    """run_sample.py's sampling and task flags (cli.define_flags) parsed from ``argv``."""
+    from absl import flags
+
+    from diffusion_jax.applications import cli
+    fv = flags.FlagValues()
+    cli.define_flags(fv)
+    fv(["run_sample.py", *argv])
+    return fv
+
+
+def _model_config(num_classes, sr=False):
+    config = tiny.get_config()
+    config.model.class_conditional = num_classes > 0
+    config.data.num_classes = num_classes
+    config.model.cond_image_channels = config.data.num_channels if sr else 0
+    return config
+
+
+@pytest.mark.parametrize("argv, num_classes, match", [
+    (["--class_label=99"], 10, r"--class_label=99 is out of range: .* \[0, 9\]"),
+    (["--task=invert", "--class_label=99"], 10, r"--class_label=99 is out of range"),
+    (["--task=invert", "--source_label=-1"], 10, r"--source_label=-1 is out of range"),
+    (["--class_label=0"], 0, r"none \(unconditional model\)"),
+    (["--steps=0"], 10, r"--steps must be >= 1, got 0"),
+    (["--num_samples=0"], 10, r"--num_samples must be >= 1, got 0"),
+    (["--num_samples=-3"], 10, r"--num_samples must be >= 1, got -3"),
+    (["--guidance_scale=-1"], 10, r"--guidance_scale must be >= 0"),
+    (["--guidance_scale=2"], 0, r"--guidance_scale needs a class-conditional model"),
+    (["--t0=0.3"], 10, r"--t0 is not used by --task=sample \(it applies to sdedit\)"),
+    (["--task=ilvr", "--mask_region=top"], 10, r"--mask_region is not used by --task=ilvr"),
+    (["--task=invert", "--eta=0.5"], 10, r"--eta is not used by --task=invert"),
+    (["--task=sdedit", "--sampler=langevin"], 10, r"'langevin' cannot start part-way"),
+    (["--task=inpaint", "--sampler=langevin"], 10, r"'langevin' has no per-step hook"),
+    (["--task=sr"], 10, r"--task=sr needs a super-resolution model"),
+    (["--num_samples=2"], -10, r"super-resolution model; it runs with --task=sr, not sample"),
+])
+def test_bad_sampling_flags_are_rejected_before_sampling(argv, num_classes, match):
+    """(num_classes < 0 stands for an unconditional super-resolution model.)"""
+    from diffusion_jax.applications import cli
+    config = _model_config(max(num_classes, 0), sr=num_classes < 0)
+    with pytest.raises(ValueError, match=match):
+        cli.check_flags(_flags(*argv), config)
+
+
+def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
+    from diffusion_jax.applications import cli
+    for argv in (["--class_label=9", "--guidance_scale=0", "--steps=1"],
+                 ["--task=sdedit", "--t0=0.3", "--sampler=ddpm", "--mask_region=top"],
+                 ["--task=invert", "--source_label=0", "--class_label=9", "--steps=4"]):
+        cli.check_flags(_flags(*argv), _model_config(10))
+    fv = _flags("--task=sr")
+    assert (fv.sr_factor, fv.sr_method, fv.sr_aug_t) == (None, None, None)  # config.sr decides
+    options = cli.sampler_options(_flags("--steps=7"), _model_config(10))
+    assert (options.num_steps, options.eta) == (7, tiny.get_config().sample.eta)
+
+
+@pytest.mark.slow
+def test_run_sample_bad_input_exits_1_with_one_line(tmp_path):
+    """On a 10-class model: an out-of-range label (sample and invert), a wrong-size input
+    without --resize_input, and a flag the task does not use each end with exit status 1 and
+    a one-line error naming the problem, and write nothing."""
+    workdir = str(tmp_path / "cond")
+    _train(workdir, "--config.model.class_conditional=True", "--config.train.num_steps=2")
+    Image.fromarray(np.zeros((16, 12), np.uint8)).save(tmp_path / "wide.png")
+    out = str(tmp_path / "out")
+    for argv, needle in (
+            (["--class_label=99"], "--class_label=99 is out of range: this model's classes are "
+                                   "[0, 9]"),
+            (["--task=invert", "--class_label=99"], "--class_label=99 is out of range"),
+            (["--task=sdedit", f"--input={tmp_path}/wide.png"],
+             "is 12x16 (WxH) but the model takes 8x8 images"),
+            (["--t0=0.3"], "--t0 is not used by --task=sample"),
+            (["--steps=0"], "--steps must be >= 1")):
+        proc = _run("run_sample.py", f"--workdir={workdir}", f"--out={out}", *argv)
+        assert proc.returncode == 1, (argv, proc.stderr[-2000:])
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert not os.path.exists(out)

@@ -46,103 +46,103 @@ CIFAR10 = dict(
 @functools.partial(jax.jit, static_argnums=0,
                    compiler_options={"xla_backend_optimization_level": 0})  # fast CPU compile
 def _forward(graphdef, state, x, t, y):
-  return nnx.merge(graphdef, state)(x, t, y)
+    return nnx.merge(graphdef, state)(x, t, None if y is None else {"label": y})
 
 
 def _save_random(config, path, *, seed=0, safe=True, perturb=True):
-  """Saves a diffusers UNet2DModel with random (perturbed) weights; returns the torch model."""
-  torch.manual_seed(seed)
-  model = diffusers.UNet2DModel(**config).eval()
-  if perturb:  # move norms off (1, 0) so a scale/bias swap would show
-    with torch.no_grad():
-      for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(path, safe_serialization=safe)
-  return model
+    """Saves a diffusers UNet2DModel with random (perturbed) weights; returns the torch model."""
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel(**config).eval()
+    if perturb:  # move norms off (1, 0) so a scale/bias swap would show
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=safe)
+    return model
 
 
 def _compare(torch_model, jax_model, *, batch, size, channels, labels=None, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
-  t = rng.integers(0, 1000, batch)
-  with torch.no_grad():
-    ref = torch_model(torch.from_numpy(x), torch.from_numpy(t),
-                      None if labels is None else torch.from_numpy(labels)).sample.numpy()
-  got = _forward(*nnx.split(jax_model), jnp.asarray(x.transpose(0, 2, 3, 1)),
-                 jnp.asarray(t, jnp.int32), None if labels is None else jnp.asarray(labels, jnp.int32))
-  got = np.asarray(got).transpose(0, 3, 1, 2)
-  assert got.shape == ref.shape
-  return float(np.abs(got - ref).max()), float(np.abs(ref).max())
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(x), torch.from_numpy(t),
+                          None if labels is None else torch.from_numpy(labels)).sample.numpy()
+    got = _forward(*nnx.split(jax_model), jnp.asarray(x.transpose(0, 2, 3, 1)),
+                   jnp.asarray(t, jnp.int32), None if labels is None else jnp.asarray(labels, jnp.int32))
+    got = np.asarray(got).transpose(0, 3, 1, 2)
+    assert got.shape == ref.shape
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 
 
 def test_cli_roundtrip_matches_diffusers(tmp_path, capsys):
-  torch_model = _save_random(DDPM_SMALL, tmp_path / "src")
-  cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
-  assert "wrote" in capsys.readouterr().out
-  kwargs = json.loads((tmp_path / "out" / "unet.json").read_text())["kwargs"]
-  assert kwargs["attn_resolutions"] == [8] and kwargs["downsample_padding"] == 0
-  model = cd.load_converted(tmp_path / "out")
-  assert count_params(model) == sum(p.numel() for p in torch_model.parameters())
-  err, scale = _compare(torch_model, model, batch=2, size=16, channels=3)
-  assert err <= 1e-4 and scale > 0.1, (err, scale)
+    torch_model = _save_random(DDPM_SMALL, tmp_path / "src")
+    cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert "wrote" in capsys.readouterr().out
+    kwargs = json.loads((tmp_path / "out" / "unet.json").read_text())["kwargs"]
+    assert kwargs["attn_resolutions"] == [8] and kwargs["downsample_padding"] == 0
+    model = cd.load_converted(tmp_path / "out")
+    assert count_params(model) == sum(p.numel() for p in torch_model.parameters())
+    err, scale = _compare(torch_model, model, batch=2, size=16, channels=3)
+    assert err <= 1e-4 and scale > 0.1, (err, scale)
 
 
 def test_class_conditional_scale_shift_bin_checkpoint(tmp_path):
-  torch_model = _save_random(CLASS_SMALL, tmp_path / "src", safe=False)
-  assert (tmp_path / "src" / "diffusion_pytorch_model.bin").exists()
-  model, kwargs = cd.load_diffusers_unet(tmp_path / "src" / "diffusion_pytorch_model.bin")
-  assert kwargs["num_classes"] == 4 and kwargs["time_conditioning"] == "scale_shift"
-  assert kwargs["num_head_channels"] == 16 and kwargs["attn_resolutions"] == [16]
-  # the extra null-label row is the only parameter diffusers lacks
-  assert count_params(model) == sum(p.numel() for p in torch_model.parameters()) + 128
-  labels = np.array([0, 3, 1])
-  err, scale = _compare(torch_model, model, batch=3, size=16, channels=2, labels=labels)
-  assert err <= 1e-4 and scale > 0.1, (err, scale)
-  np.testing.assert_array_equal(np.asarray(model.class_embed.embedding.value[4]), 0.0)
+    torch_model = _save_random(CLASS_SMALL, tmp_path / "src", safe=False)
+    assert (tmp_path / "src" / "diffusion_pytorch_model.bin").exists()
+    model, kwargs = cd.load_diffusers_unet(tmp_path / "src" / "diffusion_pytorch_model.bin")
+    assert kwargs["num_classes"] == 4 and kwargs["time_conditioning"] == "scale_shift"
+    assert kwargs["num_head_channels"] == 16 and kwargs["attn_resolutions"] == [16]
+    # the extra null-label row is the only parameter diffusers lacks
+    assert count_params(model) == sum(p.numel() for p in torch_model.parameters()) + 128
+    labels = np.array([0, 3, 1])
+    err, scale = _compare(torch_model, model, batch=3, size=16, channels=2, labels=labels)
+    assert err <= 1e-4 and scale > 0.1, (err, scale)
+    np.testing.assert_array_equal(np.asarray(model.class_embed.embedding.value[4]), 0.0)
 
 
 def test_ddpm_cifar10_layout_parity(tmp_path):
-  """The full 35.7M-parameter layout: same parameter count and forward pass as diffusers."""
-  torch_model = _save_random(CIFAR10, tmp_path / "src", perturb=False)
-  n_torch = sum(p.numel() for p in torch_model.parameters())
-  assert n_torch == 35_746_307
-  model, kwargs = cd.load_diffusers_unet(tmp_path / "src")
-  assert count_params(model) == n_torch
-  assert kwargs["channel_mult"] == [1, 2, 2, 2] and kwargs["attn_resolutions"] == [16]
-  err, scale = _compare(torch_model, model, batch=1, size=32, channels=3)
-  assert err <= 1e-4 and scale > 0.1, (err, scale)
+    """The full 35.7M-parameter layout: same parameter count and forward pass as diffusers."""
+    torch_model = _save_random(CIFAR10, tmp_path / "src", perturb=False)
+    n_torch = sum(p.numel() for p in torch_model.parameters())
+    assert n_torch == 35_746_307
+    model, kwargs = cd.load_diffusers_unet(tmp_path / "src")
+    assert count_params(model) == n_torch
+    assert kwargs["channel_mult"] == [1, 2, 2, 2] and kwargs["attn_resolutions"] == [16]
+    err, scale = _compare(torch_model, model, batch=1, size=32, channels=3)
+    assert err <= 1e-4 and scale > 0.1, (err, scale)
 
 
 def test_run_sample_on_converted_checkpoint_matches_torch_ddim(tmp_path):
-  """run_sample.py --checkpoint: DDPM defaults (linear betas 1e-4..0.02, T=1000, eps, clip),
-  5 DDIM steps, against the same deterministic DDIM loop run on the torch model."""
-  config = {**DDPM_SMALL, "sample_size": 8, "in_channels": 1, "out_channels": 1,
-            "block_out_channels": (16, 32), "layers_per_block": 1}
-  torch_model = _save_random(config, tmp_path / "src")
-  cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")])
-  out, n, seed = tmp_path / "samples", 4, 3
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "run_sample.py"), f"--checkpoint={tmp_path / 'ckpt'}",
-       "--sampler=ddim", "--steps=5", f"--num_samples={n}", f"--seed={seed}", f"--out={out}"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  got = np.load(out / "samples.npz")["images"]  # uint8 [n, 8, 8, 1]
+    """run_sample.py --checkpoint: DDPM defaults (linear betas 1e-4..0.02, T=1000, eps, clip),
+    5 DDIM steps, against the same deterministic DDIM loop run on the torch model."""
+    config = {**DDPM_SMALL, "sample_size": 8, "in_channels": 1, "out_channels": 1,
+              "block_out_channels": (16, 32), "layers_per_block": 1}
+    torch_model = _save_random(config, tmp_path / "src")
+    cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")])
+    out, n, seed = tmp_path / "samples", 4, 3
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_sample.py"), f"--checkpoint={tmp_path / 'ckpt'}",
+         "--sampler=ddim", "--steps=5", f"--num_samples={n}", f"--seed={seed}", f"--out={out}"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out / "samples.npz")["images"]  # uint8 [n, 8, 8, 1]
 
-  n_pad = -(-n // jax.device_count()) * jax.device_count()  # run_sample pads to the devices
-  x_t = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0), (n_pad, 8, 8, 1))
-  x = np.asarray(x_t, np.float64)[:n].transpose(0, 3, 1, 2)
-  alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
-  steps = [999, 749, 500, 250, 0]  # round(linspace(999, 0, 5))
-  for t, t_prev in zip(steps, steps[1:] + [None]):
-    a, a_prev = alpha_bar[t], 1.0 if t_prev is None else alpha_bar[t_prev]
-    with torch.no_grad():
-      eps = torch_model(torch.from_numpy(x).float(), torch.full((n,), t)).sample.double().numpy()
-    x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
-    eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
-    x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
-  want = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
-  assert got.shape == (n, 8, 8, 1) and want.std() > 10
-  assert np.abs(got.astype(np.int64) - want).max() <= 1
+    n_pad = -(-n // jax.device_count()) * jax.device_count()  # run_sample pads to the devices
+    x_t = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 0), (n_pad, 8, 8, 1))
+    x = np.asarray(x_t, np.float64)[:n].transpose(0, 3, 1, 2)
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    steps = [999, 749, 500, 250, 0]  # round(linspace(999, 0, 5))
+    for t, t_prev in zip(steps, steps[1:] + [None]):
+        a, a_prev = alpha_bar[t], 1.0 if t_prev is None else alpha_bar[t_prev]
+        with torch.no_grad():
+            eps = torch_model(torch.from_numpy(x).float(), torch.full((n,), t)).sample.double().numpy()
+        x0 = np.clip((x - np.sqrt(1 - a) * eps) / np.sqrt(a), -1, 1)
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+    want = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
+    assert got.shape == (n, 8, 8, 1) and want.std() > 10
+    assert np.abs(got.astype(np.int64) - want).max() <= 1
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -155,48 +155,48 @@ def test_run_sample_on_converted_checkpoint_matches_torch_ddim(tmp_path):
     ("class_embed_type", "timestep", "class_embed_type='timestep'"),
 ])
 def test_unsupported_config_raises(field, value, match):
-  config = {**DDPM_SMALL, "_class_name": "UNet2DModel", field: value}
-  with pytest.raises(ValueError, match=match):
-    cd.config_to_kwargs(config)
+    config = {**DDPM_SMALL, "_class_name": "UNet2DModel", field: value}
+    with pytest.raises(ValueError, match=match):
+        cd.config_to_kwargs(config)
 
 
 def test_missing_files_and_extra_weights(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config.json"):
-    cd.load_diffusers_unet(tmp_path)
-  with pytest.raises(FileNotFoundError, match="unet.json"):
-    cd.load_converted(tmp_path)
-  config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
-  _save_random(config, tmp_path / "src")
-  from safetensors.numpy import load_file, save_file
-  path = tmp_path / "src" / "diffusion_pytorch_model.safetensors"
-  tensors = load_file(path)
-  save_file({**tensors, "extra.weight": np.zeros(3, np.float32)}, path)
-  with pytest.raises(ValueError, match="extra.weight"):
-    cd.load_diffusers_unet(tmp_path / "src")
-  del tensors["conv_out.bias"]
-  save_file(tensors, path)
-  with pytest.raises(ValueError, match="conv_out.bias"):
-    cd.load_diffusers_unet(tmp_path / "src")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        cd.load_diffusers_unet(tmp_path)
+    with pytest.raises(FileNotFoundError, match="unet.json"):
+        cd.load_converted(tmp_path)
+    config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
+    _save_random(config, tmp_path / "src")
+    from safetensors.numpy import load_file, save_file
+    path = tmp_path / "src" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    save_file({**tensors, "extra.weight": np.zeros(3, np.float32)}, path)
+    with pytest.raises(ValueError, match="extra.weight"):
+        cd.load_diffusers_unet(tmp_path / "src")
+    del tensors["conv_out.bias"]
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="conv_out.bias"):
+        cd.load_diffusers_unet(tmp_path / "src")
 
 
 def _truncate(path, keep=0.5):
-  with open(path, "r+b") as f:
-    f.truncate(int(os.path.getsize(path) * keep))
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
 
 
 @pytest.mark.parametrize("safe", [True, False])
 def test_corrupt_weights_and_config_name_the_file(tmp_path, safe):
-  config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
-  src = tmp_path / "src"
-  _save_random(config, src, safe=safe)
-  weights = src / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))
-  _truncate(weights)
-  with pytest.raises(ValueError, match=rf"weights file {weights} is unreadable .*truncated"):
-    cd.load_diffusers_unet(src)
-  _save_random(config, src, safe=safe)
-  _truncate(src / "config.json")
-  with pytest.raises(ValueError, match=rf"{src / 'config.json'} is not valid JSON"):
-    cd.load_diffusers_unet(src)
-  (src / "config.json").write_text("[1, 2]")
-  with pytest.raises(ValueError, match="must hold a JSON object"):
-    cd.load_diffusers_unet(src)
+    config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
+    src = tmp_path / "src"
+    _save_random(config, src, safe=safe)
+    weights = src / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))
+    _truncate(weights)
+    with pytest.raises(ValueError, match=rf"weights file {weights} is unreadable .*truncated"):
+        cd.load_diffusers_unet(src)
+    _save_random(config, src, safe=safe)
+    _truncate(src / "config.json")
+    with pytest.raises(ValueError, match=rf"{src / 'config.json'} is not valid JSON"):
+        cd.load_diffusers_unet(src)
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        cd.load_diffusers_unet(src)

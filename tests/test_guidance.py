@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import gaussian_oracle as oracle
-from diffusion_jax import diffusion, guidance, samplers, schedules
+from diffusion_jax import classifier_training, diffusion, guidance, samplers, schedules
 from diffusion_jax.applications import common
 from diffusion_jax.models.classifier import NoisyClassifier
 
@@ -52,45 +52,6 @@ def _bayes_log_prob(sched):
         return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], -1)[:, 0]
 
     return log_prob_fn
-
-
-# ----------------------------------------------------------------------------- classifier-free
-
-
-def test_cfg_scale_zero_is_the_conditional_model_and_batched_equals_two_calls():
-    sched = _sched()
-    model_fn = jax.jit(_class_model(sched))
-    x = jax.random.normal(jax.random.PRNGKey(0), (6, D))
-    t = jnp.array([0, 5, 20, 50, 80, 99])
-    y = jnp.array([0, 1, 0, 1, 0, 1])
-    calls = []
-
-    def counting(x, t, y):
-        calls.append(x.shape[0])
-        return model_fn(x, t, y)
-
-    zero = jax.jit(guidance.cfg_denoiser(counting, y, 2, 0.0))(x, t)
-    np.testing.assert_allclose(zero, model_fn(x, t, y), rtol=1e-6, atol=1e-6)
-    assert calls == [12]                                     # one forward pass on the doubled batch
-    w = 2.5
-    cfg = jax.jit(lambda x, t, w: guidance.cfg_denoiser(model_fn, y, 2, w)(x, t))
-    separate = jax.jit(lambda x, t, w: (1 + w) * model_fn(x, t, y)
-                       - w * model_fn(x, t, jnp.full((6,), 2)))
-    for w in (2.5, -1.0):                                    # w = -1 is the unconditional model
-        np.testing.assert_allclose(cfg(x, t, w), separate(x, t, w), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cfg(x, t, -1.0), model_fn(x, t, jnp.full((6,), 2)), rtol=1e-5,
-                               atol=1e-6)
-
-
-def test_cfg_guided_samples_concentrate_on_the_class():
-    """CFG with w = 3 on the exact models: samples land in the requested component."""
-    sched = _sched()
-    y = jnp.array([0, 1] * 32)
-    denoise = guidance.cfg_denoiser(_class_model(sched), y, 2, 3.0)
-    x_T = jax.random.normal(jax.random.PRNGKey(0), (64, D))
-    x = _fast(samplers.ddim_sample, denoise, sched, x_T, jax.random.PRNGKey(1), num_steps=25)
-    nearest = jnp.argmin(jnp.sum((x[:, None] - MEANS[None]) ** 2, -1), -1)
-    np.testing.assert_array_equal(nearest, y)
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -187,8 +148,8 @@ def test_train_noisy_classifier_learns_and_guides():
     images = (np.where(labels == 0, 0.5, -0.5)[:, None, None, None]
               + 0.3 * rng.standard_normal((512, 8, 8, 1))).astype(np.float32)
     with pytest.raises(ValueError, match="labels"):
-        guidance.train_noisy_classifier(images, labels[:3], sched, jax.random.PRNGKey(0), 1)
-    clf, losses = guidance.train_noisy_classifier(
+        classifier_training.train_noisy_classifier(images, labels[:3], sched, jax.random.PRNGKey(0), 1)
+    clf, losses = classifier_training.train_noisy_classifier(
         images, labels, sched, jax.random.PRNGKey(0), 80, batch_size=64, learning_rate=3e-3,
         base_channels=8, channel_mult=(1,), num_groups=4)
     assert losses.shape == (80,) and losses[-20:].mean() < losses[:10].mean()

@@ -514,3 +514,138 @@ _eps = lambda x, t: x
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: one dispatcher, options built once, input checks at trace time.
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_config(**sample):
+    """A minimal config with the fields ``options_from_config`` reads."""
+    import ml_collections
+    fields = dict(num_steps=7, eta=0.25, clip_x0=True, ddpm_variance="beta",
+                  langevin_steps_each=3, langevin_step_lr=1e-3)
+    fields.update(sample)
+    return ml_collections.ConfigDict(dict(sample=fields, diffusion=dict(pred_type="v")))
+
+
+def test_options_from_config_reads_the_config_once_and_flags_override():
+    options = samplers.options_from_config(_sample_config())
+    assert options == samplers.SamplerOptions(
+        num_steps=7, eta=0.25, spacing="uniform", pred_type="v", clip_x0=(-1.0, 1.0),
+        variance="beta", langevin_steps_each=3, langevin_step_lr=1e-3)
+    # an unset flag (None) keeps the config's value; a set one wins
+    options = samplers.options_from_config(_sample_config(clip_x0=False), num_steps=None, eta=1.0)
+    assert (options.num_steps, options.eta, options.clip_x0) == (7, 1.0, None)
+    for overrides, match in ((dict(num_steps=0), "num_steps"), (dict(eta=-0.1), "eta"),
+                             (dict(spacing="cosine"), "spacing"), (dict(steps=3), "steps")):
+        with pytest.raises(ValueError, match=match):
+            samplers.options_from_config(_sample_config(), **overrides)
+
+
+def test_registry_entries_are_the_samplers_with_the_options():
+    """run(name, ...) is exactly the sampler called with the options' settings."""
+    x, key = _noise(3, num=16), jax.random.PRNGKey(2)
+    options = samplers.make_options(num_steps=4, eta=0.5, spacing="quadratic", pred_type="x0",
+                                    clip_x0=True, variance="beta")
+    denoise = _gaussian_denoiser("x0", SMALL_SCHED)
+    run = jax.jit(lambda name, t_start: samplers.run(name, denoise, SMALL_SCHED, x, key, options,
+                                                     t_start=t_start), static_argnums=(0, 1))
+    want = samplers.ddpm_sample(denoise, SMALL_SCHED, x, key, pred_type="x0", variance="beta",
+                                clip_x0=(-1.0, 1.0))
+    np.testing.assert_allclose(run("ddpm", None), want, rtol=1e-6, atol=1e-6)
+    want = samplers.ddim_sample(denoise, SMALL_SCHED, x, key, num_steps=4, eta=0.5,
+                                spacing="quadratic", pred_type="x0", clip_x0=(-1.0, 1.0))
+    np.testing.assert_allclose(run("ddim", None), want, rtol=1e-6, atol=1e-6)
+    # from t_start = 2 DDIM can take at most 3 steps
+    want = samplers.ddim_sample(denoise, SMALL_SCHED, x, key, num_steps=3, eta=0.5,
+                                spacing="quadratic", pred_type="x0", clip_x0=(-1.0, 1.0),
+                                t_start=2)
+    np.testing.assert_allclose(run("ddim", 2), want, rtol=1e-6, atol=1e-6)
+
+
+def test_registered_langevin_is_annealed_langevin_on_the_exact_ve_score():
+    """A VP eps-denoiser seen as the score of y = x_t / sqrt(ab_t): with the exact Gaussian
+    denoiser the chain must equal annealed Langevin on the closed-form score of
+    N(MU, COV + sigma^2 I) at the levels sigma_l = sqrt((1 - ab_{t_l}) / ab_{t_l})."""
+    x, key = _noise(3, num=64), jax.random.PRNGKey(4)
+    options = samplers.make_options(num_steps=6, langevin_steps_each=4, langevin_step_lr=1e-3)
+    got = jax.jit(lambda o: samplers.run("langevin", _gaussian_denoiser(), SCHED, x, key, o))(
+        options)
+    ts = np.asarray(samplers.ddim_timesteps(1000, 6))
+    sigmas = np.sqrt((1.0 - ALPHAS_CUMPROD[ts]) / ALPHAS_CUMPROD[ts])
+    score = lambda y, sigma: oracle.gaussian_score(y, sigma, MU, COV)
+    want = jax.jit(lambda s: samplers.annealed_langevin_sample(
+        score, s, s[0] * x, key, n_steps_each=4, step_lr=1e-3))(jnp.asarray(sigmas, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    assert float(jnp.std(got)) > 0.3                          # not collapsed
+
+
+def test_eta_is_traced_one_program_for_every_eta():
+    x, key = _noise(3, num=8), jax.random.PRNGKey(1)
+    traces = [0]
+
+    def denoise(x, t):
+        traces[0] += 1
+        return _gaussian_denoiser()(x, t)
+
+    run = jax.jit(lambda o: samplers.run("ddim", denoise, SCHED, x, key, o))
+    outs = [run(samplers.make_options(num_steps=10, eta=eta)) for eta in (0.0, 0.5, 1.0)]
+    assert traces[0] == 1
+    assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-2     # eta reached the program
+    # traced eta = 0 adds exactly zero noise: the deterministic (Python eta) chain
+    want = samplers.ddim_sample(_gaussian_denoiser(), SCHED, x, key, num_steps=10, eta=0.0)
+    np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_register_adds_a_sampler_in_one_place():
+    @samplers.register("test_identity", supports_t_start=False)
+    def _identity(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+        return 2.0 * x_start
+
+    try:
+        x = jnp.ones((2, 3))
+        np.testing.assert_array_equal(
+            samplers.run("test_identity", _eps, SMALL_SCHED, x, None, samplers.make_options()),
+            2.0 * x)
+        with pytest.raises(ValueError, match="already registered"):
+            samplers.register("test_identity")(_identity)
+        with pytest.raises(ValueError, match="cannot start part-way"):
+            samplers.run("test_identity", _eps, SMALL_SCHED, x, None, samplers.make_options(),
+                         t_start=3)
+    finally:
+        del samplers.SAMPLERS["test_identity"]
+
+
+@pytest.mark.parametrize("x, match", [
+    (jnp.zeros((2, 3), jnp.int32), "floating-point"),
+    (jnp.zeros(()), "floating-point"),
+])
+def test_integer_or_rank0_start_is_rejected(x, match):
+    for name in ("ddpm", "ddim", "langevin"):
+        with pytest.raises(ValueError, match=match):
+            samplers.run(name, _eps, SMALL_SCHED, x, jax.random.PRNGKey(0),
+                         samplers.make_options(num_steps=3))
+    with pytest.raises(ValueError, match=match):
+        samplers.ddim_sample(_eps, SMALL_SCHED, x, jax.random.PRNGKey(0), num_steps=3)
+
+
+@pytest.mark.parametrize("bad", [lambda x, t: x[:1], lambda x, t: x[..., None],
+                                 lambda x, t: jnp.zeros(x.shape[1:])])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "langevin"])
+def test_denoiser_of_the_wrong_shape_fails_at_trace_time(bad, name):
+    """Wrong batch or rank would broadcast silently; it is an error under jit too."""
+    x = jnp.zeros((4, 3))
+    run = jax.jit(lambda x: samplers.run(name, bad, SMALL_SCHED, x, jax.random.PRNGKey(0),
+                                         samplers.make_options(num_steps=3)))
+    with pytest.raises(ValueError, match=r"returned shape .* for x of shape \(4, 3\)"):
+        run(x)
+
+
+def test_check_finite_names_the_sampler_and_the_samples():
+    samplers.check_finite(np.zeros((3, 2)), "ddim")
+    bad = np.zeros((4, 2, 2), np.float32)
+    bad[1, 0, 0], bad[3, 1, 1] = np.nan, np.inf
+    with pytest.raises(FloatingPointError, match=r"'ddim' .* in 2 of 4 samples \(indices \[1, 3\]\)"):
+        samplers.check_finite(bad, "ddim")

@@ -140,7 +140,7 @@ def test_sr_training_conditions_on_the_upsampled_low_res_image(monkeypatch):
     low = x0.reshape(16, 4, 2, 4, 2, 1).mean(axis=(2, 4))                  # [16, 4, 4, 1]
     sched = schedules.schedule_from_config(config.diffusion)
     loss_of = jax.jit(lambda c: _deterministic_loss(
-        lambda x, t: model(x, t, cond_image=c), sched, x0, None)[0])
+        lambda x, t: model(x, t, {"image": c}), sched, x0, None)[0])
     losses = [float(loss_of(c))
               for c in (jax.image.resize(low, x0.shape, "bicubic"), jnp.zeros_like(x0))]
     np.testing.assert_allclose(metrics["loss"], losses[0], rtol=1e-5)

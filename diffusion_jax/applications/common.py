@@ -1,4 +1,8 @@
-"""Pieces the applications share: noising to a step, resampling operators, sampler dispatch.
+"""Pieces the applications share: noising to a step, the start step of SDEdit, default options.
+
+Sampling goes through the one registry, :func:`diffusion_jax.samplers.run`; the resampling
+operators (``area_downsample``, ``nearest_upsample``, ``check_factor``) live in
+:mod:`diffusion_jax.conditioning` and are re-exported here for the applications.
 
 Images are NHWC ``[B, H, W, C]`` float in [-1, 1]. Step indices follow the project convention
 (``t`` in ``{0, ..., T-1}``); a sampler's ``step_hook`` receives ``t_prev = -1`` after its last
@@ -8,8 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion, samplers
+from diffusion_jax.conditioning import area_downsample, check_factor, nearest_upsample
 
-SAMPLERS = ("ddpm", "ddim")
+__all__ = ["area_downsample", "check_factor", "nearest_upsample", "q_sample_level",
+           "resolve_t_start", "default_options"]
 
 
 def q_sample_level(sched, x0, t, key):
@@ -31,31 +37,6 @@ def q_sample_level(sched, x0, t, key):
     return jnp.where(t >= 0, noised, x0)
 
 
-def area_downsample(x, factor):
-    """Mean over non-overlapping ``factor x factor`` blocks: ``[B, H, W, C] -> [B, H/f, W/f, C]``.
-
-    Raises:
-        ValueError: if ``H`` or ``W`` is not divisible by ``factor``.
-    """
-    check_factor(x.shape, factor)
-    batch, height, width, channels = x.shape
-    blocks = x.reshape(batch, height // factor, factor, width // factor, factor, channels)
-    return blocks.mean(axis=(2, 4))
-
-
-def check_factor(shape, factor):
-    """Raise ``ValueError`` unless the integer ``factor >= 1`` divides H and W of NHWC ``shape``."""
-    height, width = shape[1], shape[2]
-    if int(factor) != factor or factor < 1 or height % factor or width % factor:
-        raise ValueError(f"factor={factor} must be an integer >= 1 dividing the image size "
-                         f"{height}x{width}.")
-
-
-def nearest_upsample(x, factor):
-    """Repeat each pixel ``factor x factor`` times: ``[B, h, w, C] -> [B, h f, w f, C]``."""
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
 def resolve_t_start(t0, num_timesteps):
     """The first step ``round(t0 * T) - 1`` (at least 0) for a noise fraction ``t0`` in (0, 1].
 
@@ -68,33 +49,6 @@ def resolve_t_start(t0, num_timesteps):
     return max(int(round(t0 * num_timesteps)) - 1, 0)
 
 
-def run_sampler(sampler, denoise, sched, x_start, key, *, t_start=None, step_hook=None,
-                num_steps=50, eta=0.0, spacing="uniform", pred_type="eps", variance="posterior",
-                clip_x0=None):
-    """Run :func:`~diffusion_jax.samplers.ddpm_sample` or :func:`~.samplers.ddim_sample`.
-
-    DDPM ignores ``num_steps``, ``eta`` and ``spacing``; DDIM ignores ``variance`` and takes
-    ``min(num_steps, t_start + 1)`` steps, the most its chain from ``t_start`` can have.
-
-    Args:
-        sampler: ``"ddpm"`` or ``"ddim"``.
-        denoise, sched, x_start, key: as the samplers (``x_start`` is at step ``t_start``).
-        t_start, step_hook, num_steps, eta, spacing, pred_type, variance, clip_x0: forwarded.
-
-    Returns:
-        ``x_0 [B, ...]``.
-
-    Raises:
-        ValueError: for an unknown ``sampler``.
-    """
-    if sampler == "ddpm":
-        return samplers.ddpm_sample(denoise, sched, x_start, key, pred_type=pred_type,
-                                    variance=variance, clip_x0=clip_x0, t_start=t_start,
-                                    step_hook=step_hook)
-    if sampler == "ddim":
-        top = sched.num_timesteps - 1 if t_start is None else t_start
-        return samplers.ddim_sample(denoise, sched, x_start, key,
-                                    num_steps=min(num_steps, top + 1), eta=eta, spacing=spacing,
-                                    pred_type=pred_type, clip_x0=clip_x0, t_start=t_start,
-                                    step_hook=step_hook)
-    raise ValueError(f"Unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}.")
+def default_options(options):
+    """``options``, or the default :class:`~diffusion_jax.samplers.SamplerOptions` if None."""
+    return samplers.make_options() if options is None else options

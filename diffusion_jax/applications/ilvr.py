@@ -14,6 +14,7 @@ after a refined step, ``phi_N(x_{t-1}) = phi_N(y_{t-1})`` exactly. At the last s
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import samplers
 from diffusion_jax.applications import common
 
 
@@ -61,8 +62,7 @@ def ilvr_hook(reference, sched, factor, *, t_min=-1, t_max=None):
 
 
 def ilvr_sample(denoise, sched, reference, key, *, factor=4, t_min=-1, t_max=None,
-                sampler="ddpm", num_steps=50, eta=0.0, pred_type="eps", variance="posterior",
-                clip_x0=None):
+                sampler="ddpm", options=None):
     """Sample from ``x_T ~ N(0, I)`` with the ILVR refinement toward ``reference``.
 
     Args:
@@ -72,9 +72,9 @@ def ilvr_sample(denoise, sched, reference, key, *, factor=4, t_min=-1, t_max=Non
         key: PRNG key, split into ``(x_T key, chain key)``.
         factor: downsampling factor ``N`` (larger: only coarse structure is copied).
         t_min, t_max: refined range of target steps, see :func:`ilvr_hook`.
-        sampler: ``"ddpm"`` (as in the paper) or ``"ddim"``.
-        num_steps, eta: DDIM settings.
-        pred_type, variance, clip_x0: as the samplers.
+        sampler: a registered sampler with a step hook: ``"ddpm"`` (as in the paper),
+            ``"ddim"``, ...
+        options: :class:`~diffusion_jax.samplers.SamplerOptions` (default: the defaults).
 
     Returns:
         ``[B, H, W, C]`` samples sharing ``phi_N`` with the reference (exactly when the last
@@ -83,6 +83,5 @@ def ilvr_sample(denoise, sched, reference, key, *, factor=4, t_min=-1, t_max=Non
     x_T_key, chain_key = jax.random.split(key)
     x_T = jax.random.normal(x_T_key, reference.shape, reference.dtype)
     hook = ilvr_hook(reference, sched, factor, t_min=t_min, t_max=t_max)
-    return common.run_sampler(sampler, denoise, sched, x_T, chain_key, step_hook=hook,
-                              num_steps=num_steps, eta=eta, pred_type=pred_type,
-                              variance=variance, clip_x0=clip_x0)
+    return samplers.run(sampler, denoise, sched, x_T, chain_key, common.default_options(options),
+                        step_hook=hook)

@@ -46,8 +46,8 @@ def known_pixels_hook(x_known, mask, sched):
     return hook
 
 
-def inpaint(denoise, sched, x_known, mask, key, *, sampler="ddpm", num_steps=50, eta=0.0,
-            jump_length=10, jump_n_sample=1, pred_type="eps", variance="posterior", clip_x0=None):
+def inpaint(denoise, sched, x_known, mask, key, *, sampler="ddpm", options=None, jump_length=10,
+            jump_n_sample=1):
     """Fill the unknown region (``mask = 0``) of ``x_known`` with the diffusion model.
 
     Args:
@@ -56,25 +56,22 @@ def inpaint(denoise, sched, x_known, mask, key, *, sampler="ddpm", num_steps=50,
         x_known: ``[B, H, W, C]`` in [-1, 1]; values under ``mask = 0`` are ignored.
         mask: ``1`` on known pixels, broadcastable to ``x_known``.
         key: PRNG key (``x_T`` and the chain).
-        sampler: ``"ddpm"`` or ``"ddim"`` (``num_steps``, ``eta`` apply to DDIM).
-        num_steps, eta: DDIM settings.
+        sampler: a registered sampler with a step hook (``"ddpm"``, ``"ddim"``, ...).
+        options: :class:`~diffusion_jax.samplers.SamplerOptions` (default: the defaults).
         jump_length, jump_n_sample: RePaint resampling; ``jump_n_sample = 1`` disables it.
             Resampling uses DDPM steps, whatever ``sampler`` says.
-        pred_type, variance, clip_x0: as the samplers.
 
     Returns:
         ``[B, H, W, C]``, equal to ``x_known`` where ``mask = 1``.
     """
+    options = common.default_options(options)
     x_T_key, chain_key = jax.random.split(key)
     x_T = jax.random.normal(x_T_key, x_known.shape, x_known.dtype)
     hook = known_pixels_hook(x_known, mask, sched)
     if jump_n_sample > 1:
         return repaint_sample(denoise, sched, x_T, hook, chain_key, jump_length=jump_length,
-                              jump_n_sample=jump_n_sample, pred_type=pred_type,
-                              variance=variance, clip_x0=clip_x0)
-    return common.run_sampler(sampler, denoise, sched, x_T, chain_key, step_hook=hook,
-                              num_steps=num_steps, eta=eta, pred_type=pred_type,
-                              variance=variance, clip_x0=clip_x0)
+                              jump_n_sample=jump_n_sample, options=options)
+    return samplers.run(sampler, denoise, sched, x_T, chain_key, options, step_hook=hook)
 
 
 def repaint_schedule(num_timesteps, jump_length, jump_n_sample):
@@ -115,7 +112,7 @@ def repaint_schedule(num_timesteps, jump_length, jump_n_sample):
 
 
 def repaint_sample(denoise, sched, x_T, step_hook, key, *, jump_length=10, jump_n_sample=10,
-                   pred_type="eps", variance="posterior", clip_x0=None):
+                   options=None):
     """DDPM chain along :func:`repaint_schedule`, one ``lax.scan``.
 
     A down move ``t -> t-1`` is :func:`~diffusion_jax.samplers.ddpm_step` followed by
@@ -130,11 +127,13 @@ def repaint_sample(denoise, sched, x_T, step_hook, key, *, jump_length=10, jump_
             :func:`known_pixels_hook`).
         key: PRNG key.
         jump_length, jump_n_sample: see :func:`repaint_schedule`.
-        pred_type, variance, clip_x0: as the DDPM sampler.
+        options: :class:`~diffusion_jax.samplers.SamplerOptions`; ``pred_type``, ``variance``
+            and ``clip_x0`` apply (the DDPM step).
 
     Returns:
         ``x_0 [B, ...]``.
     """
+    options = common.default_options(options)
     path = repaint_schedule(sched.num_timesteps, jump_length, jump_n_sample)
     ts, t_nexts = jnp.asarray(path[:-1]), jnp.asarray(path[1:])
 
@@ -144,8 +143,9 @@ def repaint_sample(denoise, sched, x_T, step_hook, key, *, jump_length=10, jump_
 
         def down(x):
             x_prev, x0_pred = samplers.ddpm_step(denoise, sched, x, t, move_key,
-                                                 pred_type=pred_type, variance=variance,
-                                                 clip_x0=clip_x0)
+                                                 pred_type=options.pred_type,
+                                                 variance=options.variance,
+                                                 clip_x0=options.clip_x0)
             return step_hook(x_prev, x0_pred, t_next, hook_key)
 
         def up(x):

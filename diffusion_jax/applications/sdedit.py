@@ -15,11 +15,11 @@ equals the guide there.
 """
 import jax
 
+from diffusion_jax import samplers
 from diffusion_jax.applications import common, inpaint
 
 
-def sdedit(denoise, sched, guide, key, *, t0=0.5, sampler="ddpm", num_steps=50, eta=0.0,
-           edit_mask=None, pred_type="eps", variance="posterior", clip_x0=None):
+def sdedit(denoise, sched, guide, key, *, t0=0.5, sampler="ddpm", options=None, edit_mask=None):
     """Perturb ``guide`` to ``t0 * T`` steps of noise and denoise it.
 
     ``key`` is split into ``(noise_key, chain_key)``: ``z`` is drawn from ``noise_key`` and the
@@ -32,22 +32,22 @@ def sdedit(denoise, sched, guide, key, *, t0=0.5, sampler="ddpm", num_steps=50, 
         guide: ``[B, H, W, C]`` guide images in [-1, 1].
         key: PRNG key.
         t0: noise fraction in (0, 1]; the chain starts at step ``round(t0 * T) - 1``.
-        sampler: ``"ddpm"`` (``t_0 + 1`` steps) or ``"ddim"`` (``min(num_steps, t_0 + 1)``
-            steps from ``t_0``).
-        num_steps, eta: DDIM settings.
+        sampler: a registered sampler that supports ``t_start``: ``"ddpm"`` (``t_0 + 1``
+            steps), ``"ddim"`` (``min(num_steps, t_0 + 1)`` steps from ``t_0``), ...
+        options: :class:`~diffusion_jax.samplers.SamplerOptions` (default: the defaults).
         edit_mask: optional, ``1`` where the image may change, broadcastable to ``guide``.
-        pred_type, variance, clip_x0: as the samplers.
 
     Returns:
         ``[B, H, W, C]`` edited images.
 
     Raises:
-        ValueError: if ``t0`` is outside (0, 1] or ``sampler`` is unknown.
+        ValueError: if ``t0`` is outside (0, 1] or ``sampler`` is unknown or cannot start
+            part-way.
     """
+    samplers.check_sampler(sampler, t_start=True, step_hook=edit_mask is not None)
     t_start = common.resolve_t_start(t0, sched.num_timesteps)
     noise_key, chain_key = jax.random.split(key)
     x_start = common.q_sample_level(sched, guide, t_start, noise_key)
     hook = None if edit_mask is None else inpaint.known_pixels_hook(guide, 1.0 - edit_mask, sched)
-    return common.run_sampler(sampler, denoise, sched, x_start, chain_key, t_start=t_start,
-                              step_hook=hook, num_steps=num_steps, eta=eta, pred_type=pred_type,
-                              variance=variance, clip_x0=clip_x0)
+    return samplers.run(sampler, denoise, sched, x_start, chain_key,
+                        common.default_options(options), t_start=t_start, step_hook=hook)

@@ -19,57 +19,13 @@ the conditioning, which keeps the UNet's interface unchanged.)
 """
 import jax
 
-from diffusion_jax import diffusion
+from diffusion_jax import denoisers, samplers
 from diffusion_jax.applications import common
+from diffusion_jax.conditioning import (UPSAMPLE_METHODS, sr_training_condition,
+                                        upsample_condition)
 
-UPSAMPLE_METHODS = ("bicubic", "bilinear", "nearest")
-
-
-def upsample_condition(low_res, image_size, method="bicubic"):
-    """The SR3 conditioning image: ``low_res [B, h, w, C] -> [B, image_size, image_size, C]``.
-
-    Uses :func:`jax.image.resize` (``bicubic``, ``bilinear`` interpolate; ``nearest`` repeats
-    pixels), so it is jittable and differentiable.
-
-    Raises:
-        ValueError: for an unknown ``method``.
-    """
-    if method not in UPSAMPLE_METHODS:
-        raise ValueError(
-            f"Unknown upsample method {method!r}; expected one of {list(UPSAMPLE_METHODS)}.")
-    batch, _, _, channels = low_res.shape
-    return jax.image.resize(low_res, (batch, image_size, image_size, channels), method)
-
-
-def sr_training_condition(images, key, *, factor, sched=None, aug_max_t=0, method="bicubic"):
-    """Conditioning images for a training batch, with optional noise conditioning augmentation.
-
-    ``y = area_downsample(x, factor)``; if ``aug_max_t > 0``, ``y`` is replaced by
-    ``q_sample(y, s)`` with ``s ~ U{0, ..., aug_max_t}`` per example; then
-    ``c = upsample_condition(y, H, method)``.
-
-    Args:
-        images: ``[B, H, W, C]`` high-resolution training images in [-1, 1].
-        key: PRNG key for the augmentation.
-        factor: downsampling factor ``H / h``.
-        sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`; needed when ``aug_max_t > 0``.
-        aug_max_t: largest augmentation step (``0``: no augmentation).
-        method: upsampling method of :func:`upsample_condition`.
-
-    Returns:
-        ``cond_image [B, H, W, C]`` for ``UNet(..., cond_image=...)``.
-
-    Raises:
-        ValueError: for a bad ``factor`` or ``method``, or ``aug_max_t > 0`` without ``sched``.
-    """
-    low = common.area_downsample(images, factor)
-    if aug_max_t > 0:
-        if sched is None:
-            raise ValueError("sr_training_condition: aug_max_t > 0 needs sched.")
-        t_key, noise_key = jax.random.split(key)
-        levels = jax.random.randint(t_key, (images.shape[0],), 0, aug_max_t + 1)       # [B]
-        low = diffusion.q_sample(sched, low, levels, jax.random.normal(noise_key, low.shape))
-    return upsample_condition(low, images.shape[1], method)
+__all__ = ["UPSAMPLE_METHODS", "augment_low_res", "cascade_sample", "sr_denoiser", "sr_sample",
+           "sr_training_condition", "upsample_condition"]
 
 
 def augment_low_res(low_res, sched, aug_t, key):
@@ -78,57 +34,60 @@ def augment_low_res(low_res, sched, aug_t, key):
     return common.q_sample_level(sched, low_res, aug_t, key)
 
 
-def sr_denoiser(model_fn, low_res, *, image_size, method="bicubic"):
+def sr_denoiser(model, low_res, *, image_size, method="bicubic", cond=None,
+                guidance_scale=None):
     """Denoiser of high-resolution images conditioned on ``low_res``.
 
-    ``denoise(x, t) = model_fn(x, t, upsample_condition(low_res, image_size, method))``; the
-    conditioning is computed once.
+    ``denoise(x, t) = model(x, t, {**cond, "image": upsample_condition(low_res)})``, the
+    conditioning computed once; with ``guidance_scale`` and a label in ``cond``,
+    classifier-free guidance on the label (the image is kept in both halves).
 
     Args:
-        model_fn: ``model_fn(x [B, H, W, C], t [B], cond_image [B, H, W, C]) -> prediction``,
-            e.g. ``lambda x, t, c: unet(x, t, cond_image=c)``.
+        model: ``model(x [B, H, W, C], t [B], cond) -> prediction``, e.g. the UNet with
+            ``cond_image_channels = C``.
         low_res: ``[B, h, w, C]`` in [-1, 1] (possibly noise-augmented).
         image_size: ``H = W`` of the output.
         method: upsampling method, the one used in training.
+        cond: other conditions (e.g. ``{"label": [B]}``), or None.
+        guidance_scale: classifier-free guidance weight, or None.
 
     Returns:
         ``denoise(x, t) -> prediction``.
     """
-    cond = upsample_condition(low_res, image_size, method)
-
-    def denoise(x, t):
-        return model_fn(x, t, cond)
-
-    return denoise
+    image = upsample_condition(low_res, image_size, method)
+    return denoisers.build_denoiser(model, {**(cond or {}), "image": image},
+                                    guidance_scale=guidance_scale)
 
 
-def sr_sample(model_fn, sched, low_res, key, *, image_size, method="bicubic", aug_t=-1,
-              sampler="ddim", num_steps=50, eta=0.0, pred_type="eps", variance="posterior",
-              clip_x0=None):
+def sr_sample(model, sched, low_res, key, *, image_size, method="bicubic", aug_t=-1,
+              sampler="ddim", options=None, cond=None, guidance_scale=None):
     """Sample high-resolution images for ``low_res``: ``[B, h, w, C] -> [B, H, W, C]``.
 
     ``key`` is split into (augmentation, ``x_T``, chain) keys.
 
     Args:
-        model_fn: the SR model, see :func:`sr_denoiser`.
+        model: the SR model, see :func:`sr_denoiser`.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule` of the SR model.
         low_res: ``[B, h, w, C]`` in [-1, 1].
         key: PRNG key.
         image_size: output size ``H``.
         method: upsampling method used in training.
-        aug_t: noise-augmentation step applied to ``low_res`` first (``-1``: none).
-        sampler, num_steps, eta, pred_type, variance, clip_x0: as the samplers.
+        aug_t: noise-augmentation step applied to ``low_res`` first (``-1``: none), e.g.
+            ``config.sr.sample_aug_t``.
+        sampler: a registered sampler name.
+        options: :class:`~diffusion_jax.samplers.SamplerOptions` (default: the defaults).
+        cond, guidance_scale: as :func:`sr_denoiser`.
 
     Returns:
         ``[B, H, W, C]``.
     """
     aug_key, x_T_key, chain_key = jax.random.split(key, 3)
     cond_low = augment_low_res(low_res, sched, aug_t, aug_key)
-    denoise = sr_denoiser(model_fn, cond_low, image_size=image_size, method=method)
+    denoise = sr_denoiser(model, cond_low, image_size=image_size, method=method, cond=cond,
+                          guidance_scale=guidance_scale)
     shape = (low_res.shape[0], image_size, image_size, low_res.shape[3])
     x_T = jax.random.normal(x_T_key, shape, low_res.dtype)
-    return common.run_sampler(sampler, denoise, sched, x_T, chain_key, num_steps=num_steps,
-                              eta=eta, pred_type=pred_type, variance=variance, clip_x0=clip_x0)
+    return samplers.run(sampler, denoise, sched, x_T, chain_key, common.default_options(options))
 
 
 def cascade_sample(base_sample_fn, sr_sample_fn, key):
@@ -138,7 +97,7 @@ def cascade_sample(base_sample_fn, sr_sample_fn, key):
     augmentation in ``sr_sample_fn`` (``sr_sample(..., aug_t=s)``), e.g.::
 
         base = lambda k: ddim_sample(base_denoise, sched, jax.random.normal(k, (16, 8, 8, 1)), k)
-        sr = lambda y, k: sr_sample(sr_model_fn, sched, y, k, image_size=16, aug_t=50)
+        sr = lambda y, k: sr_sample(sr_model, sched, y, k, image_size=16, aug_t=50)
         low, high = cascade_sample(base, sr, key)
 
     Args:

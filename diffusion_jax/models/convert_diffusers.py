@@ -14,7 +14,7 @@ pure dict) and ``DIR/unet.json`` (the ``UNet`` keyword arguments). ``load_conver
 rebuilds the model.
 
 Class labels: a diffusers model with ``num_class_embeds=N`` becomes ``num_classes=N``; labels
-0..N-1 map to the same rows and the extra null row (label N, used for ``y=None``) is zero, i.e.
+0..N-1 map to the same rows and the extra null row (label N, used when ``cond`` has no ``"label"``) is zero, i.e.
 adds no class embedding.
 """
 from __future__ import annotations
@@ -74,268 +74,268 @@ _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v."
 
 
 def config_to_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-  """Maps a diffusers ``UNet2DModel`` config dict to ``UNet`` keyword arguments.
+    """Maps a diffusers ``UNet2DModel`` config dict to ``UNet`` keyword arguments.
 
-  Args:
-    config: the parsed ``config.json``.
+    Args:
+      config: the parsed ``config.json``.
 
-  Returns:
-    JSON-serialisable ``UNet`` keyword arguments (float32 compute).
+    Returns:
+      JSON-serialisable ``UNet`` keyword arguments (float32 compute).
 
-  Raises:
-    ValueError: naming the first field (or value) that cannot be represented.
-  """
-  if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-    raise ValueError(f"_class_name={config['_class_name']!r}: only UNet2DModel is supported")
-  unknown = sorted(set(config) - _KNOWN_FIELDS)
-  if unknown:
-    raise ValueError(f"unsupported UNet2DModel config field(s) {unknown}")
-  for field, allowed in _FIXED_FIELDS.items():
-    if field in config and config[field] not in allowed:
-      raise ValueError(f"unsupported {field}={config[field]!r}; supported: {list(allowed)}")
+    Raises:
+      ValueError: naming the first field (or value) that cannot be represented.
+    """
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ValueError(f"_class_name={config['_class_name']!r}: only UNet2DModel is supported")
+    unknown = sorted(set(config) - _KNOWN_FIELDS)
+    if unknown:
+        raise ValueError(f"unsupported UNet2DModel config field(s) {unknown}")
+    for field, allowed in _FIXED_FIELDS.items():
+        if field in config and config[field] not in allowed:
+            raise ValueError(f"unsupported {field}={config[field]!r}; supported: {list(allowed)}")
 
-  get = lambda name, default: config.get(name, default)
-  channels = list(get("block_out_channels", (224, 448, 672, 896)))
-  down_types = list(get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3))
-  up_types = list(get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",)))
-  if not len(channels) == len(down_types) == len(up_types):
-    raise ValueError(f"block_out_channels, down_block_types and up_block_types must have the same "
-                     f"length, got {len(channels)}, {len(down_types)}, {len(up_types)}")
-  for field, types, table in (("down_block_types", down_types, _DOWN_TYPES),
-                              ("up_block_types", up_types, _UP_TYPES)):
-    bad = [t for t in types if t not in table]
-    if bad:
-      raise ValueError(f"unsupported {field} {bad}; supported: {sorted(table)}")
-  base = channels[0]
-  if any(c % base for c in channels):
-    raise ValueError(f"block_out_channels={channels} must be multiples of the first entry")
+    get = lambda name, default: config.get(name, default)
+    channels = list(get("block_out_channels", (224, 448, 672, 896)))
+    down_types = list(get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3))
+    up_types = list(get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",)))
+    if not len(channels) == len(down_types) == len(up_types):
+        raise ValueError(f"block_out_channels, down_block_types and up_block_types must have the same "
+                         f"length, got {len(channels)}, {len(down_types)}, {len(up_types)}")
+    for field, types, table in (("down_block_types", down_types, _DOWN_TYPES),
+                                ("up_block_types", up_types, _UP_TYPES)):
+        bad = [t for t in types if t not in table]
+        if bad:
+            raise ValueError(f"unsupported {field} {bad}; supported: {sorted(table)}")
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"block_out_channels={channels} must be multiples of the first entry")
 
-  size = get("sample_size", None)
-  if isinstance(size, (list, tuple)):
-    if len(set(size)) != 1:
-      raise ValueError(f"sample_size={size}: only square images are supported")
-    size = size[0]
-  if not isinstance(size, int):
-    raise ValueError(f"sample_size={size!r}: an int is needed to place the attention layers")
+    size = get("sample_size", None)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"sample_size={size}: only square images are supported")
+        size = size[0]
+    if not isinstance(size, int):
+        raise ValueError(f"sample_size={size!r}: an int is needed to place the attention layers")
 
-  attn_resolutions = []
-  for i, (down, up) in enumerate(zip(down_types, reversed(up_types))):
-    if _DOWN_TYPES[down] != _UP_TYPES[up]:
-      raise ValueError(f"down_block_types[{i}]={down!r} and up_block_types[{len(up_types) - 1 - i}]"
-                       f"={up!r} disagree on attention at the same resolution")
-    if _DOWN_TYPES[down]:
-      attn_resolutions.append(size // 2**i)
+    attn_resolutions = []
+    for i, (down, up) in enumerate(zip(down_types, reversed(up_types))):
+        if _DOWN_TYPES[down] != _UP_TYPES[up]:
+            raise ValueError(f"down_block_types[{i}]={down!r} and up_block_types[{len(up_types) - 1 - i}]"
+                             f"={up!r} disagree on attention at the same resolution")
+        if _DOWN_TYPES[down]:
+            attn_resolutions.append(size // 2**i)
 
-  groups = get("norm_num_groups", 32)
-  if groups is None:
-    raise ValueError("norm_num_groups=None is not supported")
-  shift = get("resnet_time_scale_shift", "default")
-  if shift not in _TIME_SHIFT:
-    raise ValueError(f"unsupported resnet_time_scale_shift={shift!r}; supported: {list(_TIME_SHIFT)}")
-  attn_groups = get("attn_norm_num_groups", None)
-  if attn_groups is None and shift != "default":
-    raise ValueError("attn_norm_num_groups=None with resnet_time_scale_shift='scale_shift' "
-                     "(mid-block attention without group norm) is not supported")
-  if attn_groups is not None and attn_groups != groups:
-    raise ValueError(f"attn_norm_num_groups={attn_groups} must equal norm_num_groups={groups}")
-  head_dim = get("attention_head_dim", 8)
-  num_classes = get("num_class_embeds", None) or 0
+    groups = get("norm_num_groups", 32)
+    if groups is None:
+        raise ValueError("norm_num_groups=None is not supported")
+    shift = get("resnet_time_scale_shift", "default")
+    if shift not in _TIME_SHIFT:
+        raise ValueError(f"unsupported resnet_time_scale_shift={shift!r}; supported: {list(_TIME_SHIFT)}")
+    attn_groups = get("attn_norm_num_groups", None)
+    if attn_groups is None and shift != "default":
+        raise ValueError("attn_norm_num_groups=None with resnet_time_scale_shift='scale_shift' "
+                         "(mid-block attention without group norm) is not supported")
+    if attn_groups is not None and attn_groups != groups:
+        raise ValueError(f"attn_norm_num_groups={attn_groups} must equal norm_num_groups={groups}")
+    head_dim = get("attention_head_dim", 8)
+    num_classes = get("num_class_embeds", None) or 0
 
-  in_channels = get("in_channels", 3)
-  return dict(
-      image_size=size, in_channels=in_channels, out_channels=get("out_channels", 3),
-      base_channels=base, channel_mult=[c // base for c in channels],
-      num_res_blocks=get("layers_per_block", 2), attn_resolutions=attn_resolutions,
-      num_heads=1, num_head_channels=head_dim, dropout=float(get("dropout", 0.0)),
-      num_groups=groups, resample="conv", num_classes=num_classes,
-      time_conditioning=_TIME_SHIFT[shift], norm_eps=float(get("norm_eps", 1e-5)),
-      flip_sin_to_cos=bool(get("flip_sin_to_cos", True)),
-      freq_shift=float(get("freq_shift", 0)), downsample_padding=get("downsample_padding", 1))
+    in_channels = get("in_channels", 3)
+    return dict(
+        image_size=size, in_channels=in_channels, out_channels=get("out_channels", 3),
+        base_channels=base, channel_mult=[c // base for c in channels],
+        num_res_blocks=get("layers_per_block", 2), attn_resolutions=attn_resolutions,
+        num_heads=1, num_head_channels=head_dim, dropout=float(get("dropout", 0.0)),
+        num_groups=groups, resample="conv", num_classes=num_classes,
+        time_conditioning=_TIME_SHIFT[shift], norm_eps=float(get("norm_eps", 1e-5)),
+        flip_sin_to_cos=bool(get("flip_sin_to_cos", True)),
+        freq_shift=float(get("freq_shift", 0)), downsample_padding=get("downsample_padding", 1))
 
 
 def load_diffusers_unet(src: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
-  """Builds the NNX ``UNet`` equivalent of a diffusers ``UNet2DModel`` checkpoint, in memory.
+    """Builds the NNX ``UNet`` equivalent of a diffusers ``UNet2DModel`` checkpoint, in memory.
 
-  Args:
-    src: a directory holding ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
-      ``.bin``) -- or a pipeline directory with a ``unet/`` subfolder -- or a weights file
-      next to its ``config.json``.
+    Args:
+      src: a directory holding ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or
+        ``.bin``) -- or a pipeline directory with a ``unet/`` subfolder -- or a weights file
+        next to its ``config.json``.
 
-  Returns:
-    ``(model, kwargs)``: the float32 model and its ``UNet`` keyword arguments.
+    Returns:
+      ``(model, kwargs)``: the float32 model and its ``UNet`` keyword arguments.
 
-  Raises:
-    FileNotFoundError: if the config or the weights are missing.
-    ValueError: if the config cannot be mapped or a weight is missing, unused or misshapen.
-  """
-  config_path, weights_path = _find_files(os.fspath(src))
-  kwargs = config_to_kwargs(_read_config(config_path))
-  model = _build_abstract(kwargs)
-  graphdef, state = nnx.split(model)
-  params = _map_weights(nnx.to_pure_dict(state), _load_state_dict(weights_path))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), kwargs
+    Raises:
+      FileNotFoundError: if the config or the weights are missing.
+      ValueError: if the config cannot be mapped or a weight is missing, unused or misshapen.
+    """
+    config_path, weights_path = _find_files(os.fspath(src))
+    kwargs = config_to_kwargs(_read_config(config_path))
+    model = _build_abstract(kwargs)
+    graphdef, state = nnx.split(model)
+    params = _map_weights(nnx.to_pure_dict(state), _load_state_dict(weights_path))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), kwargs
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-  """Converts a diffusers ``UNet2DModel`` at ``src`` and writes it to the directory ``out``.
+    """Converts a diffusers ``UNet2DModel`` at ``src`` and writes it to the directory ``out``.
 
-  Writes ``out/params`` (orbax checkpoint of the parameter pure dict) and ``out/unet.json``.
+    Writes ``out/params`` (orbax checkpoint of the parameter pure dict) and ``out/unet.json``.
 
-  Returns:
-    The ``UNet`` keyword arguments.
-  """
-  import orbax.checkpoint as ocp
+    Returns:
+      The ``UNet`` keyword arguments.
+    """
+    import orbax.checkpoint as ocp
 
-  model, kwargs = load_diffusers_unet(src)
-  out = os.path.abspath(os.fspath(out))
-  os.makedirs(out, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out, _PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-               force=True)
-  with open(os.path.join(out, _KWARGS_FILE), "w") as f:
-    json.dump({"format": _FORMAT, "source": os.path.abspath(os.fspath(src)), "kwargs": kwargs},
-              f, indent=2)
-  return kwargs
+    model, kwargs = load_diffusers_unet(src)
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out, _PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                   force=True)
+    with open(os.path.join(out, _KWARGS_FILE), "w") as f:
+        json.dump({"format": _FORMAT, "source": os.path.abspath(os.fspath(src)), "kwargs": kwargs},
+                  f, indent=2)
+    return kwargs
 
 
 def load_converted(out: str | os.PathLike, **overrides) -> UNet:
-  """Loads a model written by ``convert``.
+    """Loads a model written by ``convert``.
 
-  Args:
-    out: the directory given to ``convert``.
-    **overrides: ``UNet`` keyword arguments to change, e.g. ``dtype=jnp.bfloat16`` or ``remat=True``.
+    Args:
+      out: the directory given to ``convert``.
+      **overrides: ``UNet`` keyword arguments to change, e.g. ``dtype=jnp.bfloat16`` or ``remat=True``.
 
-  Raises:
-    FileNotFoundError: if ``out/unet.json`` or ``out/params`` is missing.
-  """
-  import orbax.checkpoint as ocp
+    Raises:
+      FileNotFoundError: if ``out/unet.json`` or ``out/params`` is missing.
+    """
+    import orbax.checkpoint as ocp
 
-  out = os.path.abspath(os.fspath(out))
-  kwargs_path, params_path = os.path.join(out, _KWARGS_FILE), os.path.join(out, _PARAMS_DIR)
-  for path in (kwargs_path, params_path):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: is {out} a directory written by convert()?")
-  with open(kwargs_path) as f:
-    kwargs = {**json.load(f)["kwargs"], **overrides}
-  graphdef, state = nnx.split(_build_abstract(kwargs))
-  abstract = nnx.to_pure_dict(state)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_path, abstract)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+    out = os.path.abspath(os.fspath(out))
+    kwargs_path, params_path = os.path.join(out, _KWARGS_FILE), os.path.join(out, _PARAMS_DIR)
+    for path in (kwargs_path, params_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: is {out} a directory written by convert()?")
+    with open(kwargs_path) as f:
+        kwargs = {**json.load(f)["kwargs"], **overrides}
+    graphdef, state = nnx.split(_build_abstract(kwargs))
+    abstract = nnx.to_pure_dict(state)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(params_path, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Command-line entry point: ``--src DIR_OR_FILE --out DIR``."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="diffusers UNet2DModel directory (config.json + weights) or weights file")
-  parser.add_argument("--out", required=True, help="output directory")
-  args = parser.parse_args(argv)
-  kwargs = convert(args.src, args.out)
-  print(f"wrote {args.out}: UNet({json.dumps(kwargs)})")
+    """Command-line entry point: ``--src DIR_OR_FILE --out DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True,
+                        help="diffusers UNet2DModel directory (config.json + weights) or weights file")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    kwargs = convert(args.src, args.out)
+    print(f"wrote {args.out}: UNet({json.dumps(kwargs)})")
 
 
 def _find_files(src: str) -> tuple[str, str]:
-  """Returns ``(config.json, weights file)`` paths for a directory or a weights file."""
-  if os.path.isfile(src):
-    config_path = os.path.join(os.path.dirname(src), "config.json")
-    weights = [src]
-  else:
-    if not os.path.isdir(src):
-      raise FileNotFoundError(f"{src} is neither a directory nor a weights file")
-    if not os.path.exists(os.path.join(src, "config.json")) and os.path.isdir(os.path.join(src, "unet")):
-      src = os.path.join(src, "unet")
-    config_path = os.path.join(src, "config.json")
-    weights = [os.path.join(src, "diffusion_pytorch_model" + ext) for ext in (".safetensors", ".bin")]
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found")
-  for path in weights:
-    if os.path.exists(path):
-      return config_path, path
-  raise FileNotFoundError(f"no weights found: expected one of {weights}")
+    """Returns ``(config.json, weights file)`` paths for a directory or a weights file."""
+    if os.path.isfile(src):
+        config_path = os.path.join(os.path.dirname(src), "config.json")
+        weights = [src]
+    else:
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src} is neither a directory nor a weights file")
+        if not os.path.exists(os.path.join(src, "config.json")) and os.path.isdir(os.path.join(src, "unet")):
+            src = os.path.join(src, "unet")
+        config_path = os.path.join(src, "config.json")
+        weights = [os.path.join(src, "diffusion_pytorch_model" + ext) for ext in (".safetensors", ".bin")]
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found")
+    for path in weights:
+        if os.path.exists(path):
+            return config_path, path
+    raise FileNotFoundError(f"no weights found: expected one of {weights}")
 
 
 def _read_config(path: str) -> dict[str, Any]:
-  """``config.json`` as a dict; ValueError naming the file if it is not a JSON object."""
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); is it truncated?") from e
-  if not isinstance(config, dict):
-    raise ValueError(f"{path} must hold a JSON object (a UNet2DModel config), got "
-                     f"{type(config).__name__}")
-  return config
+    """``config.json`` as a dict; ValueError naming the file if it is not a JSON object."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is it truncated?") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (a UNet2DModel config), got "
+                         f"{type(config).__name__}")
+    return config
 
 
 def _load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a safetensors (numpy loader) or a torch ``.bin`` state dict as float32 numpy arrays."""
-  try:
-    if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-      tensors = load_file(path)
-    else:
-      import torch
-      tensors = {k: v.float().numpy() for k, v in
-                 torch.load(path, map_location="cpu", weights_only=True).items()}
-  except ImportError:
-    raise
-  except Exception as e:  # noqa: BLE001  safetensors / torch / pickle errors on a bad file
-    first_line = str(e).splitlines()[0] if str(e) else ""
-    raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {first_line}); "
-                     f"is it truncated or not a state dict?") from e
-  out = {}
-  for key, value in tensors.items():
-    for old, new in _LEGACY_ATTENTION.items():
-      key = key.replace(old, new)
-    out[key] = np.asarray(value, np.float32)
-  return out
+    """Reads a safetensors (numpy loader) or a torch ``.bin`` state dict as float32 numpy arrays."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            tensors = load_file(path)
+        else:
+            import torch
+            tensors = {k: v.float().numpy() for k, v in
+                       torch.load(path, map_location="cpu", weights_only=True).items()}
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001  safetensors / torch / pickle errors on a bad file
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {first_line}); "
+                         f"is it truncated or not a state dict?") from e
+    out = {}
+    for key, value in tensors.items():
+        for old, new in _LEGACY_ATTENTION.items():
+            key = key.replace(old, new)
+        out[key] = np.asarray(value, np.float32)
+    return out
 
 
 def _map_weights(target: dict, source: dict[str, np.ndarray]) -> dict:
-  """Fills the nested pure dict ``target`` (our shapes) from the diffusers ``source`` tensors."""
-  unused = set(source)
+    """Fills the nested pure dict ``target`` (our shapes) from the diffusers ``source`` tensors."""
+    unused = set(source)
 
-  def fill(node, path):
-    if isinstance(node, dict):
-      return {k: fill(v, path + (k,)) for k, v in node.items()}
-    key = _torch_key(path)
-    if key not in source:
-      raise ValueError(f"weight {key} (for {'/'.join(map(str, path))}) missing from the checkpoint")
-    unused.discard(key)
-    value = source[key]
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    if path[-1] == "embedding":  # the extra null-label row is zero
-      value = np.concatenate([value, np.zeros((1, value.shape[1]), value.dtype)], axis=0)
-    if value.shape != tuple(node.shape):
-      raise ValueError(f"weight {key} has shape {value.shape} after conversion; expected {node.shape}")
-    return jax.numpy.asarray(value)
+    def fill(node, path):
+        if isinstance(node, dict):
+            return {k: fill(v, path + (k,)) for k, v in node.items()}
+        key = _torch_key(path)
+        if key not in source:
+            raise ValueError(f"weight {key} (for {'/'.join(map(str, path))}) missing from the checkpoint")
+        unused.discard(key)
+        value = source[key]
+        if path[-1] == "kernel":
+            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+        if path[-1] == "embedding":  # the extra null-label row is zero
+            value = np.concatenate([value, np.zeros((1, value.shape[1]), value.dtype)], axis=0)
+        if value.shape != tuple(node.shape):
+            raise ValueError(f"weight {key} has shape {value.shape} after conversion; expected {node.shape}")
+        return jax.numpy.asarray(value)
 
-  params = fill(target, ())
-  if unused:
-    raise ValueError(f"checkpoint weights with no counterpart in the UNet: {sorted(unused)}")
-  return params
+    params = fill(target, ())
+    if unused:
+        raise ValueError(f"checkpoint weights with no counterpart in the UNet: {sorted(unused)}")
+    return params
 
 
 def _torch_key(path: tuple) -> str:
-  """``('down', 0, 'resample', 'conv', 'kernel')`` -> ``'down_blocks.0.downsamplers.0.conv.weight'``."""
-  parts = []
-  for seg in path:
-    if seg == "resample":
-      parts.append("downsamplers.0" if path[0] == "down" else "upsamplers.0")
-    else:
-      parts.append(_SEGMENTS.get(seg, str(seg)) if isinstance(seg, str) else str(seg))
-  return ".".join(parts)
+    """``('down', 0, 'resample', 'conv', 'kernel')`` -> ``'down_blocks.0.downsamplers.0.conv.weight'``."""
+    parts = []
+    for seg in path:
+        if seg == "resample":
+            parts.append("downsamplers.0" if path[0] == "down" else "upsamplers.0")
+        else:
+            parts.append(_SEGMENTS.get(seg, str(seg)) if isinstance(seg, str) else str(seg))
+    return ".".join(parts)
 
 
 def _build_abstract(kwargs: dict[str, Any]) -> UNet:
-  """A ``UNet`` with ``ShapeDtypeStruct`` parameters (no random initialisation)."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  return nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
+    """A ``UNet`` with ``ShapeDtypeStruct`` parameters (no random initialisation)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -1,0 +1,162 @@
+"""One call per application on a loaded model: SDEdit, inpainting, ILVR, super-resolution,
+inversion. Used by ``run_sample.py --task=...`` (through :mod:`.cli`) and the figure script.
+
+Arrays only: file reading and flags are the command-line layer's job (:mod:`.cli`).
+"""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import denoisers, samplers
+from diffusion_jax.applications import common, ilvr, inpaint, inversion, sdedit
+from diffusion_jax.applications import super_resolution as sr
+
+TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert")
+MASK_REGIONS = ("left", "right", "top", "bottom", "center")
+# What each task needs of its sampler (checked before any tracing).
+SAMPLER_NEEDS = {"sdedit": dict(t_start=True), "inpaint": dict(step_hook=True),
+                 "ilvr": dict(step_hook=True), "sr": {}}
+
+
+@dataclasses.dataclass
+class TaskOptions:
+    """Settings of one task run.
+
+    Attributes:
+        sampler: a registered sampler name (``invert`` always uses DDIM inversion).
+        sampler_options: :class:`~diffusion_jax.samplers.SamplerOptions` (``num_steps`` is also
+            the number of inversion steps).
+        class_label: class for conditional models (``None``: null label / unconditional).
+        guidance_scale: classifier-free guidance weight ``w``, or ``None`` for none.
+        mask: ``[H, W, 1]`` float, 1 where the image is regenerated (the hole for ``inpaint``,
+            the edited region for ``sdedit``), or ``None``.
+        mask_region: the regenerated region when ``mask`` is ``None`` (a half or ``center``;
+            ``inpaint`` defaults to ``right``, ``sdedit`` to editing everything).
+        t0: SDEdit noise fraction in (0, 1].
+        ilvr_factor: ILVR downsampling factor ``N``.
+        ilvr_t_min: last refined ILVR step (``-1``: all).
+        sr_factor: super-resolution factor; the input is reduced to ``image_size / sr_factor``.
+        sr_method: upsampling method of the SR conditioning (as in training).
+        sr_aug_t: noise-augmentation step for the low-res input (``-1``: none).
+        jump_length, jump_n_sample: RePaint resampling for ``inpaint`` (``1``: none).
+        source_label: class the input is inverted under (``invert``; ``None``: ``class_label``).
+    """
+    sampler: str = "ddim"
+    sampler_options: samplers.SamplerOptions = dataclasses.field(
+        default_factory=samplers.make_options)
+    class_label: int | None = None
+    guidance_scale: float | None = None
+    mask: np.ndarray | None = None
+    mask_region: str | None = None
+    t0: float = 0.5
+    ilvr_factor: int = 4
+    ilvr_t_min: int = -1
+    sr_factor: int = 2
+    sr_method: str = "bicubic"
+    sr_aug_t: int = -1
+    jump_length: int = 10
+    jump_n_sample: int = 1
+    source_label: int | None = None
+
+
+def run_task(task, model, sched, images, options, key):
+    """Apply one application to ``images`` with ``model``.
+
+    Args:
+        task: one of :data:`TASKS`.
+        model: callable ``model(x, t, cond=None) -> prediction`` with a ``num_classes``
+            attribute (0 for unconditional models), e.g. the UNet.
+        sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
+        images: ``[B, H, W, C]`` inputs in [-1, 1] at the model's resolution.
+        options: :class:`TaskOptions`.
+        key: PRNG key.
+
+    Returns:
+        dict of float32 numpy arrays ``[B, H, W, C]``: ``input``, ``output`` and, for tasks that
+        use one, ``mask`` (inpaint, sdedit with a region) or ``low_res`` (sr, nearest-upsampled).
+
+    Raises:
+        ValueError: for an unknown task, a sampler the task cannot use, or bad options.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {list(TASKS)}.")
+    if task in SAMPLER_NEEDS:
+        samplers.check_sampler(options.sampler, **SAMPLER_NEEDS[task])
+    images = jnp.asarray(images, jnp.float32)
+    cond = _label_cond(options.class_label, images.shape[0])
+    denoise = denoisers.build_denoiser(model, cond, guidance_scale=options.guidance_scale)
+    run_kw = dict(sampler=options.sampler, options=options.sampler_options)
+    results = {"input": images}
+    if task == "sdedit":
+        edit_mask = _mask(options, images.shape)
+        out = sdedit.sdedit(denoise, sched, images, key, t0=options.t0, edit_mask=edit_mask,
+                            **run_kw)
+        if edit_mask is not None:
+            results["mask"] = jnp.broadcast_to(2.0 * edit_mask - 1.0, images.shape)
+    elif task == "inpaint":
+        hole = _mask(options, images.shape, default_region="right")
+        out = inpaint.inpaint(denoise, sched, images, 1.0 - hole, key,
+                              jump_length=options.jump_length,
+                              jump_n_sample=options.jump_n_sample, **run_kw)
+        results["mask"] = jnp.broadcast_to(2.0 * hole - 1.0, images.shape)
+        results["input"] = jnp.where(hole > 0.5, -1.0, images)
+    elif task == "ilvr":
+        out = ilvr.ilvr_sample(denoise, sched, images, key, factor=options.ilvr_factor,
+                               t_min=options.ilvr_t_min, **run_kw)
+    elif task == "sr":
+        low = common.area_downsample(images, options.sr_factor)
+        out = sr.sr_sample(model, sched, low, key, image_size=images.shape[1],
+                           method=options.sr_method, aug_t=options.sr_aug_t, cond=cond,
+                           guidance_scale=options.guidance_scale, **run_kw)
+        results["low_res"] = common.nearest_upsample(low, options.sr_factor)
+    else:
+        source = options.class_label if options.source_label is None else options.source_label
+        source_denoise = denoisers.build_denoiser(model, _label_cond(source, images.shape[0]))
+        opts = options.sampler_options
+        out = inversion.ddim_edit(source_denoise, denoise, sched, images,
+                                  num_steps=opts.num_steps, pred_type=opts.pred_type,
+                                  clip_x0=opts.clip_x0)
+    results["output"] = out
+    return {name: np.asarray(value, np.float32) for name, value in results.items()}
+
+
+def region_mask(shape, region):
+    """``[H, W, 1]`` float mask that is 1 on ``region`` (a half or the centre square) of an
+    NHWC ``shape``.
+
+    Raises:
+        ValueError: for an unknown region.
+    """
+    height, width = shape[1], shape[2]
+    mask = np.zeros((height, width, 1), np.float32)
+    if region == "left":
+        mask[:, :width // 2] = 1
+    elif region == "right":
+        mask[:, width // 2:] = 1
+    elif region == "top":
+        mask[:height // 2] = 1
+    elif region == "bottom":
+        mask[height // 2:] = 1
+    elif region == "center":
+        mask[height // 4:height - height // 4, width // 4:width - width // 4] = 1
+    else:
+        raise ValueError(f"Unknown mask_region {region!r}; expected one of {list(MASK_REGIONS)}.")
+    return jnp.asarray(mask)
+
+
+def _label_cond(label, batch):
+    """``{"label": [batch]}`` filled with ``label``, or ``None``."""
+    return None if label is None else {"label": jnp.full((batch,), label, jnp.int32)}
+
+
+def _mask(options, shape, default_region=None):
+    """``[H, W, 1]``, 1 where the image is regenerated: ``options.mask`` or
+    ``options.mask_region`` (else ``default_region``); ``None`` if neither is set."""
+    if options.mask is not None:
+        mask = jnp.asarray(options.mask, jnp.float32)
+        if mask.shape != (shape[1], shape[2], 1):
+            raise ValueError(f"mask has shape {mask.shape}; expected {(shape[1], shape[2], 1)}.")
+        return mask
+    region = options.mask_region or default_region
+    return None if region is None else region_mask(shape, region)

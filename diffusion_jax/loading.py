@@ -1,0 +1,107 @@
+"""One loader for sampling: a training workdir or a converted diffusers checkpoint.
+
+    loaded = loading.load(workdir="runs/digits")                  # first EMA of the latest step
+    loaded = loading.load(checkpoint="converted/", config=cfg)    # diffusers conversion
+    model = loaded.model                                          # nnx.merge(graphdef, params)
+
+Both give a :class:`Loaded` ``(graphdef, params, config, schedule)``; samplers and applications
+then take ``denoisers.build_denoiser(loaded.model, cond)`` and ``loaded.schedule``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import ml_collections
+from flax import nnx
+
+from diffusion_jax import checkpoint, generate, schedules, sharding, train
+from diffusion_jax.schedules import DiscreteSchedule
+
+
+class Loaded(NamedTuple):
+    """A model ready to sample: ``graphdef`` + ``params`` (the first EMA of a workdir), its
+    full ``config`` and the ``schedule`` it was trained with."""
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: ml_collections.ConfigDict
+    schedule: DiscreteSchedule
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model, ``nnx.merge(graphdef, params)``."""
+        return nnx.merge(self.graphdef, self.params)
+
+
+def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
+         step: int | None = None, config: ml_collections.ConfigDict | None = None,
+         mesh=None) -> Loaded:
+    """Loads a model for sampling from exactly one of ``workdir`` and ``checkpoint_path``.
+
+    * ``workdir``: the config stored with the checkpoint; the params are the first EMA of
+      step ``step`` (default: the latest), or the raw params when the run keeps no EMA.
+    * ``checkpoint_path``: a directory written by ``diffusion_jax.models.convert_diffusers``;
+      the diffusion and sampling settings come from ``config`` (required; e.g.
+      ``configs/default.py``), its ``data`` image size, channels and classes from the model.
+
+    Args:
+        workdir: training workdir.
+        checkpoint_path: converted diffusers checkpoint directory.
+        step: checkpoint step of ``workdir`` (default: the latest).
+        config: settings of a converted checkpoint (not allowed with ``workdir``).
+        mesh: device mesh the params are placed on (default: all devices, data-parallel).
+
+    Returns:
+        :class:`Loaded`.
+
+    Raises:
+        ValueError: if not exactly one source is given, or ``config`` is given with ``workdir``
+            or missing with ``checkpoint_path``.
+        FileNotFoundError: if the workdir has no checkpoint or the path does not exist.
+    """
+    if (workdir is None) == (checkpoint_path is None):
+        raise ValueError("Pass exactly one of workdir and checkpoint_path.")
+    if mesh is None:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    if workdir is not None:
+        if config is not None:
+            raise ValueError("config applies to a converted checkpoint only; a workdir uses its own.")
+        graphdef, params, config = _load_workdir(workdir, step, mesh)
+    else:
+        if config is None:
+            raise ValueError("A converted checkpoint needs config (its diffusion and sampling "
+                             "settings, e.g. configs/default.py's get_config()).")
+        graphdef, params, config = _load_converted(checkpoint_path, config, mesh)
+    return Loaded(graphdef, params, config, schedules.schedule_from_config(config.diffusion))
+
+
+def _load_workdir(workdir, step, mesh):
+    """``(graphdef, params, config)`` of a training workdir: first EMA of ``step``."""
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    config = checkpoint.load_config(manager, step)
+    graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)
+    state, _ = checkpoint.restore(manager, abstract, step)
+    return graphdef, generate.sampling_params(state), config
+
+
+def _load_converted(path, config, mesh):
+    """``(graphdef, params, config)`` of a converted diffusers checkpoint, the params
+    replicated over ``mesh``; ``config``'s ``data`` size, channels and classes are set from
+    the model's ``unet.json``."""
+    from diffusion_jax.models import convert_diffusers  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(path, "unet.json")):
+        raise FileNotFoundError(f"{path!r} has no unet.json; convert a diffusers checkpoint "
+                                "with diffusion_jax.models.convert_diffusers first.")
+    graphdef, params = nnx.split(convert_diffusers.load_converted(path))
+    params = jax.device_put(params, sharding.replicated(mesh))
+    with open(os.path.join(path, "unet.json")) as f:
+        kwargs = json.load(f)["kwargs"]
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.image_size = kwargs["image_size"]
+    config.data.num_channels = kwargs["in_channels"]
+    config.data.num_classes = kwargs["num_classes"]
+    config.model.class_conditional = kwargs["num_classes"] > 0
+    return graphdef, params, config
