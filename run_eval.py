@@ -18,6 +18,7 @@
 """
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -37,6 +38,13 @@ flags.mark_flags_as_required(["samples"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        _evaluate()
+    except (FileNotFoundError, ValueError) as e:  # bad input files: one line, exit 1
+        sys.exit(f"FATAL {type(e).__name__}: {e}")
+
+
+def _evaluate():
     images, labels = _load_samples(_SAMPLES.value)
     if _METRIC.value == "digits":
         result = _digits(images, labels)
@@ -55,15 +63,24 @@ def _load_samples(path: str):
     """``(images float32 [N, H, W, C] in [-1, 1], labels int32 [N] or None)`` from the npz."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--samples file {path!r} does not exist")
-    with np.load(path) as data:
-        if "images" not in data:
-            raise ValueError(f"--samples file {path!r} has no 'images' array "
-                             f"(keys: {sorted(data.keys())})")
-        images = data["images"]
-        labels = data["labels"].astype(np.int32) if "labels" in data else None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"'images' in {path!r} must be uint8 [N, H, W, C], got "
+    try:
+        with np.load(path) as data:
+            keys = sorted(data.keys())
+            images = data["images"] if "images" in keys else None
+            labels = data["labels"] if "labels" in keys else None
+    except Exception as e:  # noqa: BLE001  zip, pickle and truncation errors alike
+        raise ValueError(f"--samples file {path!r} is not a readable .npz "
+                         f"({type(e).__name__}: {e}); is it truncated?") from e
+    if images is None:
+        raise ValueError(f"--samples file {path!r} has no 'images' array (keys: {keys})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"'images' in {path!r} must be uint8 [N >= 1, H, W, C], got "
                          f"{images.dtype} {images.shape}")
+    if labels is not None and (labels.shape != images.shape[:1]
+                               or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"'labels' in {path!r} must be int [{images.shape[0]}], got "
+                         f"{labels.dtype} {labels.shape}")
+    labels = None if labels is None else labels.astype(np.int32)
     return images.astype(np.float32) / 127.5 - 1.0, labels
 
 
@@ -85,7 +102,10 @@ def _fid(images: np.ndarray) -> dict:
     from diffusion_jax.models import inception
 
     if not _INCEPTION_WEIGHTS.value:
-        raise app.UsageError("--metric=fid needs --inception_weights=PATH (nothing is downloaded)")
+        raise app.UsageError(
+            f"--metric=fid needs --inception_weights=PATH to pytorch-fid's "
+            f"{inception.FID_WEIGHTS_FILENAME} (nothing is downloaded here): fetch "
+            f"{inception.FID_WEIGHTS_URL} on a machine with network access and copy it here.")
     if not _REF_STATS.value and not _SAVE_STATS.value:
         raise app.UsageError("--metric=fid needs --ref_stats=PATH (or --save_stats=PATH to "
                              "only write the statistics of --samples)")

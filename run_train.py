@@ -1,17 +1,28 @@
 """Trains a diffusion model: ``python run_train.py --config=configs/digits.py --workdir=DIR``.
 
 Any config field can be overridden, e.g. ``--config.train.batch_size=64``; re-running with
-the same ``--workdir`` resumes from its latest checkpoint.
+the same ``--workdir`` resumes from its latest checkpoint (``--step=N``: from checkpoint N,
+the way past a broken latest checkpoint). A config that changes what the stored weights mean
+is refused.
+
+SIGTERM / SIGINT save a checkpoint after the current step and exit with 143 / 130; a second
+signal exits at once. Errors end with a one-line message and exit status 1.
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import train
+from diffusion_jax import checkpoint, resume, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_STEP = flags.DEFINE_integer(
+    "step", None, "Resume from this checkpoint step instead of the latest; newer checkpoints "
+    "are moved to WORKDIR/checkpoints_set_aside/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,7 +31,16 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, resume_step=_STEP.value)
+    except train.TrainingInterrupted as e:
+        print(f"Stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except checkpoint.CheckpointSaveError as e:
+        print(f"FATAL CheckpointSaveError: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # pylint: disable=protected-access  a stuck writer thread must not block exit
+    except (resume.ResumeError, FloatingPointError) as e:
+        sys.exit(f"FATAL {type(e).__name__}: {e}")
 
 
 def _parse_flags(argv):

@@ -68,12 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 128  # global batch size (all devices, all hosts)
     train.num_steps = 800_000  # optimiser steps
-    train.log_every = 100  # steps between metric logs (stdout + TensorBoard)
+    train.log_every = 100  # steps between metric logs (stdout + TensorBoard); 0 = never
     train.eval_every = 10_000  # steps between sample grids (0 = never)
-    train.checkpoint_every = 10_000  # steps between checkpoints (one is also saved at the end)
+    train.checkpoint_every = 10_000  # steps between checkpoints; 0 = never (end + signals always)
     train.keep_checkpoints = 3  # checkpoints kept (max_to_keep)
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
     train.async_checkpointing = True  # write checkpoints in a background thread
+    train.checkpoint_timeout_s = 3600.0  # a save not committed within this is an error
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddim"  # "ddpm" | "ddim" | "langevin"

@@ -10,12 +10,17 @@ Each checkpoint holds three items:
 Saving is atomic: orbax writes into a temporary ``<step>.orbax-checkpoint-tmp-*`` directory
 and renames it to ``<step>`` only once every item is complete, so an interrupted save never
 shadows the last complete checkpoint (unfinished directories are ignored on restore).
+
+A save that fails (in the foreground or in orbax's background thread) or does not finish
+within a time limit raises `CheckpointSaveError` naming the step and the directory.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+import weakref
+from typing import Any, Callable
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -23,6 +28,14 @@ import orbax.checkpoint as ocp
 from diffusion_jax import config_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+# manager -> the step of its newest save, so a failed commit can be named
+_LAST_SAVED_STEP = weakref.WeakKeyDictionary()
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (or did not commit in time)."""
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3,
@@ -50,11 +63,20 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
 
 
 def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
-         data_state: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
+         data_state: dict[str, Any], config: ml_collections.ConfigDict,
+         timeout_s: float = 3600.0) -> bool:
     """Saves ``state``, the data position and the config as checkpoint ``step``.
+
+    The save (with an asynchronous manager: waiting for the previous save, then copying
+    the arrays to host memory) runs in a helper thread, so a stuck write cannot hang the
+    caller; an asynchronous save's commit is awaited by `wait` / `close`.
 
     Returns:
         False if checkpoint ``step`` already exists (nothing is written), else True.
+
+    Raises:
+        CheckpointSaveError: the save, or the previous asynchronous one, failed or did not
+            finish within ``timeout_s`` seconds.
     """
     if step in manager.all_steps():
         return False
@@ -62,7 +84,28 @@ def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config_utils.config_to_dict(config)))
-    return manager.save(step, args=args)
+    saved = _run_with_timeout(manager, lambda: manager.save(step, args=args),
+                              f"saving checkpoint {step}", timeout_s)
+    _LAST_SAVED_STEP[manager] = step
+    return saved
+
+
+def wait(manager: ocp.CheckpointManager, timeout_s: float) -> None:
+    """Blocks until pending (asynchronous) saves have committed.
+
+    Raises:
+        CheckpointSaveError: a pending save failed, or it did not commit within ``timeout_s``
+            seconds (the wait runs in a helper thread, so a stuck write cannot hang the caller).
+    """
+    step = _LAST_SAVED_STEP.get(manager)
+    what = "waiting for the last checkpoint" if step is None else f"waiting for checkpoint {step}"
+    _run_with_timeout(manager, manager.wait_until_finished, f"{what} to commit", timeout_s)
+
+
+def close(manager: ocp.CheckpointManager, timeout_s: float) -> None:
+    """`wait`, then releases the manager's threads; same errors as `wait`."""
+    wait(manager, timeout_s)
+    _run_with_timeout(manager, manager.close, "closing the checkpoint manager", timeout_s)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
@@ -110,3 +153,31 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
             f"no checkpoint for step {step} in {str(manager.directory)!r}; saved steps: "
             f"{sorted(steps)}.")
     return step
+
+
+def _run_with_timeout(manager, fn: Callable[[], Any], what: str, timeout_s: float) -> Any:
+    """``fn()`` run in a daemon thread; its exception, or a timeout, is a CheckpointSaveError."""
+    errors, results = [], []
+
+    def target():
+        try:
+            results.append(fn())
+        except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True, name="checkpoint-wait")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise CheckpointSaveError(
+            f"{what} in {manager.directory} did not finish within {timeout_s:g} s "
+            f"(train.checkpoint_timeout_s); is the directory writable and the disk not full?")
+    if errors:
+        raise _save_error(manager, what, errors[0]) from errors[0]
+    return results[0]
+
+
+def _save_error(manager, what: str, error: BaseException) -> CheckpointSaveError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return CheckpointSaveError(f"{what} in {manager.directory} failed: "
+                               f"{type(error).__name__}: {first_line}")

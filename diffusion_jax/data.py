@@ -195,13 +195,17 @@ def list_image_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
 def _open_source(data_cfg) -> grain.MapDataset:
     """Raw records of ``data.source``: a MapDataset of ``{"image": uint8, "label": int}``."""
     source = data_cfg.source
+    num_classes = data_cfg.get("num_classes", 0)
     if source == "tfds":
-        return grain.MapDataset.source(_tfds_source(data_cfg))
+        records = _tfds_source(data_cfg)
+        _check_labels(_tfds_label_range(records), num_classes, f"tfds dataset {data_cfg.name!r}")
+        return grain.MapDataset.source(records)
     if source == "digits":
-        return grain.MapDataset.source(_digits_records())
+        records = _digits_records()
+        _check_labels([r["label"] for r in records], num_classes, "the sklearn digits")
+        return grain.MapDataset.source(records)
     if source == "image_folder":
         paths, labels, class_names = list_image_folder(data_cfg.folder)
-        num_classes = data_cfg.get("num_classes", 0)
         if num_classes and len(class_names) > num_classes:
             raise ValueError(
                 f"data.folder has {len(class_names)} class subfolders {class_names} but "
@@ -223,12 +227,33 @@ def _idx_source(data_cfg) -> Sequence[dict[str, Any]]:
             "data.source='idx' needs data.folder, a directory of *-images-idx3-ubyte[.gz] files "
             "(e.g. /usr/share/datasets/fashion-mnist after `make fashion-data`).")
     source = idx.IdxDataSource(data_cfg.folder, data_cfg.split)
-    num_classes = data_cfg.get("num_classes", 0)
-    if num_classes and len(source) and source.labels.max() >= num_classes:
-        raise ValueError(
-            f"data.folder={data_cfg.folder!r} split {data_cfg.split!r} has labels up to "
-            f"{source.labels.max()} but data.num_classes={num_classes}.")
+    _check_labels(source.labels, data_cfg.get("num_classes", 0),
+                  f"data.folder={data_cfg.folder!r} split {data_cfg.split!r}")
     return source
+
+
+def _tfds_label_range(records) -> list[int]:
+    """``[0, K - 1]`` for a tfds source with a ``ClassLabel`` feature ``label`` of K classes
+    (its declared range, so nothing is read), else ``[]``."""
+    features = getattr(getattr(records, "dataset_info", None), "features", None)
+    if features is None or "label" not in features:
+        return []
+    k = getattr(features["label"], "num_classes", None)
+    return [0, k - 1] if k else []
+
+
+def _check_labels(labels: Sequence[int], num_classes: int, where: str) -> None:
+    """Labels must lie in [0, num_classes) when the data is labelled (num_classes > 0)."""
+    if not num_classes or not len(labels):
+        return
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"{where} has label {int(bad[0])} but data.num_classes={num_classes}: labels must "
+            f"lie in [0, {num_classes}); set data.num_classes to at least {int(labels.max()) + 1} "
+            f"(or 0 for unlabelled training)."
+        )
 
 
 def _tfds_source(data_cfg) -> Sequence[dict[str, Any]]:
@@ -262,11 +287,36 @@ def _digits_records() -> list[dict[str, Any]]:
 
 
 def _read_image_file(item: dict[str, Any]) -> dict[str, Any]:
-    """Decodes one image file to uint8 [H, W, C] (C = 1, 3 or 4 as stored)."""
-    with Image.open(item["path"]) as im:
-        if im.mode not in ("L", "RGB", "RGBA"):
-            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        return {"image": np.asarray(im, np.uint8), "label": item["label"]}
+    """Decodes one image file to uint8 [H, W, C] (C = 1, 3 or 4 as stored).
+
+    16-bit grayscale (PIL modes ``I;16*``, and ``I`` holding values in [0, 65535]) is scaled
+    by its bit depth, ``round(v * 255 / 65535)``, rather than clipped at 255.
+
+    Raises:
+        ValueError: a 32-bit integer image with values outside [0, 65535], or a float image
+            (their range is unknown), naming the file.
+    """
+    path = item["path"]
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            image = _sixteen_bit_to_uint8(np.asarray(im), im.mode, path)
+        elif im.mode == "F":
+            raise ValueError(f"image file {path!r} holds floats (PIL mode 'F'); the image "
+                             f"folder source reads 8- or 16-bit images.")
+        else:
+            if im.mode not in ("L", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            image = np.asarray(im, np.uint8)
+        return {"image": image, "label": item["label"]}
+
+
+def _sixteen_bit_to_uint8(values: np.ndarray, mode: str, path: str) -> np.ndarray:
+    """uint16-range grayscale [H, W] -> uint8 ``round(v * 255 / 65535)``."""
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"image file {path!r} (PIL mode {mode!r}) has values in [{values.min()}, "
+            f"{values.max()}], outside the 16-bit range [0, 65535].")
+    return np.round(values.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
 
 
 def _standardiser(data_cfg):

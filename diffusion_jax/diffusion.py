@@ -30,7 +30,13 @@ def q_sample(sched, x0, t, noise):
 
     Returns:
         x_t: ``[B, ...]``.
+
+    Raises:
+        ValueError: ``x0`` and ``noise`` differ in shape or are not floating point, or ``t``
+            is not integer ``[B]`` / ``[]`` (trace-time checks); ``t`` outside ``[0, T)`` when
+            its values are known (see `schedules.extract` for what happens under ``jit``).
     """
+    _check_batch_args(x0, noise, t)
     return (extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * x0
             + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
@@ -168,3 +174,15 @@ def eps_from_score(score, alpha_bar):
 def _check_pred_type(pred_type):
     if pred_type not in PRED_TYPES:
         raise ValueError(f"Unknown pred_type {pred_type!r}; expected one of {PRED_TYPES}.")
+
+
+def _check_batch_args(x0, noise, t):
+    """Static (trace-time) checks of q_sample's shapes and dtypes."""
+    x0, noise, t = jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)
+    if x0.ndim < 1 or x0.shape != noise.shape:
+        raise ValueError(f"x0 and noise must have the same shape [B, ...], got {x0.shape} and "
+                         f"{noise.shape}.")
+    if not (jnp.issubdtype(x0.dtype, jnp.floating) and jnp.issubdtype(noise.dtype, jnp.floating)):
+        raise ValueError(f"x0 and noise must be floating point, got {x0.dtype} and {noise.dtype}.")
+    if t.ndim == 1 and t.shape[0] not in (1, x0.shape[0]):
+        raise ValueError(f"t has {t.shape[0]} timesteps for a batch of {x0.shape[0]}.")

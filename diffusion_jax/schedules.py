@@ -12,6 +12,7 @@ return ``jnp.float32`` arrays of shape ``[T]``. Everything else is pure ``jnp`` 
 """
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,14 +67,14 @@ def cosine_beta_schedule(num_timesteps=1000, s=0.008, max_beta=0.999):
     Args:
         num_timesteps: static number of steps ``T``.
         s: small offset that keeps ``beta_0`` from being vanishingly small.
-        max_beta: upper clip on each beta (the last steps would otherwise reach 1).
+        max_beta: upper clip on each beta, in (0, 1) (the last steps would otherwise reach 1).
 
     Returns:
         betas: ``[T]`` float32.
     """
     _check_num_timesteps(num_timesteps)
-    if not 0.0 < max_beta <= 1.0:
-        raise ValueError(f"max_beta must lie in (0, 1], got {max_beta}.")
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(f"max_beta must lie in (0, 1), got {max_beta}.")
     u = np.arange(num_timesteps + 1, dtype=np.float64)
     f = np.cos((u / num_timesteps + s) / (1.0 + s) * np.pi / 2.0) ** 2
     alpha_bar = f / f[0]
@@ -196,11 +197,18 @@ def make_schedule(betas):
         A :class:`DiscreteSchedule` of ``[T]`` float32 arrays.
 
     Raises:
-        ValueError: if ``betas`` is not one-dimensional with at least two entries.
+        ValueError: if ``betas`` is not one-dimensional with at least two entries, or (when
+            its values are known, i.e. outside ``jax.jit``) some beta is NaN or outside (0, 1).
     """
     betas = jnp.asarray(betas, jnp.float32)
     if betas.ndim != 1 or betas.shape[0] < 2:
         raise ValueError(f"betas must have shape [T] with T >= 2, got shape {betas.shape}.")
+    if not isinstance(betas, jax.core.Tracer):
+        values = np.asarray(betas)
+        bad = np.flatnonzero(~((values > 0.0) & (values < 1.0)))  # NaN fails both tests
+        if bad.size:
+            raise ValueError(f"betas must lie in (0, 1); betas[{bad[0]}] = {values[bad[0]]} "
+                             f"({bad.size} bad entries).")
     log_alphas = jnp.log1p(-betas)
     log_alphas_cumprod = jnp.cumsum(log_alphas)
     alphas_cumprod = jnp.exp(log_alphas_cumprod)
@@ -257,7 +265,23 @@ def extract(arr, t, ndim):
 
     Returns:
         ``[B, 1, ..., 1]`` with ``ndim`` dimensions in total.
+
+    Raises:
+        ValueError: ``t`` is not an integer array of rank <= 1 (checked at trace time), or,
+            when ``t``'s values are known (outside ``jax.jit``), some ``t`` is outside
+            ``[0, T)``. Under ``jax.jit`` the values are not checked and follow JAX's
+            indexing rules: ``t >= T`` reads ``arr[T - 1]``, ``-T <= t < 0`` reads
+            ``arr[T + t]`` and ``t < -T`` reads ``arr[0]``.
     """
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1:
+        raise ValueError(f"t must be integer timesteps of shape [B] or [], got {t.dtype} "
+                         f"{t.shape}.")
+    if not isinstance(t, jax.core.Tracer) and t.size:
+        values = np.asarray(t)
+        if values.min() < 0 or values.max() >= arr.shape[0]:
+            raise ValueError(f"timesteps t must lie in [0, T={arr.shape[0]}), got values in "
+                             f"[{values.min()}, {values.max()}].")
     return jnp.reshape(arr[t], (-1,) + (1,) * (ndim - 1))
 
 
@@ -333,6 +357,9 @@ def _check_beta_range(beta_start, beta_end):
         raise ValueError(
                 f"beta_start and beta_end must lie in (0, 1), got beta_start={beta_start}, "
                 f"beta_end={beta_end}.")
+    if beta_end < beta_start:
+        raise ValueError(f"beta_end={beta_end} must be >= beta_start={beta_start} (noise grows "
+                         f"with t).")
 
 
 def _to_f32(x):

@@ -14,6 +14,9 @@ The same jitted step, with explicit in/out shardings from the rules table in
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -23,12 +26,29 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses, schedules,
-                           sharding)
+from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses, resume,
+                           schedules, sharding)
 from diffusion_jax.models import unet
 
 NUM_QUARTILES = 4
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM / SIGINT stopped training; checkpoint ``step`` was saved and committed.
+
+    Attributes:
+        signum: the signal received.
+        step: the step saved (the run resumes from it).
+        exit_code: ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), the shell's convention.
+    """
+
+    def __init__(self, signum: int, step: int, directory: str):
+        self.signum, self.step, self.exit_code = signum, step, 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} received: saved checkpoint {step} in "
+                         f"{directory}; rerun the same command to resume from it.")
 
 
 class TrainState(NamedTuple):
@@ -211,26 +231,53 @@ def quartile_metrics(per_example: jax.Array, t: jax.Array,
     return {f"loss_q{i}": means[i] for i in range(NUM_QUARTILES)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       resume_step: int | None = None) -> TrainState:
     """Trains per ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
     Logs every ``train.log_every`` steps (stdout, TensorBoard events in ``workdir``),
     writes a sample grid from the first EMA to ``workdir/samples/`` every
     ``train.eval_every`` steps and checkpoints every ``train.checkpoint_every`` steps and at
-    the end.
+    the end (an interval of 0 means never; the final checkpoint is always written).
+
+    Resuming checks the stored config (`resume.check_config`): fields that change what the
+    weights mean must be equal; changed safe fields are logged.
+
+    SIGTERM / SIGINT (e.g. a preempted Cloud TPU VM) finish the current step, save a
+    checkpoint of the state and the data position, wait for it to commit and raise
+    `TrainingInterrupted`; a second signal exits at once (``os._exit(128 + signum)``). With
+    several processes, every step all-gathers the processes' signal flags (a few bytes), so
+    all hosts stop after the same step and write the same checkpoint even when only one of
+    them was signalled.
+
+    Args:
+        config: the full config.
+        workdir: checkpoints, logs and samples go here.
+        resume_step: resume from this checkpoint instead of the latest; newer checkpoints are
+            moved to ``workdir/checkpoints_set_aside/`` (the way past a broken checkpoint).
 
     Raises:
         FloatingPointError: the loss or gradient norm became NaN/Inf; no checkpoint of the
             bad state is written (the last good one stays the latest).
-        ValueError: inconsistent config (batch size vs. devices, accumulation, mesh).
+        TrainingInterrupted: a stop signal arrived; a checkpoint was saved.
+        resume.ResumeError: the stored config differs in unsafe fields, or the checkpoint to
+            resume from is broken (the message names the newest intact step).
+        checkpoint.CheckpointSaveError: a checkpoint could not be written or did not commit
+            within ``train.checkpoint_timeout_s``.
+        ValueError: inconsistent config (intervals, batch size vs. devices, accumulation, mesh).
     """
+    _check_intervals(config.train)
     _maybe_initialize_distributed(config.distributed)
-    run = _setup(config, workdir)
-    try:
-        return _train_loop(config, workdir, run)
-    finally:
-        run.manager.wait_until_finished()
-        run.manager.close()
+    with _StopSignals() as stop:
+        run = _setup(config, workdir, resume_step)
+        timeout_s = config.train.checkpoint_timeout_s
+        try:
+            state = _train_loop(config, workdir, run, stop)
+        except BaseException:
+            _close_after_error(run.manager, timeout_s)
+            raise
+        checkpoint.close(run.manager, timeout_s)
+        return state
 
 
 class _Run(NamedTuple):
@@ -244,7 +291,7 @@ class _Run(NamedTuple):
     manager: Any
 
 
-def _setup(config, workdir) -> _Run:
+def _setup(config, workdir, resume_step) -> _Run:
     """Mesh, state (restored or fresh), compiled step, sampler, data and checkpoints."""
     _check_batch(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -256,10 +303,13 @@ def _setup(config, workdir) -> _Run:
         async_checkpointing=config.train.async_checkpointing)
     data_iter = data.make_train_iterator(
         config.data, batch_size=config.train.batch_size, seed=config.seed)
-    if manager.latest_step() is not None:
-        state, data_state = checkpoint.restore(manager, abstract)
+    if manager.latest_step() is not None or resume_step is not None:
+        state, data_state, changed = resume.restore_for_resume(
+            manager, abstract, config, resume_step)
         data_iter.set_state(data_state)
         _log(f"Restored step {int(state.step)} from {manager.directory}.")
+        if changed:
+            _log(f"Changed config fields: {resume.describe_changes(changed)}.")
     else:
         state = create_train_state(config, tx, shardings)
     step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
@@ -273,7 +323,7 @@ def _setup(config, workdir) -> _Run:
     return _Run(mesh, state, step_fn, sample_fn, data_iter, manager)
 
 
-def _train_loop(config, workdir, run: _Run) -> TrainState:
+def _train_loop(config, workdir, run: _Run, stop: "_StopSignals") -> TrainState:
     """Steps from the state's step to ``train.num_steps``; logs, samples and checkpoints."""
     cfg = config.train
     state, total = run.state, cfg.num_steps
@@ -282,17 +332,73 @@ def _train_loop(config, workdir, run: _Run) -> TrainState:
         batch = sharding.shard_batch(next(run.data_iter), run.mesh)
         state, metrics = run.step_fn(state, batch)
         logger.add(metrics)
-        save = done % cfg.checkpoint_every == 0 or done == total
-        sample = run.sample_fn is not None and done % cfg.eval_every == 0
-        if save or sample or done % cfg.log_every == 0:
+        signum = _agreed_signal(stop)
+        save = _due(done, cfg.checkpoint_every) or done == total or signum
+        sample = run.sample_fn is not None and _due(done, cfg.eval_every) and not signum
+        if save or sample or _due(done, cfg.log_every):
             logger.flush(done, last_checkpoint=run.manager.latest_step())
         if sample:
             _write_samples(workdir, run.sample_fn, state, config.seed, done, logger)
         if save:
-            checkpoint.save(run.manager, state, step=done,
-                            data_state=run.data_iter.get_state(), config=config)
+            checkpoint.save(run.manager, state, step=done, data_state=run.data_iter.get_state(),
+                            config=config, timeout_s=cfg.checkpoint_timeout_s)
+        if signum:
+            checkpoint.wait(run.manager, cfg.checkpoint_timeout_s)
+            logger.close()
+            raise TrainingInterrupted(signum, done, str(run.manager.directory))
     logger.close()
     return state
+
+
+def _close_after_error(manager, timeout_s: float) -> None:
+    """Lets earlier saves commit while an error propagates; a second error is only logged."""
+    try:
+        checkpoint.close(manager, timeout_s)
+    except checkpoint.CheckpointSaveError as e:
+        _log(f"Also: {e}")
+
+
+def _due(done: int, every: int) -> bool:
+    """Whether step ``done`` is a multiple of the interval ``every`` (0 = never)."""
+    return every > 0 and done % every == 0
+
+
+class _StopSignals:
+    """Context that turns the first SIGTERM / SIGINT into a flag (``signum``) the loop polls.
+
+    A second signal exits the process at once. Handlers can only be installed from the main
+    thread; elsewhere (e.g. training in a worker thread) signals keep their default meaning.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        del frame
+        name = signal.Signals(signum).name
+        if self.signum:
+            print(f"{name} received again: aborting without saving.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # pylint: disable=protected-access
+        self.signum = signum
+        print(f"{name} received: finishing this step and saving a checkpoint (send it again to "
+              f"abort at once).", file=sys.stderr, flush=True)
+
+
+def _agreed_signal(stop: _StopSignals) -> int:
+    """The stop signal, agreed by all processes (the largest signal number any host got)."""
+    if jax.process_count() == 1:
+        return stop.signum
+    return int(np.max(multihost_utils.process_allgather(np.int32(stop.signum))))
 
 
 class _MetricLogger:
@@ -390,6 +496,18 @@ def _check_finite(metrics, step, last_checkpoint):
             f"Non-finite training metrics at step {step}: loss={loss}, grad_norm={grad_norm}. "
             f"Training stopped without saving this state; the last good checkpoint is step "
             f"{last_checkpoint}. Lower optim.learning_rate, set optim.grad_clip, or check the data.")
+
+
+def _check_intervals(train_cfg):
+    """Intervals are >= 0 (0 = never), the step count >= 0, at least one checkpoint is kept."""
+    for name in ("log_every", "eval_every", "checkpoint_every", "num_steps"):
+        if train_cfg[name] < 0:
+            raise ValueError(f"train.{name}={train_cfg[name]} must be >= 0 (0 = never).")
+    if train_cfg.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={train_cfg.keep_checkpoints} must be >= 1.")
+    if not train_cfg.checkpoint_timeout_s > 0:
+        raise ValueError(
+            f"train.checkpoint_timeout_s={train_cfg.checkpoint_timeout_s} must be > 0.")
 
 
 def _check_batch(config):

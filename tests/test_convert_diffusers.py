@@ -177,3 +177,26 @@ def test_missing_files_and_extra_weights(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match="conv_out.bias"):
         cd.load_diffusers_unet(tmp_path / "src")
+
+
+def _truncate(path, keep=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_corrupt_weights_and_config_name_the_file(tmp_path, safe):
+    config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
+    src = tmp_path / "src"
+    _save_random(config, src, safe=safe)
+    weights = src / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))
+    _truncate(weights)
+    with pytest.raises(ValueError, match=rf"weights file {weights} is unreadable .*truncated"):
+        cd.load_diffusers_unet(src)
+    _save_random(config, src, safe=safe)
+    _truncate(src / "config.json")
+    with pytest.raises(ValueError, match=rf"{src / 'config.json'} is not valid JSON"):
+        cd.load_diffusers_unet(src)
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        cd.load_diffusers_unet(src)

@@ -282,3 +282,34 @@ def test_image_folder_without_subfolders_is_unlabelled(tmp_path):
     np.testing.assert_array_equal(labels, [0, 0, 0])
     np.testing.assert_allclose(_to_uint8(images).astype(float).mean(axis=(1, 2, 3)),
                                [0, 40, 80], atol=2)  # constant images stay constant (JPEG)
+
+
+# --------------------------------------------------------------------------- checked inputs
+
+@pytest.mark.parametrize("source", ["digits", "tfds"])
+def test_labels_beyond_num_classes_are_an_error_when_opened(mock_tfds, source):
+    cfg = _cfg(source=source, num_classes=7)  # digits and mock cifar10 both have labels 0-9
+    for open_data in (lambda: data.make_train_iterator(cfg, batch_size=8, seed=0),
+                      lambda: data.load_eval_images(cfg, 4)):
+        with pytest.raises(ValueError, match=r"has label (7|8|9) but data.num_classes=7.*at "
+                                             r"least 10"):
+            open_data()
+    # 10 classes and unlabelled training (0) are both accepted
+    for k in (10, 0):
+        assert data.load_eval_images(_cfg(source=source, num_classes=k), 2)[0].shape[0] == 2
+
+
+def test_sixteen_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    values = np.array([[0, 257, 32768, 65535]] * 4, np.uint16)  # 257 = 65535 / 255
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    images, _ = data.load_eval_images(
+        _cfg(source="image_folder", folder=str(tmp_path), image_size=4, num_channels=1,
+             num_classes=0), None)
+    np.testing.assert_array_equal(_to_uint8(images[0, 0, :, 0]), [0, 1, 128, 255])
+    # an 8-bit copy of the same image decodes to the same pixels
+    Image.fromarray(np.round(values / 257.0).astype(np.uint8)).save(tmp_path / "deep.png")
+    again, _ = data.load_eval_images(
+        _cfg(source="image_folder", folder=str(tmp_path), image_size=4, num_channels=1,
+             num_classes=0), None)
+    np.testing.assert_array_equal(again, images)

@@ -143,3 +143,26 @@ def test_unknown_pred_type_raises(bad):
         diffusion.to_x0_and_eps(x, x, 0.5, bad)
     with pytest.raises(ValueError, match=f"'{bad}'"):
         diffusion.from_x0_and_eps(x, x, 0.5, bad)
+
+
+def test_q_sample_checks_shapes_dtypes_and_known_timesteps(sched):
+    x0, noise = _batch(0)
+    t = jnp.arange(6, dtype=jnp.int32)
+    with pytest.raises(ValueError, match="same shape"):
+        diffusion.q_sample(sched, x0, t, noise[:, :2])
+    with pytest.raises(ValueError, match="same shape"):  # checked at trace time, so under jit too
+        jax.jit(diffusion.q_sample)(sched, x0[0, 0, 0, 0], t, noise)
+    with pytest.raises(ValueError, match="floating point"):
+        diffusion.q_sample(sched, x0.astype(jnp.int32), t, noise.astype(jnp.int32))
+    with pytest.raises(ValueError, match="4 timesteps for a batch of 6"):
+        jax.jit(diffusion.q_sample)(sched, x0, t[:4], noise)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        jax.jit(diffusion.q_sample)(sched, x0, t.astype(jnp.float32), noise)
+    for bad in (1000, -1):
+        with pytest.raises(ValueError, match=r"lie in \[0, T=1000\)"):
+            diffusion.q_sample(sched, x0, t.at[2].set(bad), noise)
+    # Traced t is not value-checked: t = T reads the last step (JAX clamps; documented).
+    q_sample = jax.jit(diffusion.q_sample)
+    clamped = q_sample(sched, x0, t.at[2].set(1000), noise)
+    last = q_sample(sched, x0, t.at[2].set(999), noise)
+    np.testing.assert_array_equal(clamped, last)

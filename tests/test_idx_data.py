@@ -189,7 +189,7 @@ def test_idx_source_config_errors(tmp_path):
     images, labels = _mnist_like(4, 7)
     labels[2] = 12
     _write_split(tmp_path, "train", images, labels)
-    with pytest.raises(ValueError, match="labels up to 12 but data.num_classes=10"):
+    with pytest.raises(ValueError, match="has label 1[0-2] but data.num_classes=10"):
         data.load_eval_images(_cfg(tmp_path), None)
     with pytest.raises(FileNotFoundError, match="data.folder"):
         data.load_eval_images(_cfg(""), None)

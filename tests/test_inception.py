@@ -8,6 +8,7 @@ Nothing is downloaded: the reference is built with random weights and saved to a
 which both networks then load.
 """
 import importlib
+import os
 import importlib.util
 import sys
 import types
@@ -145,3 +146,14 @@ def test_zero_init_and_bad_preprocessing():
     assert np.abs(np.asarray(model.Mixed_7c.branch_pool.conv.kernel[...])).max() == 0.0
     with pytest.raises(ValueError, match="preprocessing"):
         inception.FIDInceptionV3(preprocessing="bicubic")
+
+
+def test_truncated_weights_file_names_the_file(tmp_path):
+    pth, npz = str(tmp_path / "weights.pth"), str(tmp_path / "weights.npz")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, pth)
+    np.savez(npz, **{"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
+    for path, what in ((pth, "PyTorch state_dict"), (npz, ".npz")):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        with pytest.raises(ValueError, match=rf"weights file '{path}' is not a readable {what}"):
+            inception.load_fid_inception(path)

@@ -44,3 +44,18 @@ def test_fid_without_weights_is_a_usage_error(tmp_path):
     proc = _run_eval(f"--samples={samples}", "--metric=fid")
     assert proc.returncode != 0
     assert "--inception_weights" in proc.stderr
+    # ... and says which file and where to get it
+    assert ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+            "pt_inception-2015-12-05-6726825d.pth") in proc.stderr
+
+
+def test_corrupt_samples_file_is_a_one_line_error(tmp_path):
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=np.zeros((50, 8, 8, 1), np.uint8))
+    with open(samples, "r+b") as f:
+        f.truncate(os.path.getsize(samples) // 2)
+    proc = _run_eval(f"--samples={samples}", "--metric=digits")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"FATAL ValueError: --samples file '{samples}' is not a readable .npz")
+    assert "Traceback" not in proc.stderr

@@ -234,3 +234,38 @@ def test_schedule_from_config_section(name):
     sched = schedules.schedule_from_config(cfg)
     assert sched.num_timesteps == 50
     np.testing.assert_allclose(sched.betas, np.asarray(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta_start=0.02, beta_end=1e-4), "beta_end=0.0001 must be >= beta_start=0.02"),
+    (dict(beta_start=1e-4, beta_end=1.0), "must lie in \\(0, 1\\)"),
+    (dict(beta_start=float("nan"), beta_end=0.02), "must lie in \\(0, 1\\)"),
+])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "sigmoid"])
+def test_beta_range_is_checked(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        schedules.get_beta_schedule(name, 10, **kwargs)
+
+
+@pytest.mark.parametrize("bad, index", [(1.0, 2), (1.5, 2), (0.0, 0), (-0.1, 3), (np.nan, 1)])
+def test_make_schedule_rejects_betas_outside_the_open_unit_interval(bad, index):
+    betas = np.full(5, 0.1)
+    betas[index] = bad
+    with pytest.raises(ValueError, match=rf"betas\[{index}\] = "):
+        schedules.make_schedule(betas)
+    with pytest.raises(ValueError, match="max_beta"):
+        schedules.cosine_beta_schedule(10, max_beta=1.0)
+
+
+def test_extract_checks_timesteps_eagerly_and_documents_jit_indexing():
+    arr = jnp.arange(10.0)
+    for t in ([10], [-1], [0, 12]):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, T=10\)"):
+            schedules.extract(arr, jnp.array(t), 2)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        schedules.extract(arr, jnp.array([1.0]), 2)
+    with pytest.raises(ValueError, match="integer timesteps"):
+        schedules.extract(arr, jnp.zeros((2, 2), jnp.int32), 2)
+    # Under jit the values are unknown: out-of-range t follows JAX's indexing (documented).
+    got = jax.jit(lambda t: schedules.extract(arr, t, 1))(jnp.array([12, 10, -1, -3, -25]))
+    np.testing.assert_array_equal(got, [9.0, 9.0, 9.0, 7.0, 0.0])

@@ -366,15 +366,24 @@ def _interpolation_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.n
 def _read_state_dict(path: str) -> dict:
     """name -> numpy array from a torch ``.pth``/``.pt`` state_dict or an ``.npz``."""
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as e:  # noqa: BLE001  zip, pickle and truncation errors alike
+            raise ValueError(f"weights file {path!r} is not a readable .npz "
+                             f"({type(e).__name__}: {e}); is it truncated?") from e
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"reading the PyTorch file {path!r} needs torch; install it, or convert "
                           "the state_dict to .npz elsewhere: np.savez(out, **{k: v.numpy()})"
                           ) from e
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  torch raises RuntimeError, EOFError, pickle errors
+        raise ValueError(f"weights file {path!r} is not a readable PyTorch state_dict "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is "
+                         f"it truncated? Expected pytorch-fid's {FID_WEIGHTS_FILENAME}.") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} does not hold a state_dict (got {type(state_dict).__name__})")
     return {k: v.detach().numpy() for k, v in state_dict.items()}
