@@ -1,0 +1,17 @@
+"""Shape helpers shared by the modules of :mod:`diffusion_jax.sde`."""
+import jax.numpy as jnp
+
+
+def per_example(v, batch):
+    """A scalar or ``B`` values (any shape with ``B`` entries) as float32 ``[B]``."""
+    return jnp.broadcast_to(jnp.reshape(jnp.asarray(v, jnp.float32), (-1,)), (batch,))
+
+
+def expand(v, ndim):
+    """``[B]`` -> ``[B, 1, ..., 1]`` with ``ndim`` dimensions, to broadcast against ``[B, ...]``."""
+    return jnp.reshape(v, (-1,) + (1,) * (ndim - 1))
+
+
+def sum_over_non_batch(x):
+    """``[B, ...]`` -> ``[B]``."""
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
