@@ -150,7 +150,7 @@ def _correct(name, score_fn, sde, x, t, snr, key):
     else:
         alpha = 1.0 - vp_grid_beta(sde, discrete_grid_index(sde, t))
     if name == "langevin":
-        ratio = _norm(z) / _norm(score)
+        ratio = jnp.mean(_norm(z)) / jnp.mean(_norm(score))
         step = 2.0 * alpha * (snr * ratio) ** 2
     else:
         _, std = marginal_coefficients(sde, t)
