@@ -90,7 +90,7 @@ def _update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order):
     h = jnp.log(sigma / safe_next)
     safe_h = jnp.where(final, 1.0, h)
     r = safe_next / sigma                                                  # e^-h
-    first = r * x + (1.0 - r) * m0
+    first = r * x - jnp.expm1(-safe_h) * m0
     r0 = h1 / safe_h
     second = r * x + (1.0 - r) * ((1.0 + 0.5 / r0) * m0 - (0.5 / r0) * m1)
     r1 = h2 / safe_h
@@ -98,7 +98,23 @@ def _update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order):
     d1_1 = (m1 - m2) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    third = (first + ((safe_h - 1.0 + r) / safe_h) * d1
-             + ((safe_h**2 - 2.0 * safe_h + 2.0 - 2.0 * r) / safe_h**2) * d2)
+    c1, c2 = _taylor_coefficients(safe_h)
+    third = first + c1 * d1 + c2 * d2
     x_next = jnp.where(step_order == 1, first, jnp.where(step_order == 2, second, third))
     return jnp.where(final, m0, x_next), safe_h
+
+
+def _taylor_coefficients(h):
+    """``((h - 1 + e^-h) / h, (h^2 - 2h + 2 - 2 e^-h) / h^2)``; series below ``h = 0.05``.
+
+    The closed forms cancel catastrophically in float32 for small ``h`` (many steps); the series
+    ``h/2 - h^2/6 + h^3/24 - h^4/120`` and ``h/3 - h^2/12 + h^3/60 - h^4/360`` are accurate there.
+    """
+    small = h < 0.05
+    hs = jnp.where(small, h, 1.0)
+    hb = jnp.where(small, 1.0, h)
+    c1 = jnp.where(small, hs / 2 - hs**2 / 6 + hs**3 / 24 - hs**4 / 120,
+                   (hb + jnp.expm1(-hb)) / hb)
+    c2 = jnp.where(small, hs / 3 - hs**2 / 12 + hs**3 / 60 - hs**4 / 360,
+                   (hb**2 - 2.0 * hb - 2.0 * jnp.expm1(-hb)) / hb**2)
+    return c1, c2

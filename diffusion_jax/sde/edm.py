@@ -91,7 +91,8 @@ def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax
         gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
         sigma_hat = sigma * (1.0 + gamma)
         z = jax.random.normal(step_key, x.shape, x.dtype)
-        return x + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * z, sigma_hat
+        # sqrt(sigma_hat^2 - sigma^2) written so that gamma = 0 gives exactly 0 (no NaN).
+        return x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z, sigma_hat
 
     def body(x, inputs):
         i, sigma, sigma_next = inputs
