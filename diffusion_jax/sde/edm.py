@@ -29,7 +29,7 @@ def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
 
     Args:
         num_steps: static ``N >= 1`` (``N = 1`` gives ``[sigma_max]``).
-        sigma_min, sigma_max: ``0 < sigma_min < sigma_max``.
+        sigma_min, sigma_max: ``0 < sigma_min < sigma_max`` (may be traced).
         rho: ``> 0``; larger concentrates the steps at small sigma (EDM uses 7).
 
     Returns:
@@ -40,13 +40,13 @@ def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-    if not 0 < sigma_min < sigma_max:
+    if _concrete(sigma_min, sigma_max) and not 0 < sigma_min < sigma_max:
         raise ValueError(f"karras_sigmas needs 0 < sigma_min < sigma_max, got sigma_min="
                          f"{sigma_min}, sigma_max={sigma_max}.")
-    if not rho > 0:
+    if _concrete(rho) and not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}.")
     ramp = jnp.linspace(0.0, 1.0, int(num_steps)) if num_steps > 1 else jnp.zeros(1)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    lo, hi = jnp.asarray(sigma_min) ** (1.0 / rho), jnp.asarray(sigma_max) ** (1.0 / rho)
     return ((hi + ramp * (lo - hi)) ** rho).astype(jnp.float32)
 
 
@@ -115,3 +115,7 @@ def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax
     if step_hook is not None:
         x = step_hook(x, x, jnp.float32(0.0), hook_key)
     return x
+
+
+def _concrete(*values):
+    return all(isinstance(v, (int, float)) for v in values)

@@ -140,7 +140,8 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
         t_start: starting time (``1`` from the prior).
         rtol, atol, max_steps: adaptive controller settings.
         denoise_final: apply the final Tweedie step.
-        step_hook: fixed-step methods only: ``step_hook(x, t_next, key) -> x`` after each step.
+        step_hook: fixed-step methods only: ``step_hook(x, t_next, key) -> x`` after each step,
+            and with ``denoise_final`` once more after it with ``t_next = 0`` (clean data).
 
     Returns:
         ``[B, ...]`` samples.
@@ -169,7 +170,10 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
         return x
     t_b = jnp.full((x.shape[0],), eps, jnp.float32)
     m, s = marginal_coefficients(sde, t_b)
-    return (x + expand(s**2, x.ndim) * score_fn(x, t_b)) / expand(m, x.ndim)
+    x = (x + expand(s**2, x.ndim) * score_fn(x, t_b)) / expand(m, x.ndim)
+    if step_hook is not None:
+        x = step_hook(x, jnp.float32(0.0), jax.random.fold_in(key, int(num_steps)))
+    return x
 
 
 def _check_choice(field, value, choices):

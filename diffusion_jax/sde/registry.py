@@ -19,8 +19,11 @@ solver-specific ones are read with ``getattr`` and these defaults:
 * :func:`edm_heun`: ``rho=7``, ``sigma_spacing="karras"``, ``churn=0`` (S_churn),
   ``s_tmin=0``, ``s_tmax=inf``, ``s_noise=1``, ``dynamic_threshold=None``.
   ``2 num_steps - 1`` network evaluations.
-* :func:`dpm_solver_pp`: ``order=2``, ``sigma_spacing="uniform"``, ``rho=7``,
-  ``dynamic_threshold=None``. ``num_steps`` evaluations.
+* :func:`dpm_solver_pp`: ``order=2``, ``sigma_spacing="log"``, ``rho=7``,
+  ``dynamic_threshold=None``. ``num_steps`` evaluations. (Uniform timesteps put a long last
+  step in ``log sigma`` after short ones; the multistep extrapolation then overshoots: on
+  Gaussian data from ``t = 300`` with 10 steps, 2M's error is 0.19 with ``uniform`` spacing,
+  0.015 with ``log``, 0.025 with ``karras``, against DDIM's 0.13.)
 * :func:`predictor_corrector`: ``sde="vp"``, ``predictor="reverse_diffusion"``,
   ``corrector="langevin"``, ``snr=0.16``, ``n_corrector_steps=1``, ``eps=1e-3``;
   ``num_steps`` grid points, ``num_steps (1 + n_corrector_steps)`` evaluations.
@@ -32,6 +35,7 @@ Sigma spacings (from ``sigma_0`` of the schedule to that of ``t_start``): ``karr
 ``rho`` ramp), ``uniform`` (the DDIM timesteps ``round(linspace(t_start, 0, N))``, exactly on the
 model's grid), ``log`` (uniform in ``log sigma``).
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,7 +66,7 @@ def edm_heun(denoise, schedule, x_start, key, options, *, t_start=None, step_hoo
 def dpm_solver_pp(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
     """DPM-Solver++ (:func:`~diffusion_jax.sde.dpm_solver.dpm_solver_pp_sample`), 2M by default."""
     denoiser, sigmas, x_ve = _denoiser_setup(denoise, schedule, x_start, options, t_start,
-                                             "uniform")
+                                             "log")
     return dpm_solver_pp_sample(denoiser, sigmas, x_ve, key, order=getattr(options, "order", 2),
                                 dynamic_threshold=getattr(options, "dynamic_threshold", None),
                                 step_hook=_vp_hook(step_hook, schedule))
@@ -74,17 +78,18 @@ def predictor_corrector(denoise, schedule, x_start, key, options, *, t_start=Non
 
     ``t_start`` needs a concrete schedule (its continuous start time fixes the grid's length).
     """
-    sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"), options.num_steps)
-    score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
-    eps = getattr(options, "eps", 1e-3)
+    with jax.ensure_compile_time_eval():                    # concrete t0 also inside jax.jit
+        sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"), options.num_steps)
+        score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     x = pc_sample(score, sde, x_sde, key, predictor=getattr(options, "predictor",
                                                             "reverse_diffusion"),
                   corrector=getattr(options, "corrector", "langevin"),
                   snr=getattr(options, "snr", 0.16),
-                  n_corrector_steps=getattr(options, "n_corrector_steps", 1), eps=eps,
+                  n_corrector_steps=getattr(options, "n_corrector_steps", 1),
+                  eps=getattr(options, "eps", 1e-3),
                   t_start=1.0 if t_start is None else float(t0),
                   step_hook=_sde_hook(step_hook, schedule, sde))
-    return x / marginal_coefficients(sde, eps)[0]
+    return x
 
 
 def probability_flow(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
@@ -93,7 +98,7 @@ def probability_flow(denoise, schedule, x_start, key, options, *, t_start=None, 
     ``step_hook`` (fixed-step methods only) gets ``x0_pred = x_prev`` (the ODE state carries no
     separate prediction).
     """
-    sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"), options.num_steps)
+    sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"))
     score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     hook = None
     if step_hook is not None:
@@ -147,7 +152,7 @@ def sigma_grid(schedule, num_steps, spacing="karras", t_start=None, rho=7.0):
         return sigmas[t_top][None]
     if spacing == "log":
         return jnp.exp(jnp.linspace(jnp.log(sigmas[t_top]), jnp.log(sigmas[0]), int(num_steps)))
-    return karras_sigmas(num_steps, float(sigmas[0]), float(sigmas[t_top]), rho)
+    return karras_sigmas(num_steps, sigmas[0], sigmas[t_top], rho)
 
 
 def _denoiser_setup(denoise, schedule, x_start, options, t_start, default_spacing):
