@@ -44,8 +44,10 @@ def _gaussian_denoiser(x, sigma):
 
 
 def _gaussian_flow_endpoint(x, sigma):
-    """Exact VE-frame flow from noise level sigma to 0 for N(MU, COV) data (float64 numpy):
-    each whitened coordinate is kept, so x0 = MU + U diag(sqrt(lam / (lam + sigma^2))) U^T (x - MU)."""
+    """Exact VE-frame flow from noise level sigma to 0 for N(MU, COV) data (float64 numpy).
+
+    Each whitened coordinate is kept: x0 = MU + U diag(sqrt(lam / (lam + sigma^2))) U^T (x - MU).
+    """
     lam, u = np.linalg.eigh(COV)
     gain = np.sqrt(lam / (lam + sigma**2))
     return MU + ((np.asarray(x, np.float64) - MU) @ u * gain) @ u.T
@@ -153,7 +155,8 @@ def test_dpm_solver_pp_convergence_order(order, lo, hi):
 def test_dpm_solver_pp_orders_improve_at_fixed_steps():
     errors = [_ve_error(lambda s, x: dpm_solver.dpm_solver_pp_sample(
         _gaussian_denoiser, s, x, order=o), 40, "log") for o in (1, 2, 3)]
-    assert errors[0] > 5 * errors[1] > 5 * 5 * errors[2] / 5 and errors[2] < 2e-3, errors
+    # Measured at 40 log-spaced steps: 0.17, 0.012, 7e-4.
+    assert errors[0] > 5 * errors[1] and errors[1] > 5 * errors[2] and errors[2] < 2e-3, errors
 
 
 def _vp_flow_error(method, num_steps):
@@ -276,14 +279,12 @@ def test_karras_sigmas_closed_form():
 def test_pc_step_hook_sees_grid_times_and_edits_persist():
     # The hook writes t_next into coordinate 0; the returned sample is the last hook output.
     sde = sdes.VPSDE(num_scales=6)
-    seen = []
     hook = lambda x, x0, t_next, key: x.at[:, 0].set(t_next)
     out = pc.pc_sample(_gmm_score(sde), sde, jnp.ones((3, 2)), jax.random.PRNGKey(0),
                        corrector="none", step_hook=hook)
     np.testing.assert_array_equal(out[:, 0], 0.0)
     np.testing.assert_allclose(pc.sde_time_grid(6, 1e-3, 0.5), np.linspace(1, 1e-3, 6)[3:],
                                rtol=1e-6)
-    del seen
 
 
 @pytest.mark.parametrize("call,match", [

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.sde.sdes: marginals against forward simulation, closed forms, inverses."""
+"""Tests for diffusion_jax.sde.sdes: marginals against forward simulation, closed forms."""
 import functools
 
 import jax

@@ -18,17 +18,19 @@ x0, v or score, :class:`~diffusion_jax.schedules.DiscreteSchedule`) is a denoise
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import PRED_TYPES, to_x0_and_eps
-from diffusion_jax.sde._shapes import expand, per_example
+from diffusion_jax.sde._util import expand, per_example
 from diffusion_jax.sde.sdes import marginal_coefficients
 
 
 def discrete_sigmas(schedule):
-    """``sigma_k = sqrt((1 - alpha_bar_k) / alpha_bar_k)``, ``[T]`` increasing, of a discrete schedule."""
+    """``sigma_k = sqrt((1 - alpha_bar_k) / alpha_bar_k)`` of a schedule: ``[T]``, increasing."""
     return schedule.sqrt_one_minus_alphas_cumprod / schedule.sqrt_alphas_cumprod
 
 
 def nearest_timestep(schedule, sigma):
-    """The discrete step whose ``sigma_k`` is nearest to ``sigma`` in ``log sigma``: int32, as ``sigma``.
+    """The discrete step whose ``sigma_k`` is nearest to ``sigma`` in ``log sigma``.
+
+    Returns int32 shaped as ``sigma``.
 
     ``sigma`` below ``sigma_0`` gives 0 and above ``sigma_{T-1}`` gives ``T - 1``.
     """
@@ -82,7 +84,7 @@ def ddpm_denoiser(denoise, schedule, pred_type="eps", clip_x0=None):
 
 
 def score_from_denoiser(sde, denoiser):
-    """``score(x, t) = (m D(x / m, s / m) - x) / s^2`` with ``(m, s) = marginal_coefficients(sde, t)``.
+    """The score ``(m D(x / m, s / m) - x) / s^2`` of a denoiser; ``(m, s)`` from ``sde`` at ``t``.
 
     Args:
         sde: a :class:`~diffusion_jax.sde.sdes.VESDE`, ``VPSDE`` or ``SubVPSDE``.

@@ -25,7 +25,9 @@ from diffusion_jax.sde.adapters import thresholded
 
 
 def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM's noise levels ``sigma_i = (s_max^(1/rho) + i / (N - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho``.
+    """EDM's noise levels (Karras et al., 2022, eq. 5).
+
+    ``sigma_i = (s_max^(1/rho) + i / (N - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho``.
 
     Args:
         num_steps: static ``N >= 1`` (``N = 1`` gives ``[sigma_max]``).

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde._shapes import sum_over_non_batch
+from diffusion_jax.sde._util import sum_over_non_batch
 from diffusion_jax.sde.ode import (ADAPTIVE_METHODS, FIXED_METHODS, odeint_adaptive, odeint_fixed,
                                    probability_flow_drift)
 from diffusion_jax.sde.sdes import check_sde, prior_logp

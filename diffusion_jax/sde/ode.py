@@ -15,10 +15,9 @@ batch shares one step size, chosen from the RMS error of all its entries.
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from diffusion_jax.sde._shapes import expand
+from diffusion_jax.sde._util import check_choice, expand
 from diffusion_jax.sde.sdes import check_sde, drift_and_diffusion, marginal_coefficients
 
 FIXED_METHODS = ("euler", "heun", "rk4")
@@ -61,7 +60,7 @@ def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None):
     Raises:
         ValueError: for an unknown ``method`` or a grid with fewer than two points.
     """
-    _check_choice("method", method, FIXED_METHODS)
+    check_choice("method", method, FIXED_METHODS)
     ts = jnp.asarray(ts, jnp.float32)
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"ts must have shape [S + 1] with S >= 1, got shape {ts.shape}.")
@@ -110,7 +109,7 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
     Raises:
         ValueError: for an unknown ``method``.
     """
-    _check_choice("method", method, ADAPTIVE_METHODS)
+    check_choice("method", method, ADAPTIVE_METHODS)
     solver = diffrax.Tsit5() if method == "tsit5" else diffrax.Dopri5()
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: fn(y, t)), solver, t0, t1,
@@ -151,7 +150,7 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
             or a ``step_hook`` with an adaptive method.
     """
     check_sde(sde)
-    _check_choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     if isinstance(eps, (int, float)) and isinstance(t_start, (int, float)) and not (
             0.0 <= eps < t_start <= 1.0):
         raise ValueError(f"need 0 <= eps < t_start <= 1, got eps={eps}, t_start={t_start}.")
@@ -175,7 +174,3 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
         x = step_hook(x, jnp.float32(0.0), jax.random.fold_in(key, int(num_steps)))
     return x
 
-
-def _check_choice(field, value, choices):
-    if value not in choices:
-        raise ValueError(f"Unknown {field} {value!r}; expected one of {list(choices)}.")

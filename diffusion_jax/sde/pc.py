@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffusion_jax.sde._shapes import expand
+from diffusion_jax.sde._util import check_choice, expand
 from diffusion_jax.sde.sdes import (VESDE, SubVPSDE, VPSDE, check_sde, discrete_grid_index,
                                     discretize, drift_and_diffusion, marginal_coefficients,
                                     ve_grid_sigmas, vp_grid_beta)
@@ -71,8 +71,8 @@ def pc_sample(score_fn, sde, x_init, key, *, predictor="reverse_diffusion", corr
             ``snr``, ``n_corrector_steps``, ``eps`` or ``t_start``.
     """
     check_sde(sde)
-    _check_choice("predictor", predictor, PREDICTORS)
-    _check_choice("corrector", corrector, CORRECTORS)
+    check_choice("predictor", predictor, PREDICTORS)
+    check_choice("corrector", corrector, CORRECTORS)
     if predictor == "ancestral" and isinstance(sde, SubVPSDE):
         raise ValueError("predictor 'ancestral' is defined for VPSDE and VESDE, not SubVPSDE.")
     if isinstance(snr, (int, float)) and not snr > 0:
@@ -105,7 +105,9 @@ def pc_sample(score_fn, sde, x_init, key, *, predictor="reverse_diffusion", corr
 
 
 def sde_time_grid(num_scales, eps=1e-3, t_start=1.0):
-    """score_sde's grid ``linspace(1, eps, N)`` from its first point ``<= t_start``: float32 ``[S]``.
+    """score_sde's grid ``linspace(1, eps, N)`` from its first point ``<= t_start``.
+
+    Returns float32 ``[S]`` (numpy).
 
     Raises:
         ValueError: unless ``0 < eps < t_start <= 1`` (Python floats) and the tail is non-empty.
@@ -162,7 +164,3 @@ def _correct(name, score_fn, sde, x, t, snr, key):
 def _norm(x):
     return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
 
-
-def _check_choice(field, value, choices):
-    if value not in choices:
-        raise ValueError(f"Unknown {field} {value!r}; expected one of {list(choices)}.")

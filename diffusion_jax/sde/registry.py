@@ -117,7 +117,8 @@ def sde_for_schedule(schedule, name="vp", num_scales=1000):
     VP / sub-VP: ``beta_min = T beta_0``, ``beta_max = T beta_{T-1}`` (exact for the linear
     schedule, whose ``beta_i`` are ``beta(t_i) / T``; for other schedules only the time
     parameterisation differs, since the model is queried by noise level). VE: ``sigma_min`` and
-    ``sigma_max`` are the schedule's first and last :func:`~diffusion_jax.sde.adapters.discrete_sigmas`.
+    ``sigma_max`` are the schedule's first and last
+    :func:`~diffusion_jax.sde.adapters.discrete_sigmas`.
 
     Raises:
         ValueError: for an unknown ``name``.
@@ -133,7 +134,7 @@ def sde_for_schedule(schedule, name="vp", num_scales=1000):
 
 
 def sigma_grid(schedule, num_steps, spacing="karras", t_start=None, rho=7.0):
-    """``[num_steps]`` decreasing noise levels from ``t_start``'s (default ``T - 1``) to ``sigma_0``.
+    """Decreasing noise levels ``[num_steps]`` from ``t_start``'s (default ``T - 1``) to sigma_0.
 
     Raises:
         ValueError: for an unknown spacing, ``num_steps < 1`` or a bad ``t_start``.
@@ -166,7 +167,7 @@ def _denoiser_setup(denoise, schedule, x_start, options, t_start, default_spacin
 
 
 def _score_setup(denoise, schedule, sde, x_start, options, t_start):
-    """Score of the SDE's time, the start in SDE scale and its time ``t0`` (``sigma_ve = sigma_top``)."""
+    """Score of the SDE's time, the start in SDE scale, and its time ``t0`` (at ``sigma_top``)."""
     score = ddpm_score(denoise, schedule, sde, options.pred_type, clip_bounds(options.clip_x0))
     t_top = _t_top(schedule, t_start)
     t0 = time_for_sigma(sde, discrete_sigmas(schedule)[t_top])

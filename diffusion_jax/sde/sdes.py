@@ -10,8 +10,9 @@ with the marginal ``q_t(x_t | x_0) = N(m(t) x_0, s(t)^2 I)``:
 * VE: ``f = 0``, ``g = sigma(t) sqrt(2 log(sigma_max / sigma_min))``,
   ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``; ``m = 1``, ``s = sigma(t)``;
   prior ``N(0, sigma_max^2 I)``.
-* VP: ``beta(t) = beta_min + t (beta_max - beta_min)``, ``f = -beta(t) x / 2``, ``g = sqrt(beta(t))``;
-  ``log m = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``, ``s = sqrt(1 - m^2)``; prior ``N(0, I)``.
+* VP: ``beta(t) = beta_min + t (beta_max - beta_min)``, ``f = -beta(t) x / 2``,
+  ``g = sqrt(beta(t))``; ``log m = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``,
+  ``s = sqrt(1 - m^2)``; prior ``N(0, I)``.
 * sub-VP: VP's drift, ``g = sqrt(beta(t) (1 - exp(-2 beta_min t - (beta_max - beta_min) t^2)))``;
   ``m`` as VP, ``s = 1 - m^2``; prior ``N(0, I)``.
 
@@ -29,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde._shapes import expand, per_example
+from diffusion_jax.sde._util import expand, per_example
 
 
 class VESDE(NamedTuple):
@@ -107,7 +108,7 @@ def drift_and_diffusion(sde, x, t):
 
 
 def marginal_coefficients(sde, t):
-    """``(m(t), s(t))``, the mean coefficient and std of ``q_t(x_t | x_0)``, each shaped as ``t``."""
+    """``(m(t), s(t))``: mean coefficient and std of ``q_t(x_t | x_0)``, each shaped as ``t``."""
     t = jnp.asarray(t, jnp.float32)
     if isinstance(sde, VESDE):
         return jnp.ones_like(t), sde.sigma_min * (sde.sigma_max / sde.sigma_min) ** t
@@ -124,7 +125,7 @@ def marginal_prob(sde, x0, t):
 
 
 def sigma_ve(sde, t):
-    """VE-equivalent noise level ``s(t) / m(t)``: ``x_t / m(t) = x_0 + sigma_ve n``; shaped as ``t``."""
+    """VE-equivalent noise level ``s(t) / m(t)`` (``x_t / m(t) = x_0 + sigma_ve n``), as ``t``."""
     m, s = marginal_coefficients(sde, t)
     return s / m
 
@@ -150,7 +151,7 @@ def time_for_sigma(sde, sigma):
 
 
 def prior_sample(sde, key, shape):
-    """Draws ``x_1`` from the prior: ``N(0, sigma_max^2 I)`` (VE) or ``N(0, I)``; ``shape = [B, ...]``."""
+    """Draws ``x_1 [B, ...]`` from the prior: ``N(0, sigma_max^2 I)`` (VE) or ``N(0, I)``."""
     z = jax.random.normal(key, shape, jnp.float32)
     return sde.sigma_max * z if isinstance(sde, VESDE) else z
 
@@ -167,7 +168,7 @@ def prior_logp(sde, z):
 
 
 def discretize(sde, x, t):
-    """score_sde's discretisation ``x_{i+1} = x_i + f_i + G_i z`` at grid index ``i = round(t (N - 1))``.
+    """score_sde's discretisation ``x_{i+1} = x_i + f_i + G_i z`` at index ``i = round(t (N - 1))``.
 
     * VP: ``beta_i = (beta_min + (beta_max - beta_min) i / (N - 1)) / N`` (``linspace`` of
       ``beta / N``), ``f_i = (sqrt(1 - beta_i) - 1) x``, ``G_i = sqrt(beta_i)`` (DDPM's step).
@@ -212,7 +213,7 @@ def vp_grid_beta(sde, idx):
 
 
 def ve_grid_sigmas(sde, idx):
-    """``(sigma_i, sigma_{i-1})`` on SMLD's grid ``sigma_min (sigma_max / sigma_min)^(i / (N - 1))``.
+    """``(sigma_i, sigma_{i-1})`` on SMLD's grid ``sigma_min (sigma_max / sigma_min)^(i/(N-1))``.
 
     ``sigma_{-1} = 0``; ``idx`` is any array of (float or int) grid indices.
     """

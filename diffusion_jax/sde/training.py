@@ -19,7 +19,7 @@ return ``(loss, per_example [B], noise level [B])``.
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.sde._shapes import expand
+from diffusion_jax.sde._util import expand
 from diffusion_jax.sde.sdes import check_sde, drift_and_diffusion, marginal_prob
 
 

@@ -1,4 +1,4 @@
-"""Shape helpers shared by the modules of :mod:`diffusion_jax.sde`."""
+"""Small helpers shared by the modules of :mod:`diffusion_jax.sde` (shapes, argument checks)."""
 import jax.numpy as jnp
 
 
@@ -15,3 +15,9 @@ def expand(v, ndim):
 def sum_over_non_batch(x):
     """``[B, ...]`` -> ``[B]``."""
     return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def check_choice(field, value, choices):
+    """Raises ``ValueError`` naming ``field`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"Unknown {field} {value!r}; expected one of {list(choices)}.")
