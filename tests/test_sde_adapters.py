@@ -69,7 +69,7 @@ def test_score_from_denoiser_is_the_marginal_score(name):
     m, s = (np.asarray(v, np.float64) for v in sdes.marginal_coefficients(sde, t))
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 3)), np.float64) * (1 + s[:, None])
     denoiser = lambda x, sigma: x + (sigma**2)[:, None] * oracle.gaussian_score(x, sigma, MU, COV)
-    ours = adapters.score_from_denoiser(sde, denoiser)(jnp.asarray(x, jnp.float32), t)
+    ours = jax.jit(adapters.score_from_denoiser(sde, denoiser))(jnp.asarray(x, jnp.float32), t)
     expected = np.stack([-np.linalg.solve(m[i]**2 * COV + s[i]**2 * np.eye(3), x[i] - m[i] * MU)
                          for i in range(4)])
     np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
@@ -82,21 +82,21 @@ def test_ddpm_score_at_grid_times_is_minus_eps_over_std():
     sigma = np.sqrt((1 - ABAR[ks]) / ABAR[ks])
     t = sdes.time_for_sigma(sde, jnp.asarray(sigma, jnp.float32))
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 3))
-    ours = adapters.ddpm_score(model, SCHED, sde, "eps")(x, t)
+    ours = jax.jit(adapters.ddpm_score(model, SCHED, sde, "eps"))(x, t)
     expected = -np.asarray(model(x, jnp.asarray(ks))) / np.sqrt(1 - ABAR[ks])[:, None]
     np.testing.assert_allclose(ours, expected, rtol=2e-3, atol=1e-4)
 
 
 def test_dynamic_threshold_closed_form():
     x0 = jnp.array([[0.5, -0.2, 0.9, 0.1], [3.0, -4.0, 0.5, 1.0]])
-    out = np.asarray(adapters.dynamic_threshold(x0, 1.0))
+    out = np.asarray(jax.jit(adapters.dynamic_threshold, static_argnums=1)(x0, 1.0))
     np.testing.assert_allclose(out[0], [0.5, -0.2, 0.9, 0.1], rtol=1e-6)  # s = max(q, 1) = 1
     np.testing.assert_allclose(out[1], [0.75, -1.0, 0.125, 0.25], rtol=1e-6)  # s = 4
-    out = np.asarray(adapters.dynamic_threshold(x0, 0.5))
+    out = np.asarray(jax.jit(adapters.dynamic_threshold, static_argnums=1)(x0, 0.5))
     s = max(np.quantile([3.0, 4.0, 0.5, 1.0], 0.5), 1.0)                     # 2.0
     np.testing.assert_allclose(out[1], np.clip([3.0, -4.0, 0.5, 1.0], -s, s) / s, rtol=1e-6)
     big = 10.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
-    thr = adapters.thresholded(lambda x, sigma: x, 0.9)(big, jnp.ones(4))
+    thr = jax.jit(adapters.thresholded(lambda x, sigma: x, 0.9))(big, jnp.ones(4))
     assert float(jnp.abs(thr).max()) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -108,35 +108,37 @@ def _options(**kw):
     return types.SimpleNamespace(**{"pred_type": "eps", "clip_x0": None, **kw})
 
 
-REGISTRY_CASES = {
-    "edm_heun": (registry.edm_heun, _options(num_steps=40)),
-    "edm_heun_churn_v": (registry.edm_heun, _options(num_steps=40, churn=10.0, s_tmin=0.05,
-                                                     s_tmax=5.0, pred_type="v")),
-    "dpm_solver_pp": (registry.dpm_solver_pp, _options(num_steps=20)),
-    "dpm_solver_pp3_karras": (registry.dpm_solver_pp, _options(num_steps=20, order=3,
-                                                               sigma_spacing="karras")),
-    "pc": (registry.predictor_corrector, _options(num_steps=200)),
-    "pc_ve_ancestral": (registry.predictor_corrector, _options(num_steps=200, sde="ve",
-                                                               predictor="ancestral")),
-    "ode_rk4": (registry.probability_flow, _options(num_steps=15)),
-    "ode_tsit5_x0": (registry.probability_flow, _options(num_steps=1, method="tsit5",
-                                                        pred_type="x0")),
-}
+_slow = pytest.mark.slow
+REGISTRY_CASES = [
+    ("edm_heun", registry.edm_heun, _options(num_steps=40)),
+    ("dpm_solver_pp", registry.dpm_solver_pp, _options(num_steps=20)),
+    ("pc", registry.predictor_corrector, _options(num_steps=200)),
+    ("ode_rk4", registry.probability_flow, _options(num_steps=15)),
+    pytest.param("edm_heun_churn_v", registry.edm_heun,
+                 _options(num_steps=40, churn=10.0, s_tmin=0.05, s_tmax=5.0, pred_type="v"),
+                 marks=_slow),
+    pytest.param("dpm_solver_pp3_karras", registry.dpm_solver_pp,
+                 _options(num_steps=20, order=3, sigma_spacing="karras"), marks=_slow),
+    pytest.param("pc_ve_ancestral", registry.predictor_corrector,
+                 _options(num_steps=200, sde="ve", predictor="ancestral"), marks=_slow),
+    pytest.param("ode_tsit5_x0", registry.probability_flow,
+                 _options(num_steps=1, method="tsit5", pred_type="x0"), marks=_slow),
+]
 
 
-@pytest.mark.parametrize("case", sorted(REGISTRY_CASES))
-def test_registry_samplers_reproduce_gaussian_data(case):
+@pytest.mark.parametrize("case,fn,options", REGISTRY_CASES)
+def test_registry_samplers_reproduce_gaussian_data(case, fn, options):
     # 2000 chains, 5 SE of the data's mean and covariance; the start is N(0, I) at t = T - 1.
     # Step counts leave the discretisation bias well inside the tolerance (EDM's Heun at 18
     # Karras steps is still 12% over-dispersed along the first axis here; at 40, 4%).
-    fn, options = REGISTRY_CASES[case]
     sample = jax.jit(lambda x, key: fn(_exact_model(options.pred_type), SCHED, x, key, options))
     x = sample(jax.random.normal(jax.random.PRNGKey(1), (2000, 3)), jax.random.PRNGKey(0))
     _assert_gaussian_moments(x, MU, COV)
 
 
-@pytest.mark.parametrize("fn", [registry.dpm_solver_pp, registry.edm_heun,
-                                registry.predictor_corrector, registry.probability_flow])
+@pytest.mark.parametrize("fn", [registry.dpm_solver_pp, registry.predictor_corrector,
+                                pytest.param(registry.edm_heun, marks=_slow),
+                                pytest.param(registry.probability_flow, marks=_slow)])
 def test_registry_t_start_resumes_from_the_exact_marginal(fn):
     # SDEdit: data noised to t = 300 and resumed from there gives back the data (5 SE).
     t_start, n = 300, 2000
@@ -149,7 +151,10 @@ def test_registry_t_start_resumes_from_the_exact_marginal(fn):
     _assert_gaussian_moments(x, MU, COV)
 
 
-def test_registry_step_hook_gets_vp_scale_and_discrete_steps():
+@pytest.mark.parametrize("fn", [registry.dpm_solver_pp, registry.predictor_corrector,
+                                pytest.param(registry.edm_heun, marks=_slow),
+                                pytest.param(registry.probability_flow, marks=_slow)])
+def test_registry_step_hook_gets_vp_scale_and_discrete_steps(fn):
     # The hook pins coordinate 0 to sqrt(abar_{t_prev}) * 0.7 (a noise-free "known pixel", in
     # VP scale) and records nothing else; after the last step (t_prev = -1) it must read 0.7,
     # and one step before the end the VP-scaled value must have come back unchanged.
@@ -159,11 +164,9 @@ def test_registry_step_hook_gets_vp_scale_and_discrete_steps():
 
     options = _options(num_steps=10)
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
-    for fn in (registry.dpm_solver_pp, registry.edm_heun, registry.predictor_corrector,
-               registry.probability_flow):
-        out = jax.jit(lambda x, key: fn(_exact_model("eps"), SCHED, x, key, options,
-                                        step_hook=hook))(x, jax.random.PRNGKey(0))
-        np.testing.assert_allclose(out[:, 0], 0.7, rtol=1e-4)
+    out = jax.jit(lambda x, key: fn(_exact_model("eps"), SCHED, x, key, options,
+                                    step_hook=hook))(x, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out[:, 0], 0.7, rtol=1e-4)
 
 
 def test_sigma_grid_spacings():
