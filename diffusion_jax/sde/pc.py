@@ -16,9 +16,10 @@ Predictors (``x -> (x, x_mean)``, ``z ~ N(0, I)``):
 
 Correctors (``alpha_i = 1 - beta_i`` for VP / sub-VP, 1 for VE):
 
-* ``langevin``: ``delta = 2 alpha_i (snr ||z|| / ||s||)^2`` per example, ``x <- x + delta s +
-  sqrt(2 delta) z`` (score_sde averages the two norms over the batch; per-example norms make
-  each chain independent of the others).
+* ``langevin``: ``delta = 2 alpha_i (snr mean_b ||z_b|| / mean_b ||s_b||)^2``,
+  ``x <- x + delta s + sqrt(2 delta) z``. As in score_sde the two norms are averaged over the
+  batch: per-example norms are fine for images, but in low dimension ``||s_b||`` can be near 0
+  for a single chain and the step explodes (the 2-D mixture test then fails).
 * ``annealed_langevin``: the same update with ``delta = 2 alpha_i (snr s(t))^2``,
   ``s(t)`` the marginal std.
 * ``none``.
