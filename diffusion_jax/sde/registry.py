@@ -81,15 +81,14 @@ def predictor_corrector(denoise, schedule, x_start, key, options, *, t_start=Non
     with jax.ensure_compile_time_eval():                    # concrete t0 also inside jax.jit
         sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"), options.num_steps)
         score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
-    x = pc_sample(score, sde, x_sde, key, predictor=getattr(options, "predictor",
-                                                            "reverse_diffusion"),
-                  corrector=getattr(options, "corrector", "langevin"),
-                  snr=getattr(options, "snr", 0.16),
-                  n_corrector_steps=getattr(options, "n_corrector_steps", 1),
-                  eps=getattr(options, "eps", 1e-3),
-                  t_start=1.0 if t_start is None else float(t0),
-                  step_hook=_sde_hook(step_hook, schedule, sde))
-    return x
+    return pc_sample(score, sde, x_sde, key,
+                     predictor=getattr(options, "predictor", "reverse_diffusion"),
+                     corrector=getattr(options, "corrector", "langevin"),
+                     snr=getattr(options, "snr", 0.16),
+                     n_corrector_steps=getattr(options, "n_corrector_steps", 1),
+                     eps=getattr(options, "eps", 1e-3),
+                     t_start=1.0 if t_start is None else float(t0),
+                     step_hook=_sde_hook(step_hook, schedule, sde))
 
 
 def probability_flow(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
