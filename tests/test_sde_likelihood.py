@@ -137,3 +137,30 @@ def test_ode_bits_per_dim_matches_closed_form_density():
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_hutchinson_log_likelihood_on_nhwc_images():
+    # Per-pixel i.i.d. N(0.2, 0.3^2) data on [64, 4, 4, 2]; the flow acts pixel by pixel, so the
+    # closed form is the 1-D one of _analytic summed over the 32 pixels. The Jacobian is then
+    # diagonal and a Rademacher probe (v_i^2 = 1) gives its trace exactly: every image's
+    # estimate matches to solver accuracy (measured < 1e-4 nats; Gaussian probes would scatter
+    # by ~sqrt(2 sum J_ii^2) ~ 1 nat).
+    mean, var = 0.2, 0.09
+
+    def score(x, t):
+        m, s = sdes.marginal_coefficients(SDE, t)
+        m, s = m[:, None, None, None], s[:, None, None, None]
+        return -(x - m * mean) / (m**2 * var + s**2)
+
+    x = mean + np.sqrt(var) * np.random.default_rng(7).standard_normal((64, 4, 4, 2))
+    log_p, _ = jax.jit(functools.partial(likelihood.ode_log_likelihood, score, SDE, num_steps=50,
+                                         eps=EPS))(jnp.asarray(x, jnp.float32),
+                                                   jax.random.PRNGKey(3))
+    (m_e, s_e), (m_1, s_1) = (tuple(float(v) for v in sdes.marginal_coefficients(SDE, t))
+                              for t in (EPS, 1.0))
+    v_e, v_1 = m_e**2 * var + s_e**2, m_1**2 * var + s_1**2
+    z = m_1 * mean + np.sqrt(v_1 / v_e) * (x - m_e * mean)
+    per_pixel = (stats.norm.logpdf(z) + stats.norm.logpdf(x, m_e * mean, np.sqrt(v_e))
+                 - stats.norm.logpdf(z, m_1 * mean, np.sqrt(v_1)))
+    err = np.asarray(log_p, np.float64) - per_pixel.reshape(64, -1).sum(1)
+    np.testing.assert_allclose(err, 0.0, atol=2e-3)
