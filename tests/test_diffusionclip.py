@@ -9,14 +9,15 @@ from flax import nnx
 import clip_fixtures as cf
 from diffusion_jax import schedules
 from diffusion_jax.applications import diffusionclip as dc
+from diffusion_jax.applications import tasks
 from diffusion_jax.models.unet import UNet
 
 
 @pytest.fixture(scope="module")
 def setup():
     clip_model = cf.trained_clip()
-    unet = UNet(image_size=cf.SIDE, in_channels=1, base_channels=16, channel_mult=(1, 2),
-                num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=8,
+    unet = UNet(image_size=cf.SIDE, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4,
                 rngs=nnx.Rngs(0))
     sched = schedules.make_schedule(schedules.linear_beta_schedule(100, 1e-4, 0.05))
     x0 = jnp.asarray(cf.images_for([0, 0], seed=7))                      # two "circle" images
@@ -32,6 +33,7 @@ def _edit(setup, **kw):
                                  num_inversion_steps=8, num_decode_steps=4, **kw)
 
 
+@pytest.mark.slow
 def test_directional_similarity_rises_identity_bounded(setup):
     clip_model, unet, sched, x0, text = setup
     before = jax.tree.map(np.array, nnx.state(unet, nnx.Param))
@@ -57,6 +59,7 @@ def test_directional_similarity_rises_identity_bounded(setup):
     assert identity < 0.5 and recon_err < 0.05, (identity, recon_err)
 
 
+@pytest.mark.slow
 def test_identity_weight_keeps_image_closer(setup):
     _, _, _, x0, _ = setup
     loose = _edit(setup, finetune_steps=6, learning_rate=3e-3, id_weight=0.0)
@@ -81,3 +84,24 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="finetune_steps"):
         dc.diffusionclip_edit(setup[1], setup[2], setup[3], setup[0].encode_image,
                               jnp.ones(16), finetune_steps=0)
+
+
+def test_task_layer_reports_scores(setup):
+    clip_model, unet, sched, x0, _ = setup
+    options = tasks.TaskOptions(
+        sampler_options=tasks.samplers.make_options(num_steps=8), t0=0.4,
+        clip=(clip_model, cf.tokenize), source_text="a photo of circle",
+        target_text="a photo of square", finetune_steps=12, clip_lr=3e-3, clip_decode_steps=4)
+    res = tasks.run_task("diffusionclip", unet, sched, np.asarray(x0), options,
+                         jax.random.key(0))
+    assert set(res) >= {"input", "output", "reconstruction", "directional", "identity_l1",
+                        "target_score_input", "target_score_output"}
+    assert res["directional"].shape == (2,) and np.all(res["directional"] > 0.5)
+    assert np.all(res["target_score_output"] > res["target_score_input"])
+    np.testing.assert_allclose(res["identity_l1"],
+                               np.abs(res["output"] - res["input"]).mean(axis=(1, 2, 3)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="target_text"):
+        tasks.run_task("diffusionclip", unet, sched, np.asarray(x0),
+                       tasks.TaskOptions(clip=(clip_model, cf.tokenize), source_text="a"),
+                       jax.random.key(0))

@@ -9,6 +9,9 @@ model with :func:`check_flags`, and for ``--task`` other than ``sample`` hands o
     python run_sample.py --workdir=W --out=O --task=ilvr --ilvr_factor=4
     python run_sample.py --workdir=W_sr --out=O --task=sr --input=low.png
     python run_sample.py --workdir=W --out=O --task=invert --source_label=3 --class_label=8
+    python run_sample.py --workdir=W --out=O --task=diffusionclip --input=shirt.png \
+        --source_text="a photo of a shirt" --target_text="a photo of a t-shirt" \
+        --clip_workdir=runs/fashion_clip --finetune_steps=10 --clip_lr=1e-4 --t0=0.5
 
 Without ``--input`` the first ``--num_samples`` images of the model's dataset are used; an
 input or mask of another size than the model's is an error unless ``--resize_input``.
@@ -29,14 +32,17 @@ from diffusion_jax.conditioning import UPSAMPLE_METHODS
 TASKS = ("sample",) + tasks.TASKS
 # Flags that only some tasks use; any other task given one of them is an error.
 TASK_FLAGS = {
-    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert"),
-    "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert"),
+    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip"),
+    "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip"),
     "mask": ("sdedit", "inpaint"), "mask_region": ("sdedit", "inpaint"),
-    "t0": ("sdedit",), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
+    "t0": ("sdedit", "diffusionclip"), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
     "sr_factor": ("sr",), "sr_method": ("sr",), "sr_aug_t": ("sr",),
     "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
     "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
     "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
+    **{name: ("diffusionclip",) for name in ("source_text", "target_text", "clip_workdir",
+                                             "finetune_steps", "clip_lr", "id_weight",
+                                             "clip_decode_steps")},
 }
 
 
@@ -88,6 +94,20 @@ def define_flags(flag_values=None):
                          "RePaint resamplings per jump (1 = none).", flag_values=fv)
     flags.DEFINE_integer("source_label", None, "invert: class the input is inverted under.",
                          flag_values=fv)
+    flags.DEFINE_string("source_text", None, "diffusionclip: text describing the input.",
+                        flag_values=fv)
+    flags.DEFINE_string("target_text", None, "diffusionclip: text to edit toward.",
+                        flag_values=fv)
+    flags.DEFINE_string("clip_workdir", None, "diffusionclip: CLIP-stage training workdir "
+                        "(configs/fashion_clip.py).", flag_values=fv)
+    flags.DEFINE_integer("finetune_steps", defaults.finetune_steps,
+                         "diffusionclip: Adam steps on the denoiser copy.", flag_values=fv)
+    flags.DEFINE_float("clip_lr", defaults.clip_lr, "diffusionclip: learning rate.",
+                       flag_values=fv)
+    flags.DEFINE_float("id_weight", defaults.id_weight, "diffusionclip: identity L1 weight.",
+                       flag_values=fv)
+    flags.DEFINE_integer("clip_decode_steps", defaults.clip_decode_steps,
+                         "diffusionclip: differentiated DDIM steps.", flag_values=fv)
 
 
 def check_flags(fv, config):
@@ -97,13 +117,25 @@ def check_flags(fv, config):
         ValueError: with a one-line message naming the flag, for: a flag the task does not
             use; ``--steps`` or ``--num_samples`` below 1; a negative ``--guidance_scale``, or
             one on an unconditional model; a label outside ``[0, num_classes)``; a sampler the
-            task cannot use; ``--task=sr`` without a super-resolution model or the reverse.
+            task cannot use; ``--task=sr`` without a super-resolution model or the reverse;
+            ``--task=diffusionclip`` without its texts and CLIP workdir, or with step counts
+            below 1, ``--clip_lr <= 0`` or ``--id_weight < 0``.
     """
     task = fv.task
     for name, users in TASK_FLAGS.items():
         if fv[name].present and task not in users:
             raise ValueError(f"--{name} is not used by --task={task} (it applies to "
                              f"{', '.join(users)}).")
+    if task == "diffusionclip":
+        for name in ("source_text", "target_text", "clip_workdir"):
+            if not fv[name].value:
+                raise ValueError(f"--task=diffusionclip needs --{name}.")
+        for name in ("finetune_steps", "clip_decode_steps"):
+            if fv[name].value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {fv[name].value}.")
+        if fv.clip_lr <= 0 or fv.id_weight < 0:
+            raise ValueError(f"--clip_lr must be > 0 and --id_weight >= 0, got {fv.clip_lr} "
+                             f"and {fv.id_weight}.")
     if fv.steps is not None and fv.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
     if fv.num_samples < 1:
@@ -162,12 +194,27 @@ def run_task_from_flags(fv, model, sched, config, out_dir):
         sr_method=fv.sr_method or sr_cfg.upsample_method,
         sr_aug_t=sr_cfg.sample_aug_t if fv.sr_aug_t is None else fv.sr_aug_t,
         jump_length=fv.jump_length, jump_n_sample=fv.jump_n_sample,
-        source_label=fv.source_label)
+        source_label=fv.source_label, clip=_load_clip(fv),
+        source_text=fv.source_text or "", target_text=fv.target_text or "",
+        finetune_steps=fv.finetune_steps, clip_lr=fv.clip_lr, id_weight=fv.id_weight,
+        clip_decode_steps=fv.clip_decode_steps)
     images = load_inputs(fv.input, fv.num_samples, data_cfg, resize=fv.resize_input)
     results = tasks.run_task(fv.task, model, sched, images, options, jax.random.key(fv.seed))
     samplers.check_finite(results["output"], options.sampler)
     write_outputs(out_dir, fv.task, results)
+    if fv.task == "diffusionclip":
+        scores = {name: float(np.mean(results[name])) for name in
+                  ("directional", "identity_l1", "target_score_input", "target_score_output")}
+        print("diffusionclip " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     return results
+
+
+def _load_clip(fv):
+    """``(CLIPModel, tokenizer)`` of ``--clip_workdir`` for diffusionclip, else ``None``."""
+    if fv.task != "diffusionclip":
+        return None
+    from diffusion_jax import metrics_clip  # pylint: disable=g-import-not-at-top
+    return metrics_clip.load_clip(fv.clip_workdir)
 
 
 def load_inputs(path, num_samples, data_cfg, *, resize=False):
@@ -186,10 +233,12 @@ def load_inputs(path, num_samples, data_cfg, *, resize=False):
 
 
 def write_outputs(out_dir, task, results):
-    """Write ``OUT/<task>.png`` (one row per array: input, [mask / low_res,] output) and
+    """Write ``OUT/<task>.png`` (one row per array: input, [mask / low_res / reconstruction,]
+    output) and
     ``OUT/<task>.npz``."""
     os.makedirs(out_dir, exist_ok=True)
-    order = [name for name in ("input", "mask", "low_res", "output") if name in results]
+    order = [name for name in ("input", "mask", "low_res", "reconstruction", "output")
+             if name in results]
     rows = np.concatenate([results[name] for name in order])
     grid = image_io.image_grid(image_io.to_uint8(rows), num_cols=results["input"].shape[0])
     image_io.save_png(os.path.join(out_dir, f"{task}.png"), grid)
