@@ -12,6 +12,15 @@
   with calibrated confidence >= 0.9, class histogram and entropy, printed beside the same
   numbers for the other, held-out half of the real digits (``reference``); with class labels
   also the share of samples classified as their label.
+* ``fashion``: works offline with an IDX Fashion-MNIST directory (``--fashion_dir``, default
+  Debian's ``/usr/share/datasets/fashion-mnist``): prompt faithfulness (share of samples a
+  classifier fit on real training images assigns to their ``labels``, the prompted classes)
+  and ``fashion_fd`` (Fréchet distance in that classifier's PCA + logit feature space), beside
+  ``reference``: the same numbers for the real test images (faithfulness there is the
+  classifier's test accuracy). See ``diffusion_jax/fashion_metric.py``.
+* ``clip_score``: 100 * cos(image, text) clipped at 0, averaged, with a CLIP trained here
+  (``--clip_workdir``, a ``configs/fashion_clip.py`` run). The text of each sample is the
+  npz's ``prompts`` (str [N]) or ``--prompt``.
 * ``fid``: FID with the standard Inception weights (a local file, nothing is downloaded)
   against precomputed ``(mu, sigma)`` statistics. ``--save_stats=PATH`` writes the statistics
   of the scored images, e.g. to precompute ``--ref_stats`` from an ``.npz`` of real images.
@@ -24,14 +33,20 @@ import numpy as np
 from absl import app, flags
 
 _SAMPLES = flags.DEFINE_string("samples", None, "npz with images uint8 [N, H, W, C].")
-_METRIC = flags.DEFINE_enum("metric", "digits", ["digits", "fid"], "Which metric to compute.")
+_METRIC = flags.DEFINE_enum("metric", "digits", ["digits", "fid", "fashion", "clip_score"],
+                            "Which metric to compute.")
 _INCEPTION_WEIGHTS = flags.DEFINE_string(
     "inception_weights", None, "FID Inception state_dict (pt_inception-2015-12-05-6726825d.pth).")
 _REF_STATS = flags.DEFINE_string("ref_stats", None, "npz with reference mu / sigma (fid).")
 _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the samples' mu / sigma here (fid).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per Inception call (fid).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per network call (fid, clip_score).")
 _SEED = flags.DEFINE_integer("seed", 0, "Digits split / classifier seed (digits).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON to this file.")
+_FASHION_DIR = flags.DEFINE_string("fashion_dir", "/usr/share/datasets/fashion-mnist",
+                                   "IDX Fashion-MNIST directory (fashion).")
+_CLIP_WORKDIR = flags.DEFINE_string("clip_workdir", None, "CLIP-stage workdir (clip_score).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text of every sample when the npz has no "
+                              "'prompts' (clip_score).")
 flags.mark_flags_as_required(["samples"])
 
 
@@ -46,10 +61,9 @@ def main(argv):
 
 def _evaluate():
     images, labels = _load_samples(_SAMPLES.value)
-    if _METRIC.value == "digits":
-        result = _digits(images, labels)
-    else:
-        result = _fid(images)
+    evaluate = dict(digits=_digits, fashion=_fashion, fid=lambda x, _: _fid(x),
+                    clip_score=lambda x, _: _clip_score(x))[_METRIC.value]
+    result = evaluate(images, labels)
     result = dict(metric=_METRIC.value, samples=_SAMPLES.value, **result)
     text = json.dumps(result, indent=2)
     print(text)
@@ -93,6 +107,38 @@ def _digits(images: np.ndarray, labels) -> dict:
         result["label_accuracy"] = metric.accuracy(images, labels)
     result["reference"] = metric.reference(images.shape[1])
     return result
+
+
+def _fashion(images: np.ndarray, labels) -> dict:
+    from diffusion_jax import fashion_metric
+
+    if labels is not None and np.any(labels < 0):
+        labels = None  # unconditional samples: FD and class histogram only
+    metric = fashion_metric.FashionMetric(_FASHION_DIR.value)
+    result = metric(images, labels)
+    result["reference"] = metric.reference(images.shape[1])
+    return result
+
+
+def _clip_score(images: np.ndarray) -> dict:
+    from diffusion_jax import metrics_clip
+
+    if not _CLIP_WORKDIR.value:
+        raise app.UsageError("--metric=clip_score needs --clip_workdir=DIR (a "
+                             "configs/fashion_clip.py training run)")
+    with np.load(_SAMPLES.value) as data:
+        prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
+    if prompts is None:
+        if not _PROMPT.value:
+            raise app.UsageError(f"{_SAMPLES.value!r} has no 'prompts' array; pass --prompt=TEXT")
+        prompts = [_PROMPT.value] * images.shape[0]
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"'prompts' has {len(prompts)} entries for {images.shape[0]} images")
+    model, tokenizer = metrics_clip.load_clip(_CLIP_WORKDIR.value)
+    score = metrics_clip.clip_score(model, tokenizer, images, prompts,
+                                    batch_size=_BATCH_SIZE.value)
+    return dict(num_samples=int(images.shape[0]), clip_score=score,
+                clip_workdir=_CLIP_WORKDIR.value)
 
 
 def _fid(images: np.ndarray) -> dict:
