@@ -9,17 +9,19 @@ transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.convert import clip as convert_clip  # noqa: E402
 from diffusion_jax.convert import common  # noqa: E402
+from diffusion_jax import metrics_clip  # noqa: E402
 from diffusion_jax.models import clip_vision  # noqa: E402
+from sd_fixtures import write_vocab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+        text_config=dict(vocab_size=526, hidden_size=32, intermediate_size=37,
                          num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=16, bos_token_id=97, eos_token_id=98,
-                         pad_token_id=1),
+                         max_position_embeddings=16, bos_token_id=524, eos_token_id=525,
+                         pad_token_id=525),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=40,
                            num_hidden_layers=2, num_attention_heads=4),
         projection_dim=16)
@@ -31,13 +33,14 @@ def checkpoint(tmp_path_factory):
         model.logit_scale.fill_(2.0)
     path = tmp_path_factory.mktemp("clip")
     model.save_pretrained(path)
+    write_vocab(path / "tokenizer", {"model_max_length": 16})  # ids: bos 524, eos 525
     return model, str(path)
 
 
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(2, 97, size=(3, 10))
-    ids[:, 0], ids[0, 6], ids[1, 9], ids[2, 3] = 97, 98, 98, 98     # eos at varied positions
+    ids = rng.integers(2, 520, size=(3, 10))
+    ids[:, 0], ids[0, 6], ids[1, 9], ids[2, 3] = 524, 525, 525, 525  # eos at varied positions
     images = rng.uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
     return ids, images
 
@@ -82,3 +85,24 @@ def test_round_trip_and_errors(checkpoint, tmp_path):
         convert_clip.config_to_kwargs(bad)
     with pytest.raises(FileNotFoundError):
         convert_clip.load_transformers(tmp_path / "nothing")
+
+
+def test_clip_score_with_converted_checkpoint_matches_transformers(checkpoint):
+    ref, path = checkpoint
+    model, tok = metrics_clip.load_clip(path)
+    texts = ["hello cat", "a photo"]
+    ids = tok(texts)
+    assert ids[0, 0] == 524 and 525 in ids[0]
+    _, images = _inputs(3)
+    pixels = ((images + 1) / 2 - np.asarray(clip_vision.OPENAI_CLIP_MEAN, np.float32)) / \
+        np.asarray(clip_vision.OPENAI_CLIP_STD, np.float32)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids, dtype=torch.long),
+                  pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+    cos = (out.image_embeds * out.text_embeds).sum(-1).numpy()
+    expected = np.mean(np.maximum(100 * cos, 0))
+    got = metrics_clip.clip_score(model, tok, images, texts)
+    assert got == pytest.approx(expected, abs=2e-3)
+    image_fn, text_fn = metrics_clip.clip_embedders(model, tok)
+    np.testing.assert_allclose(image_fn(images), out.image_embeds.numpy(), atol=2e-5)
+    np.testing.assert_allclose(text_fn(texts), out.text_embeds.numpy(), atol=2e-5)
