@@ -7,12 +7,13 @@ the same ``--workdir`` resumes from its latest checkpoint.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import train
+from diffusion_jax import compilation_cache, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 
 
 def main(argv):
@@ -20,6 +21,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
+    compilation_cache.enable(_JIT_CACHE.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
