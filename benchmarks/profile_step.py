@@ -20,7 +20,8 @@ update are timed as phases with ``time.perf_counter``.
 Host-to-device: ``sharding.shard_batch`` of one host batch, timed on its own (it is outside the
 jitted step).
 
-Writes ``results/profile_breakdown.json`` and ``results/profile_breakdown.md``; the 1-minute
+Writes ``results/profile_breakdown.json`` and ``results/profile_breakdown.md`` (other models:
+``profile_breakdown_<model>.*``); the 1-minute
 load before and after is recorded and the run is marked "loaded host" above cores + 0.5.
 """
 import argparse
@@ -71,8 +72,10 @@ def main():
     payload = dict(model=args.model, batch_size=args.batch, steps=args.steps,
                    load_1min_before=load_before, load_1min_after=load_after, loaded_host=loaded,
                    load_threshold=cores + interleave.LOAD_MARGIN, results=results)
-    path = common.write_results("profile_breakdown", payload)
-    md = os.path.join(common.RESULTS_DIR, "profile_breakdown.md")
+    path = common.write_results(
+        "profile_breakdown" + ("" if args.model == "tiny" else f"_{args.model}"), payload)
+    suffix = "" if args.model == "tiny" else f"_{args.model}"
+    md = os.path.join(common.RESULTS_DIR, f"profile_breakdown{suffix}.md")
     with open(md, "w") as f:
         f.write(render(payload, " ".join(["python", "benchmarks/profile_step.py"] + sys.argv[1:])))
     print("wrote", path, "and", md)
@@ -101,7 +104,11 @@ def render(p, command):
               "most specific content (convolution > dot > named source). Theirs: self CPU time "
               "of aten ops in forward + backward, plus clipping / Adam / EMA timed as phases. "
               "The host-to-device row is `sharding.shard_batch` (ours) and is outside the "
-              "jitted step; diffusers' batch already lives on the CPU.", ""]
+              "jitted step; diffusers' batch already lives on the CPU. In ours, XLA fuses SiLU "
+              "into the GroupNorm kernels (counted as GroupNorm) and the attention softmax into "
+              "kernels with its matmuls; in theirs, the attention row is the fused "
+              "`scaled_dot_product_attention` kernel, matmuls included. The two sides are "
+              "profiled one after the other, not interleaved.", ""]
     top = p["results"]["jax"].get("top_instructions", [])
     if top:
         lines += ["Ours, the 10 most expensive HLO instructions:", "",
@@ -301,7 +308,7 @@ def profile_torch(case):
 
 def _torch_kind(name):
     n = name.lower()
-    rules = (("conv", "convolution"), ("addmm", "matmul (attention, linear)"),
+    rules = (("scaled_dot_product", "attention softmax"), ("conv", "convolution"), ("addmm", "matmul (attention, linear)"),
              ("bmm", "matmul (attention, linear)"), ("aten::mm", "matmul (attention, linear)"),
              ("group_norm", "GroupNorm"), ("silu", "SiLU"), ("softmax", "attention softmax"),
              ("bernoulli", "dropout / random bits"), ("dropout", "dropout / random bits"),
