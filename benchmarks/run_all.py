@@ -88,6 +88,8 @@ def render(suffix="", command=".venv/bin/python benchmarks/run_all.py"):
         lines += _render_sample(runs["sample_throughput"])
     if "scaling" in runs:
         lines += _render_scaling(runs["scaling"])
+    lines += [f"Not in this run: {name} (`benchmarks/run_all.py --only {name}`)."
+              for name in BENCHMARKS if name not in runs]
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@
 ``jax.distributed.initialize`` and gloo collectives. Checked here:
 
 * each process reads its own disjoint host slice of the data (``jax.process_index()``);
-* training on a data=4 x fsdp=2 mesh, SIGKILLed after its first checkpoint and resumed by
-  both processes, and an uninterrupted data=8 run, end with the parameters of one process
+* training on a data=4 x fsdp=2 mesh, SIGKILLed after its first checkpoint (written by both
+  processes: one orbax OCDBT shard file each) and resumed by both processes, and an uninterrupted data=8 run, end with the parameters of one process
   with 8 devices fed the same global batches (host 0's examples then host 1's).
 """
 
@@ -117,6 +117,8 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch)
                         kill_when=lambda: bool(_finished_steps(fsdp_dir)))
     assert out["killed"], logs[-4000:]
     last = _finished_steps(fsdp_dir)[-1]
+    state_dir = os.path.join(fsdp_dir, "checkpoints", str(last), "state")
+    assert {f"ocdbt.process_{p}" for p in range(NUM_PROCESSES)} <= set(os.listdir(state_dir))
     total = last + 2
     out, logs = _launch(_train_argv(fsdp_dir, total, 4, 2), tmp_path / "logs_b")
     assert out["returncodes"] == [0] * NUM_PROCESSES, logs[-4000:]
