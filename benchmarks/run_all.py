@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, interleave  # noqa: E402
 
 BENCHMARKS = ("train_throughput", "sample_throughput", "scaling")
 
@@ -77,9 +77,10 @@ def render(suffix="", command=".venv/bin/python benchmarks/run_all.py"):
         f"{m['memory_gib']} GiB ({m['platform']}). Versions: jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}, torch {v['torch']}, diffusers {v['diffusers']}.",
         "Load average (1 min) per benchmark, start / end: " + ", ".join(
-            f"{name} {r['machine']['load_average_1_5_15_at_start'][0]} / "
+            f"{name} ({r['date'][:10]}) {r['machine']['load_average_1_5_15_at_start'][0]} / "
             f"{r['machine']['load_average_1_5_15_at_end'][0]}" for name, r in runs.items()) +
-        " -- on a host with 2 cores, anything above ~0.5 means other processes shared the CPU.",
+        f" -- a result is flagged **loaded host** above usable cores + "
+        f"{interleave.LOAD_MARGIN}; the benchmark itself keeps every core busy.",
         "",
     ]
     if "train_throughput" in runs:
