@@ -28,25 +28,38 @@ _spec.loader.exec_module(multihost_local)
 NUM_PROCESSES = 2
 
 
-def _launch(argv, log_dir, **kwargs):
-    """Runs the job; once more if gloo timed out connecting the two processes.
+def _launch(argv, log_dir, kill_when=None):
+    """Runs the job; again (up to 3 times) if gloo failed to connect the two processes.
 
     gloo connects the processes at their first collective and gives up after 30 s; on a host
-    overloaded by other jobs one process can reach it that much later than the other. A rerun
-    resumes from the latest checkpoint, which the final comparison covers anyway.
+    overloaded by other jobs one process can reach it that much later than the other, and the
+    survivor then blocks. Such an attempt is stopped as soon as its log shows the failure. A
+    rerun resumes from the latest checkpoint, which the final comparison covers anyway.
     """
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # conftest's 8 devices; the launcher sets 4 per process
-    for attempt in range(2):
+    for attempt in range(3):
+        attempt_dir = f"{log_dir}_{attempt}"
+
+        def stop():
+            return _gloo_failed(attempt_dir) or (kill_when is not None and kill_when())
+
         out = multihost_local.launch(argv, num_processes=NUM_PROCESSES, devices_per_process=4,
-                                     timeout_s=240, log_dir=f"{log_dir}_{attempt}", env=env,
-                                     **kwargs)
+                                     timeout_s=240, log_dir=attempt_dir, env=env, kill_when=stop,
+                                     poll_s=0.1)
         logs = "\n".join(_read(p) for p in out["logs"])
-        assert not out["timed_out"], logs[-4000:]
-        if out["killed"] or not any(out["returncodes"]) or "Gloo context initialization failed" \
-                not in logs:
-            break
-    return out, logs
+        if _GLOO_FAILURE not in logs:
+            assert not out["timed_out"], logs[-4000:]
+            return out, logs
+    pytest.fail(f"gloo failed to connect the processes 3 times:\n{logs[-4000:]}")
+
+
+_GLOO_FAILURE = "Gloo context initialization failed"
+
+
+def _gloo_failed(log_dir):
+    paths = [os.path.join(log_dir, f"process_{p}.log") for p in range(NUM_PROCESSES)]
+    return any(os.path.exists(p) and _GLOO_FAILURE in _read(p) for p in paths)
 
 
 def _read(path):
