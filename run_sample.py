@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import generate, image_io, loading, sharding
+from diffusion_jax import compilation_cache, generate, image_io, loading, sharding
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
@@ -36,6 +36,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Diffusion and sampling settings of a --checkpoint model (--workdir uses its own).")
 flags.mark_flags_as_required(["out"])
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 cli.define_flags()
 
 
@@ -48,6 +49,7 @@ def main(argv):
         raise app.UsageError("Pass exactly one of --workdir and --checkpoint.")
     if _WORKDIR.value is not None and flags.FLAGS["config"].present:
         raise app.UsageError("--config applies to --checkpoint only; --workdir uses its own.")
+    compilation_cache.enable(_JIT_CACHE.value)
     try:
         _sample()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
