@@ -236,10 +236,13 @@ def inpaint(pipe: Pipeline, images, mask, prompts, key, *, paste=True, **kwargs)
                         {"mask": mask}, **kwargs)
 
 
-def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None, mesh=None):
+def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None,
+           fixed_point_iters=0, mesh=None):
     """DDIM inversion of ``encode(images)`` under the prompts: the latents ``z_T`` that
-    deterministic DDIM (same ``num_steps``, uniform spacing) decodes back to them
-    (:func:`diffusion_jax.applications.inversion.ddim_invert`).
+    deterministic DDIM (same ``num_steps``, uniform spacing: decode with
+    ``text_to_image(pipe._replace(ddim_timesteps=None), ..., latents=z_T)``) maps back to
+    them (:func:`diffusion_jax.applications.inversion.ddim_invert`; ``fixed_point_iters``
+    refinements per step make the round trip exact, see there).
 
     Returns:
         ``[B, H/f, W/f, C_z]`` float32 latents.
@@ -249,8 +252,14 @@ def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None
                                        "num_steps": num_steps, "timesteps": None})
     prompts = _prompts(prompts, images.shape[0], "prompts")
     out = _run(pipe, "invert", "ddim", options, prompts, None, guidance_scale, {"x": images},
-               jax.random.key(0), mesh, ())
+               jax.random.key(0), mesh, (("fixed_point_iters", int(fixed_point_iters)),))
     return np.asarray(out, np.float32)
+
+
+def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:
+    """``[B, H, W, 1]`` pixel hole (1 = regenerate) -> ``[B, H/f, W/f, 1]`` known latents:
+    1 where every pixel of the ``f x f`` block is known, 0 if any is in the hole."""
+    return (area_downsample(hole, factor) == 0.0).astype(jnp.float32)
 
 
 def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, int, int, int]:
@@ -339,19 +348,19 @@ def _img2img_task(denoise, codec, schedule, sampler, options, arrays, key, *, st
 def _inpaint_task(denoise, codec, schedule, sampler, options, arrays, key, *, paste):
     images, hole = arrays["x"], arrays["mask"]                           # [B, H, W, 1]
     z_known = codec.encode(images)
-    factor = images.shape[1] // z_known.shape[1]
-    known = (area_downsample(hole, factor) == 0.0).astype(z_known.dtype)  # [B, h, w, 1]
+    known = latent_known_mask(hole, images.shape[1] // z_known.shape[1])  # [B, h, w, 1]
     z = inpaint_app.inpaint(denoise, schedule, z_known, known, key, sampler=sampler,
                             options=options)
     decoded = codec.decode(z)
     return hole * decoded + (1.0 - hole) * images if paste else decoded
 
 
-def _invert_task(denoise, codec, schedule, sampler, options, arrays, key):
+def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters):
     del sampler, key  # deterministic DDIM
     return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
                                  num_steps=options.num_steps, spacing=options.spacing,
-                                 pred_type=options.pred_type)
+                                 pred_type=options.pred_type,
+                                 fixed_point_iters=fixed_point_iters)
 
 
 _TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_task,
