@@ -273,15 +273,18 @@ def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, i
     """``(B, H / f, W / f, C_z)`` for images of ``height x width`` (default ``sample_size``).
 
     Raises:
-        ValueError: if a size is not a positive multiple of ``f``.
+        ValueError: if a size is not a positive multiple of ``f * 2 ** (unet levels - 1)``
+            (the autoencoder's factor times the UNet's).
     """
     factor = latent_factor(pipe.vae)
+    unet_factor = 2 ** (getattr(pipe.unet, "num_levels", 1) - 1)
     sizes = []
     for name, value in (("height", height), ("width", width)):
         value = pipe.sample_size if value is None else value
-        if value < factor or value % factor:
-            raise ValueError(f"{name}={value} must be a positive multiple of the autoencoder's "
-                             f"factor {factor}.")
+        if value < factor * unet_factor or value % (factor * unet_factor):
+            raise ValueError(f"{name}={value} must be a positive multiple of "
+                             f"{factor * unet_factor} (autoencoder factor {factor} x UNet "
+                             f"factor {unet_factor}).")
         sizes.append(value // factor)
     return (batch, sizes[0], sizes[1], pipe.unet.in_channels)
 
