@@ -204,6 +204,7 @@ def test_latent_hole_keeps_a_latent_only_when_all_its_pixels_are_known():
     np.testing.assert_array_equal(known, expected)
 
 
+@pytest.mark.slow
 def test_inpaint_keeps_known_latents_and_pixels(ours):
     images = _photo()
     hole = np.zeros((SIZE, SIZE, 1), np.float32)
