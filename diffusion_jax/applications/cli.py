@@ -170,16 +170,12 @@ def check_sd_flags(fv, pipe):
     if task not in SD_TASKS:
         raise ValueError(f"--task={task} is not available for a Stable Diffusion checkpoint; "
                          f"expected one of {list(SD_TASKS)}.")
-    for name, users in TASK_FLAGS.items():
-        if fv[name].present and task not in users:
-            raise ValueError(f"--{name} is not used by --task={task} (it applies to "
-                             f"{', '.join(users)}).")
+    _check_common(fv)
     for name in ("class_label", "source_label", "resize_input", "jump_length", "jump_n_sample"):
         if fv[name].present:
             raise ValueError(f"--{name} does not apply to a Stable Diffusion checkpoint.")
     if fv.prompt is None:
         raise ValueError("--prompt is required for a Stable Diffusion checkpoint.")
-    _check_common(fv)
     if fv.guidance_scale is not None and fv.guidance_scale < 0:
         raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
     height, width = fv.height or pipe.sample_size, fv.width or pipe.sample_size
@@ -240,7 +236,11 @@ def run_sd_from_flags(fv, pipe, out_dir):
 
 
 def _check_common(fv):
-    """Checks shared by every kind of checkpoint."""
+    """Checks shared by every kind of checkpoint: flags of other tasks, counts."""
+    for name, users in TASK_FLAGS.items():
+        if fv[name].present and fv.task not in users:
+            raise ValueError(f"--{name} is not used by --task={fv.task} (it applies to "
+                             f"{', '.join(users)}).")
     if fv.steps is not None and fv.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
     if fv.num_samples < 1:
