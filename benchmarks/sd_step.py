@@ -100,7 +100,8 @@ def _unet_case(case, sd15_size, repeats):
     rows = 4 if case == "small" else 2
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel(**config).eval()
-    kwargs = unet_cond.config_to_kwargs(dict(theirs.config))
+    kwargs = unet_cond.config_to_kwargs({k: v for k, v in theirs.config.items()
+                                         if not k.startswith("_")})
     ours = _numpy_init(lambda: CondUNet(**kwargs, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(ours)
     rng = np.random.default_rng(0)

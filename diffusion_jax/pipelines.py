@@ -95,7 +95,7 @@ def load(path, *, dtype=None, sample_size=None) -> Pipeline:
     """A :class:`Pipeline` from a Stable Diffusion directory (diffusers layout or converted).
 
     The schedule, prediction type and clipping come from its ``scheduler_config.json``, and
-    DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_options`).
+    DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_timesteps`).
 
     Args:
         path: directory with ``model_index.json``.

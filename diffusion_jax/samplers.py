@@ -88,8 +88,7 @@ class SamplerOptions:
         langevin_step_lr: Langevin step size at the last level.
         timesteps: ``None``, or DDIM's explicit ``((t_0, t_prev_0), (t_1, t_prev_1), ...)``
             pairs (``t_prev = -1``: ``alpha_bar = 1``), overriding ``num_steps`` and
-            ``spacing`` (e.g. the list a diffusers scheduler makes; see
-            :func:`diffusion_jax.pipelines.diffusers_ddim_options`).
+            ``spacing`` (e.g. the steps of a diffusers ``DDIMScheduler``).
         clip_keeps_eps: with ``clip_x0``, DDIM keeps the model's raw eps in the direction term
             (diffusers' ``DDIMScheduler``) instead of re-deriving it from the clipped x0.
     """
