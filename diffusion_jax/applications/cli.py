@@ -74,7 +74,8 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
                          flag_values=fv)
     flags.DEFINE_float("guidance_scale", None,
-                       "Classifier-free guidance weight w >= 0 (default: no guidance).",
+                       "Classifier-free guidance weight w >= 0 (default: no guidance); for a "
+                       "Stable Diffusion checkpoint the SD scale s = w + 1 (default 7.5).",
                        flag_values=fv)
     flags.DEFINE_enum("task", "sample", list(TASKS), "What to do with the model.", flag_values=fv)
     flags.DEFINE_string("input", None, "Input PNG (default: dataset images).", flag_values=fv)
