@@ -32,6 +32,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from diffusion_jax import compilation_cache
+
 _SAMPLES = flags.DEFINE_string("samples", None, "npz with images uint8 [N, H, W, C].")
 _METRIC = flags.DEFINE_enum("metric", "digits", ["digits", "fid", "fashion", "clip_score"],
                             "Which metric to compute.")
@@ -48,11 +50,13 @@ _CLIP_WORKDIR = flags.DEFINE_string("clip_workdir", None, "CLIP-stage workdir (c
 _PROMPT = flags.DEFINE_string("prompt", None, "Text of every sample when the npz has no "
                               "'prompts' (clip_score).")
 flags.mark_flags_as_required(["samples"])
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    compilation_cache.enable(_JIT_CACHE.value)
     try:
         _evaluate()
     except (FileNotFoundError, ValueError) as e:  # bad input files: one line, exit 1
