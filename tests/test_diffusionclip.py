@@ -105,3 +105,52 @@ def test_task_layer_reports_scores(setup):
         tasks.run_task("diffusionclip", unet, sched, np.asarray(x0),
                        tasks.TaskOptions(clip=(clip_model, cf.tokenize), source_text="a"),
                        jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_run_sample_diffusionclip_cli(tmp_path):
+    """run_sample.py --task=diffusionclip end to end: a tiny trained workdir, a random
+    transformers CLIP saved to disk (ViT tower + tiny BPE tokenizer) as --clip_workdir."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+    from PIL import Image
+    from sd_fixtures import write_vocab
+    from training_fixtures import REPO, subprocess_env
+
+    def run(script, *args):
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+    workdir = str(tmp_path / "w")
+    proc = run("run_train.py", "--config=configs/tiny.py", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=526, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=524, eos_token_id=525, pad_token_id=525),
+        vision_config=dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2), projection_dim=8)
+    clip_dir = tmp_path / "clip"
+    transformers.CLIPModel(config).save_pretrained(clip_dir)
+    write_vocab(clip_dir / "tokenizer", {"model_max_length": 16})
+    image = str(tmp_path / "bar.png")
+    bar = np.zeros((8, 8), np.uint8)
+    bar[:, 2:6] = 255
+    Image.fromarray(bar).save(image)
+    out = str(tmp_path / "out")
+    args = [f"--workdir={workdir}", "--task=diffusionclip", f"--input={image}", "--steps=3",
+            "--num_samples=1", "--source_text=hello", "--target_text=cat", "--t0=0.3",
+            "--finetune_steps=2", "--clip_decode_steps=2", "--clip_lr=1e-3", f"--out={out}"]
+    proc = run("run_sample.py", *args, f"--clip_workdir={clip_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "diffusionclip directional=" in proc.stdout
+    res = np.load(os.path.join(out, "diffusionclip.npz"))
+    assert res["output"].shape == res["reconstruction"].shape == (1, 8, 8, 1)
+    assert np.isfinite(res["output"]).all() and res["directional"].shape == (1,)
+    proc = run("run_sample.py", *args, f"--clip_workdir={tmp_path / 'missing'}")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
