@@ -154,3 +154,25 @@ def test_run_sample_diffusionclip_cli(tmp_path):
     assert np.isfinite(res["output"]).all() and res["directional"].shape == (1,)
     proc = run("run_sample.py", *args, f"--clip_workdir={tmp_path / 'missing'}")
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_latent_model_with_decode_fn(setup):
+    """A latent denoiser: x0 are 8x8 "latents", decode_fn a fixed 2x nearest upsampling into
+    CLIP's 16x16 image space; the identity and CLIP terms are measured on decoded images."""
+    clip_model, _, sched, x0, text = setup
+    latent_unet = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                       num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4,
+                       rngs=nnx.Rngs(1))
+    z0 = x0[:, ::2, ::2]
+    decode = lambda z: jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)
+    out = dc.diffusionclip_edit(latent_unet, sched, z0, clip_model.encode_image,
+                                dc.text_direction(text[0], text[1]), t0=0.4,
+                                num_inversion_steps=8, num_decode_steps=4, finetune_steps=12,
+                                learning_rate=3e-3, decode_fn=decode)
+    assert out["output"].shape == x0.shape and out["latent"].shape == z0.shape
+    emb0 = clip_model.encode_image(decode(z0))
+    final = dc.directional_similarity(clip_model.encode_image, out["output"], emb0,
+                                      dc.text_direction(text[0], text[1]))
+    assert float(final.min()) > 0.5
+    assert float(jnp.mean(jnp.abs(out["output"] - decode(z0)))) < 0.5
