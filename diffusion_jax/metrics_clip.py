@@ -27,8 +27,11 @@ from diffusion_jax import metrics
 TOKENIZER_SUBDIR = "tokenizer"
 
 
-def clip_embedders(model, tokenizer, *, batch_size: int = 64
-                   ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[Sequence[str]], np.ndarray]]:
+ImageFn = Callable[[np.ndarray], np.ndarray]
+TextFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def clip_embedders(model, tokenizer, *, batch_size: int = 64) -> tuple[ImageFn, TextFn]:
     """``(image_fn, text_fn)``: images ``[N, H, W, C]`` in [-1, 1] -> ``[N, E]`` and N texts ->
     ``[N, E]`` unit embeddings (jitted, in fixed-size batches so each compiles once).
 
