@@ -18,7 +18,7 @@ come from its ``scheduler/scheduler_config.json`` and it runs text-to-image::
         --input=photo.png --mask=hole.png
 
 Otherwise ``--checkpoint=PATH`` loads a converted diffusers ``UNet2DModel`` checkpoint
-(``diffusion_jax.models.convert_diffusers``); its diffusion settings come from ``--config``
+(``diffusion_jax.convert.unet2d``); its diffusion settings come from ``--config``
 (default ``configs/default.py``: DDPM's linear schedule, T = 1000,
 eps prediction), e.g. ``--config.diffusion.num_timesteps=...``, and its image size,
 channels and classes from the checkpoint. ``samples.npz`` holds ``images``
