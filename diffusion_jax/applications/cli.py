@@ -17,6 +17,7 @@ class-conditional models). A flag the task does not use is an error. The SR flag
 the checkpoint's ``config.sr``. Outputs: ``OUT/<task>.png`` (rows: input, [mask,] output) and
 ``OUT/<task>.npz`` (float arrays in [-1, 1]). Nothing in the library imports this module.
 """
+import dataclasses
 import os
 
 import jax
@@ -37,6 +38,7 @@ TASK_FLAGS = {
     "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
     "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
     "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
+    "sampler_option": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
 }
 
 
@@ -55,6 +57,10 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).",
                          flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "sampler_option", [], "NAME=VALUE of any SamplerOptions field, e.g. churn=40, order=3, "
+        "sde=ve, method=tsit5, dynamic_threshold=0.995 (repeatable; default: config.sample).",
+        flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
@@ -132,7 +138,36 @@ def check_flags(fv, config):
 
 def sampler_options(fv, config):
     """The run's :class:`~diffusion_jax.samplers.SamplerOptions`: config + flags, built once."""
-    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta)
+    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta,
+                                        **parse_sampler_options(fv.sampler_option))
+
+
+def parse_sampler_options(items):
+    """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
+    converted to the type of the :class:`~diffusion_jax.samplers.SamplerOptions` field's default
+    (``none`` -> ``None``).
+
+    Raises:
+        ValueError: for an item without ``=``, an unknown field or an unconvertible value.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
+                             f"{sorted(defaults)}.")
+        default = defaults[name]
+        if text.lower() == "none":
+            parsed[name] = None
+            continue
+        kind = float if name == "dynamic_threshold" else type(default)
+        try:
+            parsed[name] = text if kind is str or default is None else kind(text)
+        except ValueError as err:
+            raise ValueError(f"--sampler_option={item!r}: {name} expects a "
+                             f"{kind.__name__}.") from err
+    return parsed
 
 
 def run_task_from_flags(fv, model, sched, config, out_dir):
