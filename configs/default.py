@@ -52,6 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.pred_type = "eps"  # network output: eps | x0 | v
     diffusion.loss_weighting = "uniform"  # uniform | snr | min_snr
     diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting
+    # Objective: "discrete" (DDPM, the fields above) | "vp" | "subvp" | "ve" (continuous-time
+    # DSM of that SDE) | "edm" (EDM preconditioning); continuous kinds need
+    # model.time_input = "continuous"; see diffusion_jax/sde/parameterization.py
+    diffusion.kind = "discrete"  # discrete | vp | subvp | ve | edm
+    diffusion.sde_beta_min = 0.1  # VP / sub-VP beta(0)
+    diffusion.sde_beta_max = 20.0  # VP / sub-VP beta(1)
+    diffusion.sde_sigma_min = 0.01  # VE sigma(0)
+    diffusion.sde_sigma_max = 50.0  # VE sigma(1)
+    diffusion.sde_eps = 1e-5  # SDE kinds: t ~ U(sde_eps, 1)
+    diffusion.likelihood_weighting = False  # SDE kinds: weight by g(t)^2 instead of s(t)^2
+    diffusion.edm_sigma_data = 0.5  # EDM sigma_data
+    diffusion.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
+    diffusion.edm_p_std = 1.2  # EDM log-normal std
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.name = "adam"  # "adam" | "adamw"

@@ -67,6 +67,7 @@ from jax import lax
 
 from diffusion_jax.diffusion import PRED_TYPES, q_posterior, to_x0_and_eps
 from diffusion_jax.schedules import extract
+from diffusion_jax.sde import parameterization
 from diffusion_jax.sde import registry as sde_registry
 from diffusion_jax.sde.adapters import dynamic_threshold as threshold_x0
 from diffusion_jax.sde.ode import METHODS as ODE_METHODS
@@ -223,7 +224,8 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
 
 
 def options_from_config(config, **overrides):
-    """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``.
+    """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``
+    (``x0`` for a continuous-time ``diffusion.kind``).
 
     Overrides whose value is ``None`` are ignored (an unset flag keeps the config's value), so
     a CLI passes its flags straight through: ``options_from_config(config, num_steps=FLAGS.steps,
@@ -244,7 +246,7 @@ def options_from_config(config, **overrides):
     sample_cfg = config.sample
     values = dict(num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
                   spacing=sample_cfg.get("spacing", "uniform"),
-                  pred_type=config.diffusion.pred_type, clip_x0=sample_cfg.clip_x0,
+                  pred_type=_sampling_pred_type(config.diffusion), clip_x0=sample_cfg.clip_x0,
                   variance=sample_cfg.ddpm_variance,
                   langevin_steps_each=sample_cfg.langevin_steps_each,
                   langevin_step_lr=sample_cfg.langevin_step_lr)
@@ -257,6 +259,14 @@ def options_from_config(config, **overrides):
         raise ValueError(f"Unknown sampler option(s) {unknown}; expected some of {list(values)}.")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return make_options(**values)
+
+
+def _sampling_pred_type(diffusion_cfg):
+    """``diffusion.pred_type``, or ``x0`` for a continuous-time model: its sampler-facing
+    denoiser is :func:`~diffusion_jax.sde.parameterization.discrete_view`, an x0-predictor."""
+    if parameterization.kind_of(diffusion_cfg) != "discrete":
+        return "x0"
+    return diffusion_cfg.pred_type
 
 
 def make_options(**fields):
@@ -549,7 +559,7 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
     Args:
         score_fn: ``score_fn(x [B, ...], sigma [B]) -> score [B, ...]``, an estimate of
             ``grad_x log p_sigma(x)`` for the data convolved with ``N(0, sigma^2 I)``.
-        sigmas: ``[L]`` decreasing noise levels (e.g. :func:`schedules.geometric_sigmas`).
+        sigmas: ``[L]`` decreasing noise levels (e.g. :func:`diffusion_jax.sde.sdes.geometric_sigmas`).
         x_init: ``[B, ...]`` starting point (NCSN uses uniform noise; ``sigma_0 * N(0, I)`` works).
         key: PRNG key.
         n_steps_each: static number of updates per level, ``>= 1``.

@@ -132,6 +132,9 @@ def check_flags(fv, config):
         raise ValueError("--task=sr needs a super-resolution model (model.cond_image_channels > 0)"
                          if task == "sr" else
                          f"This is a super-resolution model; it runs with --task=sr, not {task}.")
+    if task != "sample" and config.diffusion.get("kind", "discrete") != "discrete":
+        raise ValueError(f"--task={task} needs a discrete-time model; this one is "
+                         f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
 
