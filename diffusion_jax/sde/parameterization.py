@@ -100,7 +100,7 @@ def training_loss(net, diffusion_cfg, x0, key, num_timesteps):
     elif kind in SDE_KINDS:
         sde = sde_of(diffusion_cfg)
         loss, per_example, quantile = continuous_dsm_loss(
-            _score_of_eps_net(net, sde), sde, x0, key, eps=diffusion_cfg.sde_eps,
+            score_of_eps_net(net, sde), sde, x0, key, eps=diffusion_cfg.sde_eps,
             likelihood_weighting=diffusion_cfg.likelihood_weighting)
     else:
         raise ValueError("training_loss is for continuous kinds; diffusion.kind='discrete' uses "
@@ -147,7 +147,7 @@ def discrete_view(net, diffusion_cfg, schedule):
     return denoise
 
 
-def _score_of_eps_net(net, sde):
+def score_of_eps_net(net, sde):
     """``score(x, t) = -net(x, 999 t) / s(t)``."""
 
     def score(x, t):
