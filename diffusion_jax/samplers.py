@@ -28,6 +28,11 @@ constants).
 
 The registry
 ------------
+Registered: ``ddpm``, ``ddim``, ``langevin`` (here) and the continuous-time solvers of
+:mod:`diffusion_jax.sde.registry` (``edm_heun``, ``dpm_solver_pp``, ``pc``,
+``probability_flow``), whose settings are fields of :class:`SamplerOptions` too;
+:func:`num_evaluations` gives each one's network evaluations.
+
 :data:`SAMPLERS` maps a name to a :class:`SamplerEntry`; it is the only dispatcher (the CLI,
 every application, the training-time sample grid, the figure script and the benchmarks go
 through :func:`run`). A registered function has the uniform signature
@@ -40,8 +45,8 @@ through :func:`run`). A registered function has the uniform signature
 * ``x_start``: float ``[B, ...]``, the chain's start (``N(0, I)``, or a noised image at
   ``t_start``).
 * ``key``: PRNG key; per-step keys are ``fold_in(key, i)``.
-* ``options``: :class:`SamplerOptions` (a pytree: ``eta`` and ``langevin_step_lr`` are leaves,
-  so they may be traced and changing them does not recompile; the rest is static).
+* ``options``: :class:`SamplerOptions` (a pytree: its float settings, :data:`TRACED_FIELDS`,
+  are leaves, so they may be traced and changing them does not recompile; the rest is static).
 * ``t_start``: static int, start the chain at that step (SDEdit); only for entries registered
   with ``supports_t_start=True``. ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev`` runs
   after every step (inpainting, ILVR); only with ``supports_step_hook=True``.

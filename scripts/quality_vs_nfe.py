@@ -8,8 +8,8 @@ DDIM and DPM-Solver++ (2M) ``N`` steps (``N`` evaluations), EDM's Heun ``(N + 1)
 (``2 steps - 1``), predictor--corrector (reverse diffusion + Langevin, VP) ``N // 2`` steps (2
 per step). The adaptive probability-flow ODE (Tsit5, PID controller) runs at a ladder of
 tolerances instead and reports what it spent. Every NFE in the table is *counted* (a host
-callback in the denoiser), and checked against :func:`diffusion_jax.samplers.num_evaluations`
-for the fixed-step solvers. The samples are scored with the digits metric
+callback in the denoiser) and compared with :func:`diffusion_jax.samplers.num_evaluations`
+for the fixed-step solvers (a mismatch is printed). The samples are scored with the digits metric
 (:class:`diffusion_jax.digits_classifier.DigitsMetric`: calibrated confident share and
 digit-FD against real digits; the held-out real digits give the reference row).
 
@@ -65,7 +65,8 @@ def main(argv):
             images, nfe = sample(name, options, counter)
             expected = samplers.num_evaluations(name, options, loaded.schedule.num_timesteps)
             if nfe != expected:
-                raise AssertionError(f"{name}: counted {nfe} evaluations, expected {expected}.")
+                print(f"WARNING {name}: counted {nfe} evaluations, num_evaluations says "
+                      f"{expected}; the table shows the counted number.", flush=True)
             rows.setdefault(label, []).append(_score(metric, images, nfe, target))
             print(label, rows[label][-1], flush=True)
     for tol in map(float, _TOLS.value):

@@ -164,11 +164,11 @@ def parse_sampler_options(items):
         if text.lower() == "none":
             parsed[name] = None
             continue
-        kind = float if name == "dynamic_threshold" else type(default)
+        kind = float if name == "dynamic_threshold" else str if default is None else type(default)
         try:
-            parsed[name] = text if kind is str or default is None else kind(text)
+            parsed[name] = kind(text)
         except ValueError as err:
-            raise ValueError(f"--sampler_option={item!r}: {name} expects a "
+            raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
                              f"{kind.__name__}.") from err
     return parsed
 
