@@ -78,13 +78,21 @@ def predictor_corrector(denoise, schedule, x_start, key, options, *, t_start=Non
     """Predictor--corrector sampling (:func:`~diffusion_jax.sde.pc.pc_sample`) of ``options.sde``.
 
     ``t_start`` needs a concrete schedule (its continuous start time fixes the grid's length).
+
+    Raises:
+        ValueError: for a VP / sub-VP SDE with ``num_steps <= beta_max`` and a predictor or
+            corrector that uses score_sde's discretisation (``reverse_diffusion``,
+            ``ancestral``, ``langevin``, ``annealed_langevin``: ``beta_i >= 1`` gives NaN).
     """
     with jax.ensure_compile_time_eval():                    # concrete t0 also inside jax.jit
         sde = sde_for_schedule(schedule, _opt(options, "sde", "vp"), options.num_steps)
+        predictor = _opt(options, "predictor", "reverse_diffusion")
+        corrector = _opt(options, "corrector", "langevin")
+        _check_pc_steps(sde, predictor, corrector, options.num_steps)
         score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     return pc_sample(score, sde, x_sde, key,
-                     predictor=_opt(options, "predictor", "reverse_diffusion"),
-                     corrector=_opt(options, "corrector", "langevin"),
+                     predictor=predictor,
+                     corrector=corrector,
                      snr=_opt(options, "snr", 0.16),
                      n_corrector_steps=_opt(options, "n_corrector_steps", 1),
                      eps=_opt(options, "sde_eps", 1e-3),
@@ -201,6 +209,19 @@ def _sde_hook(step_hook, schedule, sde):
         return vp_hook(x / m, x0_pred, sigma, key) * m
 
     return hook
+
+
+def _check_pc_steps(sde, predictor, corrector, num_steps):
+    """score_sde's VP discretisation ``beta_i = beta(t_i) / N`` (used by the reverse-diffusion
+    and ancestral predictors and the Langevin correctors) needs ``beta_i < 1``."""
+    uses_beta_i = (predictor in ("reverse_diffusion", "ancestral")
+                   or corrector in ("langevin", "annealed_langevin"))
+    if uses_beta_i and not isinstance(sde, VESDE) and float(sde.beta_max) >= num_steps:
+        raise ValueError(
+            f"pc with predictor {predictor!r} and corrector {corrector!r} on a VP / sub-VP SDE "
+            f"needs num_steps > beta_max = {float(sde.beta_max):.3g} (else beta_i >= 1 gives "
+            f"NaN); got num_steps={num_steps}. Use more steps, or predictor 'euler_maruyama' "
+            "with corrector 'none'.")
 
 
 def _opt(options, name, default):
