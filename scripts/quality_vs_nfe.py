@@ -197,7 +197,7 @@ def _plot(result, path):
         for xs in range(int(x0), int(x0 + panel_w), 12):
             draw.line([xs, ry, xs + 6, ry], fill="gray")
         for n in (5, 10, 20, 50, 100, 200):
-            if 10 ** lo <= n <= 10 ** hi:
+            if 0.999 * 10 ** lo <= n <= 1.001 * 10 ** hi:
                 x, _ = to_xy(n, vlo)
                 draw.text((x - 8, height - pad + 5), str(n), fill="black")
         draw.text((x0 - pad + 5, pad), f"{vhi:.2f}", fill="black")

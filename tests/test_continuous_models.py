@@ -92,7 +92,7 @@ def test_config_errors_name_the_field():
         train.make_train_step(None, schedules.schedule_from_config(config.diffusion), tx, config)
 
 
-@pytest.mark.parametrize("kind", ["vp", "edm"])
+@pytest.mark.parametrize("kind", ["vp", pytest.param("edm", marks=pytest.mark.slow)])
 def test_continuous_model_trains_and_samples(kind):
     """A tiny continuous model: 30 train steps lower the loss; then DPM-Solver++(1) on the
     uniform grid equals DDIM (the same first-order update) through generate.make_sample_fn."""
