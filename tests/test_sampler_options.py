@@ -60,9 +60,10 @@ def test_float_settings_are_traced_and_do_not_recompile():
 
 
 @pytest.mark.parametrize("name,extra", [
-    ("ddim", {}), ("edm_heun", {}), ("dpm_solver_pp", dict(order=3)), ("pc", {}),
-    ("pc", dict(corrector="none")), ("probability_flow", dict(method="heun")),
-    ("langevin", dict(langevin_steps_each=2))])
+    ("ddim", {}), ("edm_heun", {}), ("dpm_solver_pp", dict(order=3)),
+    ("pc", dict(num_steps=21, n_corrector_steps=2)),
+    ("pc", dict(predictor="euler_maruyama", corrector="none")),
+    ("probability_flow", dict(method="heun")), ("langevin", dict(langevin_steps_each=2))])
 def test_num_evaluations_counts_the_denoiser_calls(name, extra):
     calls = []
 
@@ -70,12 +71,24 @@ def test_num_evaluations_counts_the_denoiser_calls(name, extra):
         jax.debug.callback(lambda: calls.append(1))
         return 0.3 * x
 
-    options = samplers.make_options(num_steps=5, **extra)
+    options = samplers.make_options(**{"num_steps": 5, **extra})
     out = jax.jit(lambda k: samplers.run(name, denoise, SCHED, _x(), k, options))(
         jax.random.PRNGKey(2))
     jax.block_until_ready(out)
     jax.effects_barrier()
     assert len(calls) == samplers.num_evaluations(name, options, SCHED.num_timesteps)
+
+
+def test_pc_below_the_vp_discretisation_limit_is_an_error_not_nan():
+    """SCHED's VP SDE has beta_max = T beta_{T-1} = 20: beta_i = beta(t_i) / N >= 1 for N <= 20."""
+    denoise = lambda x, t: 0.3 * x
+    with pytest.raises(ValueError, match="num_steps > beta_max"):
+        samplers.run("pc", denoise, SCHED, _x(), jax.random.PRNGKey(0),
+                     samplers.make_options(num_steps=20))
+    out = samplers.run("pc", denoise, SCHED, _x(), jax.random.PRNGKey(0),
+                       samplers.make_options(num_steps=20, predictor="euler_maruyama",
+                                             corrector="none"))
+    assert np.all(np.isfinite(np.asarray(out)))
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm_solver_pp", "edm_heun"])
