@@ -32,6 +32,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from diffusion_jax import compilation_cache
+
 _SAMPLES = flags.DEFINE_string("samples", None, "npz with images uint8 [N, H, W, C].")
 _METRIC = flags.DEFINE_enum("metric", "digits", ["digits", "fid", "bpd_ode", "bpd_vlb"],
                             "Which metric to compute.")
@@ -48,11 +50,13 @@ _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the samples' mu / s
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per compiled call (fid, bpd_*).")
 _SEED = flags.DEFINE_integer("seed", 0, "Digits split / classifier seed (digits).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON to this file.")
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    compilation_cache.enable(_JIT_CACHE.value)
     try:
         _evaluate()
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # one line, exit 1
