@@ -146,7 +146,9 @@ def _score(metric, images, nfe, target):
 
 def _markdown(result):
     targets = [int(n) for n in _NFE.value]
-    lines = [f"Digits metric (confident share / digit-FD; real held-out digits: "
+    command = ("python scripts/quality_vs_nfe.py " + " ".join(sys.argv[1:])).strip()
+    lines = [f"`{command}`\n",
+             f"Digits metric (confident share / digit-FD; real held-out digits: "
              f"{result['real']['confidence_share']:.3f} / {result['real']['digit_fd']:.2f}) "
              f"of {result['num_samples']} samples per cell, by network evaluations (NFE).\n",
              "| solver | " + " | ".join(f"NFE {n}" for n in targets) + " |",
