@@ -17,7 +17,8 @@ import pytest
 import gaussian_oracle as oracle
 from diffusion_jax import samplers
 from diffusion_jax.diffusion import from_x0_and_eps, q_posterior, q_sample
-from diffusion_jax.schedules import geometric_sigmas, linear_beta_schedule, make_schedule
+from diffusion_jax.schedules import linear_beta_schedule, make_schedule
+from diffusion_jax.sde.sdes import geometric_sigmas
 
 NUM_CHAINS = 2000
 SCHED = make_schedule(linear_beta_schedule(1000))

@@ -29,6 +29,7 @@ runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) w
 :data:`SD_TASKS`; there ``--guidance_scale`` is the SD scale ``s`` (default 7.5, 1 = none) and
 ``--input`` is required for ``img2img`` / ``inpaint``.
 """
+import dataclasses
 import os
 
 import jax
@@ -53,6 +54,7 @@ TASK_FLAGS = {
     "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
     "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
     "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
+    "sampler_option": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
     "strength": ("img2img",),
     **{name: ("diffusionclip",) for name in ("source_text", "target_text", "clip_workdir",
                                              "finetune_steps", "clip_lr", "id_weight",
@@ -75,6 +77,10 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).",
                          flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "sampler_option", [], "NAME=VALUE of any SamplerOptions field, e.g. churn=40, order=3, "
+        "sde=ve, method=tsit5, dynamic_threshold=0.995 (repeatable; default: config.sample).",
+        flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
@@ -176,6 +182,9 @@ def check_flags(fv, config):
         raise ValueError("--task=sr needs a super-resolution model (model.cond_image_channels > 0)"
                          if task == "sr" else
                          f"This is a super-resolution model; it runs with --task=sr, not {task}.")
+    if task != "sample" and config.diffusion.get("kind", "discrete") != "discrete":
+        raise ValueError(f"--task={task} needs a discrete-time model; this one is "
+                         f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
 
@@ -299,7 +308,41 @@ def _data_mesh():
 
 def sampler_options(fv, config):
     """The run's :class:`~diffusion_jax.samplers.SamplerOptions`: config + flags, built once."""
-    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta)
+    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta,
+                                        **parse_sampler_options(fv.sampler_option))
+
+
+def parse_sampler_options(items):
+    """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
+    converted to the type of the :class:`~diffusion_jax.samplers.SamplerOptions` field's default
+    (``none`` -> ``None``).
+
+    Raises:
+        ValueError: for an item without ``=``, an unknown field or an unconvertible value.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
+                             f"{sorted(defaults)}.")
+        default = defaults[name]
+        if text.lower() == "none":
+            parsed[name] = None
+            continue
+        kind = float if name == "dynamic_threshold" else str if default is None else type(default)
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")
+            parsed[name] = text.lower() in ("true", "1")
+            continue
+        try:
+            parsed[name] = kind(text)
+        except ValueError as err:
+            raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
+                             f"{kind.__name__}.") from err
+    return parsed
 
 
 def run_task_from_flags(fv, model, sched, config, out_dir):
