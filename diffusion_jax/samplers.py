@@ -86,6 +86,12 @@ class SamplerOptions:
         variance: DDPM reverse variance, ``posterior`` or ``beta``.
         langevin_steps_each: Langevin updates per noise level.
         langevin_step_lr: Langevin step size at the last level.
+        timesteps: ``None``, or DDIM's explicit ``((t_0, t_prev_0), (t_1, t_prev_1), ...)``
+            pairs (``t_prev = -1``: ``alpha_bar = 1``), overriding ``num_steps`` and
+            ``spacing`` (e.g. the list a diffusers scheduler makes; see
+            :func:`diffusion_jax.pipelines.diffusers_ddim_options`).
+        clip_keeps_eps: with ``clip_x0``, DDIM keeps the model's raw eps in the direction term
+            (diffusers' ``DDIMScheduler``) instead of re-deriving it from the clipped x0.
     """
     num_steps: int = 50
     eta: float = 0.0
@@ -95,12 +101,14 @@ class SamplerOptions:
     variance: str = "posterior"
     langevin_steps_each: int = 5
     langevin_step_lr: float = 2e-5
+    timesteps: tuple[tuple[int, int], ...] | None = None
+    clip_keeps_eps: bool = False
 
 
 jax.tree_util.register_dataclass(
     SamplerOptions, data_fields=["eta", "langevin_step_lr"],
     meta_fields=["num_steps", "spacing", "pred_type", "clip_x0", "variance",
-                 "langevin_steps_each"])
+                 "langevin_steps_each", "timesteps", "clip_keeps_eps"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +232,10 @@ def make_options(**fields):
     _check_positive_int("langevin_steps_each", options.langevin_steps_each)
     _check_positive("langevin_step_lr", options.langevin_step_lr)
     clip = _clip_bounds(options.clip_x0)
-    return dataclasses.replace(options, num_steps=int(options.num_steps), clip_x0=clip)
+    timesteps = _check_timestep_pairs(options.timesteps)
+    num_steps = int(options.num_steps) if timesteps is None else len(timesteps)
+    return dataclasses.replace(options, num_steps=num_steps, clip_x0=clip, timesteps=timesteps,
+                               clip_keeps_eps=bool(options.clip_keeps_eps))
 
 
 def check_finite(samples, sampler):
@@ -383,7 +394,8 @@ def ddim_timesteps(num_timesteps, num_steps, spacing="uniform", t_start=None):
     return jnp.asarray(asc[::-1], jnp.int32)
 
 
-def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", clip_x0=None):
+def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", clip_x0=None,
+              clip_keeps_eps=False):
     """One DDIM step ``x_t -> x_{t_prev}`` (Song, Meng & Ermon, 2021, eq. 12).
 
     With ``a = alpha_bar_t``, ``a' = alpha_bar_{t_prev}`` (``a' = 1`` when ``t_prev < 0``) and the
@@ -394,7 +406,8 @@ def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", 
 
     ``eta = 0`` is the deterministic DDIM; ``eta = 1`` with consecutive steps is DDPM with the
     posterior variance. If ``clip_x0`` is set, ``x0_pred`` is clipped and ``eps_pred`` recomputed
-    from it, ``eps_pred = (x_t - sqrt(a) x0_pred) / sqrt(1 - a)``, so the two stay consistent.
+    from it, ``eps_pred = (x_t - sqrt(a) x0_pred) / sqrt(1 - a)``, so the two stay consistent
+    (with ``clip_keeps_eps`` the model's raw eps is kept instead, as diffusers' DDIM does).
 
     Args:
         denoise: ``denoise(x [B, ...], t [B] int32) -> prediction [B, ...]``.
@@ -408,6 +421,7 @@ def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", 
         eta: ``0 <= eta <= 1``, scales the noise.
         pred_type: ``eps``, ``x0``, ``v`` or ``score``.
         clip_x0: ``None``, ``(lo, hi)`` or ``True`` (``(-1, 1)``).
+        clip_keeps_eps: keep the unclipped eps in the direction term (see above).
 
     Returns:
         ``(x_prev [B, ...], x0_pred [B, ...], eps_pred [B, ...])``.
@@ -419,7 +433,8 @@ def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", 
     _check_eta(eta)
     clip_x0 = _clip_bounds(clip_x0)
     t_b = jnp.full((x_t.shape[0],), t, jnp.int32)                          # [B]
-    x0_pred, eps_pred = _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0)
+    x0_pred, eps_pred = _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0,
+                                        keep_eps=clip_keeps_eps)
     a = sched.alphas_cumprod[t]
     a_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     sigma = eta * jnp.sqrt(jnp.maximum((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev), 0.0))
@@ -432,7 +447,7 @@ def ddim_step(denoise, sched, x_t, t, t_prev, key, *, eta=0.0, pred_type="eps", 
 
 def ddim_sample(denoise, sched, x_T, key, *, num_steps=50, eta=0.0, spacing="uniform",
                 pred_type="eps", clip_x0=None, t_start=None, step_hook=None,
-                return_trajectory=False):
+                return_trajectory=False, timesteps=None, clip_keeps_eps=False):
     """DDIM sampling along :func:`ddim_timesteps` in one ``lax.scan``.
 
     Step ``i`` goes from ``t_i`` to ``t_{i+1}`` (to ``t_prev = -1``, i.e. ``alpha_bar = 1``, after
@@ -452,13 +467,17 @@ def ddim_sample(denoise, sched, x_T, key, *, num_steps=50, eta=0.0, spacing="uni
         t_start: static int in ``[0, T-1]``, first timestep (SDEdit).
         step_hook: optional ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev``.
         return_trajectory: also return the sample after each step.
+        timesteps: optional explicit ``(t, t_prev)`` pairs in sampling order (``t_prev = -1``:
+            ``alpha_bar = 1``); replaces ``num_steps`` / ``spacing``. With ``t_start`` only
+            the pairs with ``t <= t_start`` run.
+        clip_keeps_eps: see :func:`ddim_step`.
 
     Returns:
         ``x_0 [B, ...]`` or ``(x_0, trajectory [S, B, ...])``.
 
     Raises:
-        ValueError: for a bad ``num_steps``, ``spacing``, ``eta``, ``pred_type``, ``clip_x0`` or
-        ``t_start``.
+        ValueError: for a bad ``num_steps``, ``spacing``, ``eta``, ``pred_type``, ``clip_x0``,
+        ``t_start`` or ``timesteps``.
 
     Example:
         >>> sample = jax.jit(functools.partial(ddim_sample, denoise, num_steps=50, clip_x0=True))
@@ -469,12 +488,16 @@ def ddim_sample(denoise, sched, x_T, key, *, num_steps=50, eta=0.0, spacing="uni
     _check_choice("pred_type", pred_type, PRED_TYPES)
     _check_eta(eta)
     clip_x0 = _clip_bounds(clip_x0)
-    ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing, t_start)     # [S]
-    t_prevs = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
+    if timesteps is None:
+        ts = ddim_timesteps(sched.num_timesteps, num_steps, spacing, t_start)     # [S]
+        t_prevs = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
+    else:
+        ts, t_prevs = _explicit_timesteps(timesteps, sched.num_timesteps, t_start)
 
     def step(x, t, t_prev, step_key):
         x_prev, x0_pred, _ = ddim_step(denoise, sched, x, t, t_prev, step_key, eta=eta,
-                                       pred_type=pred_type, clip_x0=clip_x0)
+                                       pred_type=pred_type, clip_x0=clip_x0,
+                                       clip_keeps_eps=clip_keeps_eps)
         return x_prev, x0_pred
 
     return _run_chain(step, x_T, key, ts, t_prevs, step_hook, return_trajectory)
@@ -583,11 +606,13 @@ def _ddpm_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_
 @register("ddim")
 def _ddim_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
     """:func:`ddim_sample`; from ``t_start`` it takes ``min(num_steps, t_start + 1)`` steps, the
-    most a chain from there can have."""
+    most a chain from there can have (with ``options.timesteps``: the pairs with
+    ``t <= t_start``)."""
     num_steps = options.num_steps if t_start is None else min(options.num_steps, t_start + 1)
     return ddim_sample(denoise, schedule, x_start, key, num_steps=num_steps, eta=options.eta,
                        spacing=options.spacing, pred_type=options.pred_type,
-                       clip_x0=options.clip_x0, t_start=t_start, step_hook=step_hook)
+                       clip_x0=options.clip_x0, t_start=t_start, step_hook=step_hook,
+                       timesteps=options.timesteps, clip_keeps_eps=options.clip_keeps_eps)
 
 
 @register("langevin", supports_t_start=False, supports_step_hook=False)
@@ -643,13 +668,41 @@ def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
     return (x, traj) if return_trajectory else x
 
 
-def _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0):
-    """``(x0, eps)`` from the denoiser at ``t_b`` [B]; with ``clip_x0``, eps follows clipped x0."""
+def _predict_x0_eps(denoise, sched, x_t, t_b, pred_type, clip_x0, keep_eps=False):
+    """``(x0, eps)`` from the denoiser at ``t_b`` [B]; with ``clip_x0``, eps follows clipped x0
+    unless ``keep_eps``."""
     alpha_bar = extract(sched.alphas_cumprod, t_b, x_t.ndim)               # [B, 1, ..., 1]
     x0, eps = to_x0_and_eps(_call_denoiser(denoise, x_t, t_b), x_t, alpha_bar, pred_type)
     if clip_x0 is not None:
-        x0, eps = to_x0_and_eps(jnp.clip(x0, *clip_x0), x_t, alpha_bar, "x0")
+        clipped, eps_clipped = to_x0_and_eps(jnp.clip(x0, *clip_x0), x_t, alpha_bar, "x0")
+        x0, eps = clipped, (eps if keep_eps else eps_clipped)
     return x0, eps
+
+
+def _explicit_timesteps(pairs, num_timesteps, t_start):
+    """``(ts [S], t_prevs [S])`` int32 of checked ``(t, t_prev)`` pairs, those with
+    ``t <= t_start`` when ``t_start`` is given."""
+    pairs = np.asarray(_check_timestep_pairs(pairs), np.int64)
+    if pairs.max() > num_timesteps - 1:
+        raise ValueError(f"timesteps reach {pairs.max()}, past the schedule's last step "
+                         f"{num_timesteps - 1}.")
+    if t_start is not None:
+        pairs = pairs[pairs[:, 0] <= _check_t_start(t_start, num_timesteps)]
+        if not len(pairs):
+            raise ValueError(f"no timestep pair starts at or below t_start={t_start}.")
+    return jnp.asarray(pairs[:, 0], jnp.int32), jnp.asarray(pairs[:, 1], jnp.int32)
+
+
+def _check_timestep_pairs(pairs):
+    """``None`` or ``pairs`` as a tuple of int pairs ``(t, t_prev)`` with ``0 <= t``,
+    ``-1 <= t_prev <= t`` (``t_prev = t`` is an identity step); else ``ValueError``."""
+    if pairs is None:
+        return None
+    pairs = tuple((int(t), int(t_prev)) for t, t_prev in pairs)
+    if not pairs or any(not (t >= 0 and -1 <= t_prev <= t) for t, t_prev in pairs):
+        raise ValueError(f"timesteps must be a non-empty list of (t, t_prev) pairs with "
+                         f"t >= 0 and -1 <= t_prev <= t, got {pairs!r}.")
+    return pairs
 
 
 def _call_denoiser(denoise, x, t):

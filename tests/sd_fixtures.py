@@ -80,3 +80,29 @@ def write_vocab(directory, tokenizer_config):
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+
+def save_tiny_pipeline(root, scheduler_kwargs, seed=0):
+    """A small random diffusers ``StableDiffusionPipeline`` (components as above, DDIM scheduler
+    with ``scheduler_kwargs``) saved with ``save_pretrained`` to ``root / "diffusers"``.
+
+    Returns:
+        ``(directory, pipe)``.
+    """
+    import diffusers
+    import torch
+    import transformers
+
+    write_vocab(root / "vocab", {"model_max_length": 16})
+    torch.manual_seed(seed)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=perturb(diffusers.AutoencoderKL(**VAE_SMALL), seed + 1),
+        text_encoder=perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            **CLIP_SMALL, hidden_act="quick_gelu", eos_token_id=2)), seed + 2),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(root / "vocab"),
+        unet=perturb(diffusers.UNet2DConditionModel(**UNET_LINEAR), seed + 3),
+        scheduler=diffusers.DDIMScheduler(**scheduler_kwargs),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "diffusers")
+    return root / "diffusers", pipe

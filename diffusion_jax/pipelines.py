@@ -1,0 +1,387 @@
+"""Text-to-image in latent space, and the latent versions of the applications.
+
+A latent diffusion model (Rombach et al., 2022) runs the sampler over autoencoder latents:
+
+    ids       = tokenizer(prompts)                                   [B, L] int32
+    text      = text_encoder(ids).last_hidden_state                  [B, L, D]
+    null      = text_encoder(tokenizer(negative or ""))              [1 or B, L, D]
+    z_T       ~ N(0, I)                                              [B, H/f, W/f, C_z]
+    eps_hat   = eps_u + s (eps_c - eps_u)                            (one UNet call on [z; z])
+    z_0       = sampler(eps_hat, schedule, z_T)                      any registered sampler
+    x_0       = vae.decode(z_0 / scaling_factor)                     [B, H, W, 3] in [-1, 1]
+
+``s`` is the Stable Diffusion guidance scale (``s = 1``: the conditional model; this is the
+project's weight ``w = s - 1`` of :mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
+of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps images to
+scaled latents and ``decode`` back, so the samplers and the applications
+(:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion) run unchanged on the
+latents of :func:`img2img`, :func:`inpaint` and :func:`invert`.
+
+A :class:`Pipeline` holds plain components: any ``unet(z, t, {"text": states})``, an
+autoencoder with ``encode(x).mode()`` / ``decode(z)`` / ``scaling_factor``, a text encoder
+with ``last_hidden_state``, a tokenizer ``prompts -> [B, L]`` ids, a
+:class:`~diffusion_jax.schedules.DiscreteSchedule` and default
+:class:`~diffusion_jax.samplers.SamplerOptions`. :func:`load` builds one from a Stable
+Diffusion directory (diffusers or converted); a model trained here fills the same fields.
+
+Each call is one jitted program (text encoding, the chain, decoding); the guidance scale,
+``eta`` and the parameters are its arguments, so changing them does not recompile. The batch
+is padded to a multiple of the mesh's devices and split over its data axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
+from diffusion_jax.applications import inpaint as inpaint_app
+from diffusion_jax.applications import inversion, sdedit
+from diffusion_jax.conditioning import area_downsample
+
+
+class Pipeline(NamedTuple):
+    """The parts of a text-to-image latent diffusion model.
+
+    Attributes:
+        unet: ``unet(z [B, h, w, C_z], t [B], {"text": [B, L, D]}) -> prediction`` (float32).
+        vae: ``vae.encode(x).mode()``, ``vae.decode(z)``, ``vae.scaling_factor``; downsampling
+            factor :func:`latent_factor`.
+        text_encoder: ``text_encoder(ids [B, L]).last_hidden_state -> [B, L, D]``.
+        tokenizer: ``tokenizer(list of str) -> [B, L]`` int ids.
+        schedule: the :class:`~diffusion_jax.schedules.DiscreteSchedule` of the UNet.
+        options: default :class:`~diffusion_jax.samplers.SamplerOptions` (``pred_type``,
+            ``clip_x0``, ...).
+        ddim_timesteps: ``None`` (DDIM uses ``options.spacing``), or ``n -> ((t, t_prev), ...)``,
+            the explicit DDIM steps for ``n`` steps (a converted checkpoint: diffusers' own).
+        sample_size: default image height and width in pixels.
+    """
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Callable
+    schedule: schedules.DiscreteSchedule
+    options: samplers.SamplerOptions
+    ddim_timesteps: Callable[[int], tuple] | None = None
+    sample_size: int = 512
+
+
+class LatentCodec(NamedTuple):
+    """The latent wrapper: images ``[B, H, W, C]`` in [-1, 1] <-> latents ``[B, H/f, W/f, C_z]``.
+
+    ``encode(x) = mode(q(z | x)) * scaling_factor`` (the posterior mean, so deterministic) and
+    ``decode(z) = vae.decode(z / scaling_factor)``: the latents have roughly unit variance,
+    which is what the UNet was trained on.
+    """
+    vae: Any
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        return self.vae.encode(images).mode() * self.vae.scaling_factor
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return self.vae.decode(latents / self.vae.scaling_factor)
+
+
+def load(path, *, dtype=None, sample_size=None) -> Pipeline:
+    """A :class:`Pipeline` from a Stable Diffusion directory (diffusers layout or converted).
+
+    The schedule, prediction type and clipping come from its ``scheduler_config.json``, and
+    DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_options`).
+
+    Args:
+        path: directory with ``model_index.json``.
+        dtype: compute dtype of the three networks (e.g. ``jnp.bfloat16``); parameters stay
+            float32. ``None``: float32.
+        sample_size: default image size (default: the UNet's ``sample_size`` times ``f``).
+
+    Raises:
+        FileNotFoundError, ValueError: from :func:`diffusion_jax.convert.pipeline.load_pipeline`.
+    """
+    from diffusion_jax.convert import pipeline as convert_pipeline  # loader only
+
+    sd = convert_pipeline.load_pipeline(path, **({} if dtype is None else {"dtype": dtype}))
+    settings = sd.scheduler
+    clip = (-settings.clip_sample_range, settings.clip_sample_range) if settings.clip_sample \
+        else None
+    options = samplers.make_options(pred_type=settings.pred_type, clip_x0=clip,
+                                    variance=settings.ddpm_variance, clip_keeps_eps=True)
+    size = sample_size or sd.info["unet"]["sample_size"] * latent_factor(sd.vae)
+    return Pipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer,
+                    schedules.make_schedule(settings.betas), options,
+                    functools.partial(diffusers_ddim_timesteps, settings), int(size))
+
+
+def diffusers_ddim_timesteps(settings, num_steps: int) -> tuple[tuple[int, int], ...]:
+    """The ``(t, t_prev)`` steps of diffusers' ``DDIMScheduler`` with ``num_steps`` steps.
+
+    ``t`` from :func:`~diffusion_jax.convert.scheduler.inference_timesteps`, ``t_prev = t - T // n``;
+    past the first timestep diffusers uses ``final_alpha_cumprod``: ``t_prev = -1``
+    (``alpha_bar = 1``) with ``set_alpha_to_one``, else ``t_prev = 0`` (``alpha_bar_0``).
+
+    Args:
+        settings: :class:`~diffusion_jax.convert.scheduler.SchedulerSettings`.
+        num_steps: ``n``.
+    """
+    from diffusion_jax.convert import scheduler  # numpy only
+
+    ts = scheduler.inference_timesteps(settings, num_steps)
+    prev = scheduler.ddim_prev_timesteps(settings, num_steps)
+    last = -1 if settings.final_alpha_cumprod == 1.0 else 0
+    return tuple((int(t), int(p) if p >= 0 else last) for t, p in zip(ts, prev))
+
+
+def latent_factor(vae) -> int:
+    """The autoencoder's downsampling factor ``f = 2 ** (levels - 1)``."""
+    return 2 ** (len(vae.encoder.down_blocks) - 1)
+
+
+def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None):
+    """``pipe.options`` with ``num_steps`` / ``eta`` set (``None``: keep), and for DDIM the
+    pipeline's explicit timesteps (:attr:`Pipeline.ddim_timesteps`)."""
+    options = pipe.options
+    fields = {k: v for k, v in dict(num_steps=num_steps, eta=eta).items() if v is not None}
+    if sampler == "ddim" and pipe.ddim_timesteps is not None:
+        fields["timesteps"] = pipe.ddim_timesteps(num_steps or options.num_steps)
+    return samplers.make_options(**{**dataclasses.asdict(options), **fields})
+
+
+def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
+                  sampler="ddim", num_steps=50, eta=None, height=None, width=None,
+                  latents=None, mesh=None, output="uint8"):
+    """Images for ``prompts`` (see the module docstring for the equations).
+
+    Args:
+        pipe: :class:`Pipeline`.
+        prompts: B strings (or one).
+        key: PRNG key; ``z_T`` from ``fold_in(key, 0)`` (unless ``latents``), the chain from
+            ``fold_in(key, 1)``.
+        negative_prompts: ``None`` (the empty prompt), one string, or B strings: the
+            unconditional half of guidance.
+        guidance_scale: ``s`` (Stable Diffusion convention, ``s = 1`` no guidance), or ``None``
+            for the conditional model alone (half the UNet work).
+        sampler: a registered sampler name.
+        num_steps, eta: sampler settings (``eta=None``: ``pipe.options.eta``).
+        height, width: image size in pixels, multiples of ``f`` (default ``pipe.sample_size``).
+        latents: optional ``[B, H/f, W/f, C_z]`` starting latents (e.g. to match another
+            implementation from the same noise).
+        mesh: device mesh to split the batch over (default: a 1-device mesh).
+        output: ``"uint8"`` (``[B, H, W, 3]`` uint8) or ``"float"`` (float32 in [-1, 1]).
+
+    Returns:
+        ``[B, H, W, C]`` images.
+
+    Raises:
+        ValueError: bad sizes, prompts, sampler or options (named).
+        FloatingPointError: a non-finite image.
+    """
+    prompts = _prompts(prompts, None, "prompts")
+    batch = len(prompts)
+    shape = latent_shape(pipe, batch, height, width)
+    if latents is None:
+        latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
+    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
+    images = _run(pipe, "sample", sampler, options, prompts, negative_prompts, guidance_scale,
+                  {"x": latents}, jax.random.fold_in(key, 1), mesh, ())
+    return _finish(images, sampler, output)
+
+
+def img2img(pipe: Pipeline, images, prompts, key, *, strength=0.8, **kwargs):
+    """SDEdit in latent space: encode ``images``, noise the latents to ``t_0 =
+    round(strength T) - 1``, denoise under the prompts from there, decode.
+
+    Args:
+        images: ``[B, H, W, 3]`` in [-1, 1], ``H, W`` multiples of ``f``.
+        prompts, key: as :func:`text_to_image` (B prompts, or one for every image).
+        strength: noise fraction in (0, 1] (1: the image is forgotten).
+        **kwargs: ``negative_prompts``, ``guidance_scale``, ``sampler``, ``num_steps``,
+            ``eta``, ``mesh``, ``output`` of :func:`text_to_image`.
+
+    Returns:
+        ``[B, H, W, 3]`` images.
+    """
+    return _application(pipe, "img2img", images, prompts, key, (("strength", float(strength)),),
+                        {}, **kwargs)
+
+
+def inpaint(pipe: Pipeline, images, mask, prompts, key, *, paste=True, **kwargs):
+    """Inpainting in latent space by known-latent replacement.
+
+    The pixel hole ``mask`` (1 = regenerate) becomes a latent hole by taking, per ``f x f``
+    block, the maximum (a latent is kept only if all its pixels are known); the
+    known latents ``encode(images)`` are written back after every step
+    (:func:`diffusion_jax.applications.inpaint.inpaint`), so the final latents equal them
+    there. With ``paste`` the known pixels of ``images`` are copied into the decoded image, so
+    the output equals the input outside the hole.
+
+    Args:
+        images: ``[B, H, W, 3]`` in [-1, 1].
+        mask: ``[H, W, 1]`` or ``[B, H, W, 1]``, 1 where the image is regenerated.
+        prompts, key, **kwargs: as :func:`img2img`.
+        paste: copy the known pixels into the output.
+
+    Returns:
+        ``[B, H, W, 3]`` images.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape[:3] + (1,))
+    return _application(pipe, "inpaint", images, prompts, key, (("paste", bool(paste)),),
+                        {"mask": mask}, **kwargs)
+
+
+def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None,
+           fixed_point_iters=0, mesh=None):
+    """DDIM inversion of ``encode(images)`` under the prompts: the latents ``z_T`` that
+    deterministic DDIM (same ``num_steps``, uniform spacing: decode with
+    ``text_to_image(pipe._replace(ddim_timesteps=None), ..., latents=z_T)``) maps back to
+    them (:func:`diffusion_jax.applications.inversion.ddim_invert`; ``fixed_point_iters``
+    refinements per step make the round trip exact, see there).
+
+    Returns:
+        ``[B, H/f, W/f, C_z]`` float32 latents.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    options = samplers.make_options(**{**dataclasses.asdict(pipe.options),
+                                       "num_steps": num_steps, "timesteps": None})
+    prompts = _prompts(prompts, images.shape[0], "prompts")
+    out = _run(pipe, "invert", "ddim", options, prompts, None, guidance_scale, {"x": images},
+               jax.random.key(0), mesh, (("fixed_point_iters", int(fixed_point_iters)),))
+    return np.asarray(out, np.float32)
+
+
+def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:
+    """``[B, H, W, 1]`` pixel hole (1 = regenerate) -> ``[B, H/f, W/f, 1]`` known latents:
+    1 where every pixel of the ``f x f`` block is known, 0 if any is in the hole."""
+    return (area_downsample(hole, factor) == 0.0).astype(jnp.float32)
+
+
+def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, int, int, int]:
+    """``(B, H / f, W / f, C_z)`` for images of ``height x width`` (default ``sample_size``).
+
+    Raises:
+        ValueError: if a size is not a positive multiple of ``f``.
+    """
+    factor = latent_factor(pipe.vae)
+    sizes = []
+    for name, value in (("height", height), ("width", width)):
+        value = pipe.sample_size if value is None else value
+        if value < factor or value % factor:
+            raise ValueError(f"{name}={value} must be a positive multiple of the autoencoder's "
+                             f"factor {factor}.")
+        sizes.append(value // factor)
+    return (batch, sizes[0], sizes[1], pipe.unet.in_channels)
+
+
+def _application(pipe, task, images, prompts, key, static, arrays, *, negative_prompts=None,
+                 guidance_scale=7.5, sampler="ddim", num_steps=50, eta=None, mesh=None,
+                 output="uint8"):
+    """Runs an image-to-image ``task`` (the shared part of :func:`img2img` / :func:`inpaint`)."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C] in [-1, 1], got shape {images.shape}.")
+    latent_shape(pipe, images.shape[0], images.shape[1], images.shape[2])
+    samplers.check_sampler(sampler, t_start=task == "img2img", step_hook=task == "inpaint")
+    prompts = _prompts(prompts, images.shape[0], "prompts")
+    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
+    out = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
+               {"x": images, **arrays}, key, mesh, static)
+    return _finish(out, sampler, output)
+
+
+def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale, arrays, key,
+         mesh, static):
+    """Tokenises, pads the batch to the mesh, runs the jitted program, un-pads."""
+    batch = len(prompts)
+    ids = pipe.tokenizer(prompts)
+    null_ids = pipe.tokenizer(_prompts(negative_prompts if negative_prompts is not None else "",
+                                       None, "negative_prompts"))
+    if null_ids.shape[0] not in (1, batch):
+        raise ValueError(f"negative_prompts has {null_ids.shape[0]} entries; expected 1 or "
+                         f"{batch} (one per prompt).")
+    mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
+                                      jax.devices()[:1])
+    n_pad = -(-batch // mesh.size) * mesh.size
+    pad = lambda a: np.resize(np.asarray(a), (n_pad,) + tuple(np.shape(a)[1:]))
+    split = sharding.batch_sharding(mesh)
+    ids = jax.device_put(pad(ids), split)
+    null_ids = jax.device_put(pad(null_ids) if null_ids.shape[0] == batch else null_ids,
+                              sharding.replicated(mesh) if null_ids.shape[0] == 1 else split)
+    arrays = {k: jax.device_put(pad(v), split) for k, v in arrays.items()}
+    graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    scale = None if guidance_scale is None else jnp.float32(guidance_scale - 1.0)
+    out = _program(graphdef, state, pipe.schedule, options, scale, ids, null_ids, arrays, key,
+                   task=task, sampler=sampler, static=static)
+    return np.asarray(jax.device_get(out))[:batch]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "task", "sampler", "static"))
+def _program(graphdef, state, schedule, options, scale, ids, null_ids, arrays, key, *, task,
+             sampler, static):
+    """One compiled run: text encoding once, the chain over latents, decoding."""
+    unet, vae, text_encoder = nnx.merge(graphdef, state)
+    text = text_encoder(ids).last_hidden_state                           # [B, L, D]
+    null = text_encoder(null_ids).last_hidden_state                      # [1 or B, L, D]
+    denoise = denoisers.build_denoiser(unet, {"text": text}, guidance_scale=scale,
+                                       null_text=null)
+    return _TASKS[task](denoise, LatentCodec(vae), schedule, sampler, options, arrays, key,
+                        **dict(static))
+
+
+def _sample_task(denoise, codec, schedule, sampler, options, arrays, key):
+    return codec.decode(samplers.run(sampler, denoise, schedule, arrays["x"], key, options))
+
+
+def _img2img_task(denoise, codec, schedule, sampler, options, arrays, key, *, strength):
+    z = sdedit.sdedit(denoise, schedule, codec.encode(arrays["x"]), key, t0=strength,
+                      sampler=sampler, options=options)
+    return codec.decode(z)
+
+
+def _inpaint_task(denoise, codec, schedule, sampler, options, arrays, key, *, paste):
+    images, hole = arrays["x"], arrays["mask"]                           # [B, H, W, 1]
+    z_known = codec.encode(images)
+    known = latent_known_mask(hole, images.shape[1] // z_known.shape[1])  # [B, h, w, 1]
+    z = inpaint_app.inpaint(denoise, schedule, z_known, known, key, sampler=sampler,
+                            options=options)
+    decoded = codec.decode(z)
+    return hole * decoded + (1.0 - hole) * images if paste else decoded
+
+
+def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters):
+    del sampler, key  # deterministic DDIM
+    return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
+                                 num_steps=options.num_steps, spacing=options.spacing,
+                                 pred_type=options.pred_type,
+                                 fixed_point_iters=fixed_point_iters)
+
+
+_TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_task,
+          "invert": _invert_task}
+
+
+def _finish(images, sampler, output):
+    """Checks finiteness and converts to ``output`` (``uint8`` or ``float``)."""
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}.")
+    samplers.check_finite(images, sampler)
+    return image_io.to_uint8(images) if output == "uint8" else images.astype(np.float32)
+
+
+def _prompts(prompts, batch, field):
+    """``prompts`` as a list of str (one string is repeated to ``batch``)."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * (batch or 1)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{field} must be a string or a non-empty list of strings.")
+    if batch is not None and len(prompts) != batch:
+        raise ValueError(f"{field} has {len(prompts)} entries; expected 1 or {batch}.")
+    return prompts
