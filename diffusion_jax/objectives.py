@@ -357,6 +357,8 @@ def _prepare_latent(config, workdir):
     _resolve(lat, "latent_channels", ae_cfg.autoencoder.latent_channels)
     _resolve(lat, "cross_attention_dim", clip_cfg.clip.hidden_size)
     _resolve(config.captions, "max_length", clip_cfg.captions.max_length)
+    lat.autoencoder_workdir = os.path.abspath(lat.autoencoder_workdir)
+    lat.clip_workdir = os.path.abspath(lat.clip_workdir)
     if lat.scale_factor <= 0:
         lat.scale_factor = _stored_scale_factor(config, workdir)
 
