@@ -4,9 +4,21 @@
     python run_sample.py --workdir=DIR --task=sdedit --input=img.png --t0=0.5 --out=OUT
 
 The model and diffusion settings come from the config stored in the checkpoint, and the
-first EMA of the parameters is used. ``--checkpoint=PATH`` instead loads a converted
-diffusers checkpoint (``diffusion_jax.models.convert_diffusers``); its diffusion settings
-come from ``--config`` (default ``configs/default.py``: DDPM's linear schedule, T = 1000,
+first EMA of the parameters is used.
+
+``--checkpoint=SD_DIR`` with a ``model_index.json`` is a Stable Diffusion pipeline (diffusers
+layout, or converted by ``python -m diffusion_jax.convert.pipeline``); its diffusion settings
+come from its ``scheduler/scheduler_config.json`` and it runs text-to-image::
+
+    python run_sample.py --checkpoint=SD_DIR --out=OUT --prompt="a photo of a cat" \
+        --negative_prompt="blurry" --guidance_scale=7.5 --steps=50 --num_samples=4 --seed=0
+    python run_sample.py --checkpoint=SD_DIR --out=OUT --prompt="..." --task=img2img \
+        --input=photo.png --strength=0.6
+    python run_sample.py --checkpoint=SD_DIR --out=OUT --prompt="..." --task=inpaint \
+        --input=photo.png --mask=hole.png
+
+Otherwise ``--checkpoint=PATH`` loads a converted diffusers ``UNet2DModel`` checkpoint
+(``diffusion_jax.models.convert_diffusers``); its diffusion settings come from ``--config`` (default ``configs/default.py``: DDPM's linear schedule, T = 1000,
 eps prediction), e.g. ``--config.diffusion.num_timesteps=...``, and its image size,
 channels and classes from the checkpoint. ``samples.npz`` holds ``images``
 (uint8 [N, H, W, C]) and ``labels`` (int32 [N], -1 = unconditional).
@@ -20,16 +32,19 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import generate, image_io, loading, sharding
+from diffusion_jax import generate, image_io, loading, pipelines, sharding
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted diffusers checkpoint instead.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A Stable Diffusion pipeline directory (model_index.json) or a converted "
+    "diffusers UNet2DModel checkpoint, instead of --workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,9 +64,31 @@ def main(argv):
     if _WORKDIR.value is not None and flags.FLAGS["config"].present:
         raise app.UsageError("--config applies to --checkpoint only; --workdir uses its own.")
     try:
+        if _is_sd_pipeline(_CHECKPOINT.value):
+            _sample_sd()
+            return
         _sample()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"run_sample.py: error: {err}")
+
+
+def _is_sd_pipeline(path):
+    """Whether ``path`` is a Stable Diffusion pipeline directory (has ``model_index.json``)."""
+    return path is not None and os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _sample_sd():
+    """Stable Diffusion: settings from the checkpoint's scheduler config, never --config."""
+    fv = flags.FLAGS
+    if fv["config"].present or any(arg.startswith("--config") for arg in sys.argv[1:]):
+        raise ValueError("--config does not apply to a Stable Diffusion checkpoint: its "
+                         "diffusion settings come from scheduler/scheduler_config.json.")
+    if fv.step is not None:
+        raise ValueError("--step applies to --workdir only.")
+    dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else None
+    pipe = pipelines.load(_CHECKPOINT.value, dtype=dtype)
+    cli.check_sd_flags(fv, pipe)
+    cli.run_sd_from_flags(fv, pipe, _OUT.value)
 
 
 def _sample():

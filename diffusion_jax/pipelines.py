@@ -46,6 +46,9 @@ from diffusion_jax.applications import inversion, sdedit
 from diffusion_jax.conditioning import area_downsample
 
 
+OUTPUTS = ("uint8", "float", "latents")
+
+
 class Pipeline(NamedTuple):
     """The parts of a text-to-image latent diffusion model.
 
@@ -171,10 +174,11 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
         latents: optional ``[B, H/f, W/f, C_z]`` starting latents (e.g. to match another
             implementation from the same noise).
         mesh: device mesh to split the batch over (default: a 1-device mesh).
-        output: ``"uint8"`` (``[B, H, W, 3]`` uint8) or ``"float"`` (float32 in [-1, 1]).
+        output: ``"uint8"`` (``[B, H, W, 3]`` uint8), ``"float"`` (float32 in [-1, 1]) or
+            ``"latents"`` (the final float32 latents ``[B, H/f, W/f, C_z]``, not decoded).
 
     Returns:
-        ``[B, H, W, C]`` images.
+        ``[B, H, W, C]`` images (or latents).
 
     Raises:
         ValueError: bad sizes, prompts, sampler or options (named).
@@ -189,7 +193,8 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
     images = _run(pipe, "sample", sampler, options, prompts, negative_prompts, guidance_scale,
-                  {"x": latents}, jax.random.fold_in(key, 1), mesh, ())
+                  {"x": latents}, jax.random.fold_in(key, 1), mesh,
+                  (("decode", _check_output(output) != "latents"),))
     return _finish(images, sampler, output)
 
 
@@ -218,8 +223,9 @@ def inpaint(pipe: Pipeline, images, mask, prompts, key, *, paste=True, **kwargs)
     block, the maximum (a latent is kept only if all its pixels are known); the
     known latents ``encode(images)`` are written back after every step
     (:func:`diffusion_jax.applications.inpaint.inpaint`), so the final latents equal them
-    there. With ``paste`` the known pixels of ``images`` are copied into the decoded image, so
-    the output equals the input outside the hole.
+    there (also after a last step that lands on ``alpha_bar_0 < 1``: they are written once
+    more at the end). With ``paste`` the known pixels of ``images`` are copied into the decoded
+    image, so the output equals the input outside the hole.
 
     Args:
         images: ``[B, H, W, 3]`` in [-1, 1].
@@ -252,7 +258,8 @@ def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None
                                        "num_steps": num_steps, "timesteps": None})
     prompts = _prompts(prompts, images.shape[0], "prompts")
     out = _run(pipe, "invert", "ddim", options, prompts, None, guidance_scale, {"x": images},
-               jax.random.key(0), mesh, (("fixed_point_iters", int(fixed_point_iters)),))
+               jax.random.key(0), mesh,
+               (("fixed_point_iters", int(fixed_point_iters)), ("decode", False)))
     return np.asarray(out, np.float32)
 
 
@@ -266,15 +273,18 @@ def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, i
     """``(B, H / f, W / f, C_z)`` for images of ``height x width`` (default ``sample_size``).
 
     Raises:
-        ValueError: if a size is not a positive multiple of ``f``.
+        ValueError: if a size is not a positive multiple of ``f * 2 ** (unet levels - 1)``
+            (the autoencoder's factor times the UNet's).
     """
     factor = latent_factor(pipe.vae)
+    unet_factor = 2 ** (getattr(pipe.unet, "num_levels", 1) - 1)
     sizes = []
     for name, value in (("height", height), ("width", width)):
         value = pipe.sample_size if value is None else value
-        if value < factor or value % factor:
-            raise ValueError(f"{name}={value} must be a positive multiple of the autoencoder's "
-                             f"factor {factor}.")
+        if value < factor * unet_factor or value % (factor * unet_factor):
+            raise ValueError(f"{name}={value} must be a positive multiple of "
+                             f"{factor * unet_factor} (autoencoder factor {factor} x UNet "
+                             f"factor {unet_factor}).")
         sizes.append(value // factor)
     return (batch, sizes[0], sizes[1], pipe.unet.in_channels)
 
@@ -290,6 +300,7 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
     samplers.check_sampler(sampler, t_start=task == "img2img", step_hook=task == "inpaint")
     prompts = _prompts(prompts, images.shape[0], "prompts")
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
+    static += (("decode", _check_output(output) != "latents"),)
     out = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
                {"x": images, **arrays}, key, mesh, static)
     return _finish(out, sampler, output)
@@ -335,28 +346,35 @@ def _program(graphdef, state, schedule, options, scale, ids, null_ids, arrays, k
                         **dict(static))
 
 
-def _sample_task(denoise, codec, schedule, sampler, options, arrays, key):
-    return codec.decode(samplers.run(sampler, denoise, schedule, arrays["x"], key, options))
+def _sample_task(denoise, codec, schedule, sampler, options, arrays, key, *, decode):
+    z = samplers.run(sampler, denoise, schedule, arrays["x"], key, options)
+    return codec.decode(z) if decode else z
 
 
-def _img2img_task(denoise, codec, schedule, sampler, options, arrays, key, *, strength):
+def _img2img_task(denoise, codec, schedule, sampler, options, arrays, key, *, strength, decode):
     z = sdedit.sdedit(denoise, schedule, codec.encode(arrays["x"]), key, t0=strength,
                       sampler=sampler, options=options)
-    return codec.decode(z)
+    return codec.decode(z) if decode else z
 
 
-def _inpaint_task(denoise, codec, schedule, sampler, options, arrays, key, *, paste):
+def _inpaint_task(denoise, codec, schedule, sampler, options, arrays, key, *, paste, decode):
     images, hole = arrays["x"], arrays["mask"]                           # [B, H, W, 1]
     z_known = codec.encode(images)
     known = latent_known_mask(hole, images.shape[1] // z_known.shape[1])  # [B, h, w, 1]
     z = inpaint_app.inpaint(denoise, schedule, z_known, known, key, sampler=sampler,
                             options=options)
+    # A last step may land on alpha_bar_0 < 1 (diffusers' set_alpha_to_one=False), where the
+    # hook wrote slightly noised known latents: write the clean ones.
+    z = known * z_known + (1.0 - known) * z
+    if not decode:
+        return z
     decoded = codec.decode(z)
     return hole * decoded + (1.0 - hole) * images if paste else decoded
 
 
-def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters):
-    del sampler, key  # deterministic DDIM
+def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters,
+                 decode):
+    del sampler, key, decode  # deterministic DDIM; the result is latents
     return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
                                  num_steps=options.num_steps, spacing=options.spacing,
                                  pred_type=options.pred_type,
@@ -368,11 +386,15 @@ _TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_
 
 
 def _finish(images, sampler, output):
-    """Checks finiteness and converts to ``output`` (``uint8`` or ``float``)."""
-    if output not in ("uint8", "float"):
-        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}.")
+    """Checks finiteness and converts to ``output`` (``uint8``, else float32)."""
     samplers.check_finite(images, sampler)
     return image_io.to_uint8(images) if output == "uint8" else images.astype(np.float32)
+
+
+def _check_output(output):
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}.")
+    return output
 
 
 def _prompts(prompts, batch, field):

@@ -9,6 +9,9 @@ model with :func:`check_flags`, and for ``--task`` other than ``sample`` hands o
     python run_sample.py --workdir=W --out=O --task=ilvr --ilvr_factor=4
     python run_sample.py --workdir=W_sr --out=O --task=sr --input=low.png
     python run_sample.py --workdir=W --out=O --task=invert --source_label=3 --class_label=8
+    python run_sample.py --checkpoint=SD_DIR --out=O --prompt="a photo of a cat" --steps=25
+    python run_sample.py --checkpoint=SD_DIR --out=O --task=img2img --input=x.png --strength=0.6
+    python run_sample.py --checkpoint=SD_DIR --out=O --task=inpaint --input=x.png --mask=m.png
 
 Without ``--input`` the first ``--num_samples`` images of the model's dataset are used; an
 input or mask of another size than the model's is an error unless ``--resize_input``.
@@ -16,27 +19,38 @@ input or mask of another size than the model's is an error unless ``--resize_inp
 class-conditional models). A flag the task does not use is an error. The SR flags default to
 the checkpoint's ``config.sr``. Outputs: ``OUT/<task>.png`` (rows: input, [mask,] output) and
 ``OUT/<task>.npz`` (float arrays in [-1, 1]). Nothing in the library imports this module.
+
+A Stable Diffusion checkpoint (a directory with ``model_index.json``, diffusers or converted)
+runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) with
+``--prompt`` / ``--negative_prompt`` / ``--height`` / ``--width`` and the tasks in
+:data:`SD_TASKS`; there ``--guidance_scale`` is the SD scale ``s`` (default 7.5, 1 = none) and
+``--input`` is required for ``img2img`` / ``inpaint``.
 """
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
-from diffusion_jax import data, image_io, samplers
+from diffusion_jax import data, image_io, pipelines, samplers, sharding
 from diffusion_jax.applications import tasks
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
 
-TASKS = ("sample",) + tasks.TASKS
+SD_TASKS = ("sample", "img2img", "inpaint")
+TASKS = ("sample",) + tasks.TASKS + ("img2img",)
+# Flags only a Stable Diffusion checkpoint uses.
+SD_FLAGS = ("prompt", "negative_prompt", "height", "width", "strength", "dtype")
 # Flags that only some tasks use; any other task given one of them is an error.
 TASK_FLAGS = {
-    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert"),
+    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "img2img"),
     "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert"),
     "mask": ("sdedit", "inpaint"), "mask_region": ("sdedit", "inpaint"),
     "t0": ("sdedit",), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
     "sr_factor": ("sr",), "sr_method": ("sr",), "sr_aug_t": ("sr",),
     "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
-    "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
-    "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr"),
+    "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
+    "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
+    "strength": ("img2img",),
 }
 
 
@@ -88,6 +102,17 @@ def define_flags(flag_values=None):
                          "RePaint resamplings per jump (1 = none).", flag_values=fv)
     flags.DEFINE_integer("source_label", None, "invert: class the input is inverted under.",
                          flag_values=fv)
+    flags.DEFINE_string("prompt", None, "SD: the text prompt of every sample.", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "SD: the negative prompt (default: empty).",
+                        flag_values=fv)
+    flags.DEFINE_integer("height", None, "SD: image height in pixels (default: the model's).",
+                         flag_values=fv)
+    flags.DEFINE_integer("width", None, "SD: image width in pixels (default: the model's).",
+                         flag_values=fv)
+    flags.DEFINE_float("strength", 0.8, "SD img2img: noise fraction in (0, 1].", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                      "SD: compute dtype of the networks (parameters stay float32).",
+                      flag_values=fv)
 
 
 def check_flags(fv, config):
@@ -100,14 +125,14 @@ def check_flags(fv, config):
             task cannot use; ``--task=sr`` without a super-resolution model or the reverse.
     """
     task = fv.task
-    for name, users in TASK_FLAGS.items():
-        if fv[name].present and task not in users:
-            raise ValueError(f"--{name} is not used by --task={task} (it applies to "
-                             f"{', '.join(users)}).")
-    if fv.steps is not None and fv.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
-    if fv.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {fv.num_samples}.")
+    for name in SD_FLAGS:
+        if fv[name].present:
+            raise ValueError(f"--{name} needs a Stable Diffusion --checkpoint (a directory with "
+                             "model_index.json).")
+    if task == "img2img":
+        raise ValueError("--task=img2img needs a Stable Diffusion --checkpoint; use "
+                         "--task=sdedit for this model.")
+    _check_common(fv)
     num_classes = config.data.num_classes if config.model.class_conditional else 0
     if fv.guidance_scale is not None:
         if fv.guidance_scale < 0:
@@ -128,6 +153,110 @@ def check_flags(fv, config):
                          f"This is a super-resolution model; it runs with --task=sr, not {task}.")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
+
+
+def check_sd_flags(fv, pipe):
+    """Check the parsed flags for a Stable Diffusion pipeline ``pipe``.
+
+    Raises:
+        ValueError: naming the flag, for: a task outside :data:`SD_TASKS`; a flag the task
+            does not use, or one only class-conditional / UNet checkpoints use; no
+            ``--prompt``; ``--steps`` / ``--num_samples`` below 1; a negative
+            ``--guidance_scale``; a size that is not a multiple of the autoencoder's factor;
+            ``--strength`` outside (0, 1]; ``--input`` missing for img2img / inpaint, or not
+            square; a sampler the task cannot use.
+    """
+    task = fv.task
+    if task not in SD_TASKS:
+        raise ValueError(f"--task={task} is not available for a Stable Diffusion checkpoint; "
+                         f"expected one of {list(SD_TASKS)}.")
+    _check_common(fv)
+    for name in ("class_label", "source_label", "resize_input", "jump_length", "jump_n_sample"):
+        if fv[name].present:
+            raise ValueError(f"--{name} does not apply to a Stable Diffusion checkpoint.")
+    if fv.prompt is None:
+        raise ValueError("--prompt is required for a Stable Diffusion checkpoint.")
+    if fv.guidance_scale is not None and fv.guidance_scale < 0:
+        raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
+    height, width = fv.height or pipe.sample_size, fv.width or pipe.sample_size
+    try:
+        pipelines.latent_shape(pipe, 1, height, width)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
+    if not 0.0 < fv.strength <= 1.0:
+        raise ValueError(f"--strength must lie in (0, 1], got {fv.strength}.")
+    if task != "sample":
+        if fv.input is None:
+            raise ValueError(f"--task={task} needs --input (an image file).")
+        if height != width:
+            raise ValueError(f"--input is read as a square image: --height={height} and "
+                             f"--width={width} must be equal.")
+    samplers.check_sampler(fv.sampler or "ddim", t_start=task == "img2img",
+                           step_hook=task == "inpaint")
+
+
+def run_sd_from_flags(fv, pipe, out_dir):
+    """Run ``fv.task`` with a Stable Diffusion pipeline and write its outputs.
+
+    ``sample`` writes ``OUT/samples.png`` (grid) and ``OUT/samples.npz`` (``images`` uint8
+    ``[N, H, W, 3]``, ``prompt``); ``img2img`` / ``inpaint`` write ``OUT/<task>.png`` and
+    ``OUT/<task>.npz`` like the other tasks (:func:`write_outputs`). Flags must have passed
+    :func:`check_sd_flags`.
+    """
+    n, task = fv.num_samples, fv.task
+    prompts = [fv.prompt] * n
+    kwargs = dict(negative_prompts=fv.negative_prompt,
+                  guidance_scale=7.5 if fv.guidance_scale is None else fv.guidance_scale,
+                  sampler=fv.sampler or "ddim", num_steps=fv.steps or 50, eta=fv.eta,
+                  mesh=_data_mesh(), output="float")
+    key = jax.random.key(fv.seed)
+    if task == "sample":
+        images = image_io.to_uint8(pipelines.text_to_image(
+            pipe, prompts, key, height=fv.height, width=fv.width, **kwargs))
+        if jax.process_index() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            image_io.save_png(os.path.join(out_dir, "samples.png"), image_io.image_grid(images))
+            np.savez(os.path.join(out_dir, "samples.npz"), images=images,
+                     prompt=np.asarray(fv.prompt))
+            print(f"Wrote {n} samples to {out_dir}/samples.png and samples.npz")
+        return {"images": images}
+    size = fv.height or pipe.sample_size
+    images = np.repeat(image_io.read_image(fv.input, size, 3)[None], n, axis=0)
+    results = {"input": images}
+    if task == "img2img":
+        out = pipelines.img2img(pipe, images, prompts, key, strength=fv.strength, **kwargs)
+    else:
+        hole = _sd_mask(fv, size)
+        out = pipelines.inpaint(pipe, images, hole, prompts, key, **kwargs)
+        results["mask"] = np.broadcast_to(2.0 * hole - 1.0, images.shape)
+    results["output"] = out
+    if jax.process_index() == 0:
+        write_outputs(out_dir, task, results)
+    return results
+
+
+def _check_common(fv):
+    """Checks shared by every kind of checkpoint: flags of other tasks, counts."""
+    for name, users in TASK_FLAGS.items():
+        if fv[name].present and fv.task not in users:
+            raise ValueError(f"--{name} is not used by --task={fv.task} (it applies to "
+                             f"{', '.join(users)}).")
+    if fv.steps is not None and fv.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
+    if fv.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {fv.num_samples}.")
+
+
+def _sd_mask(fv, size):
+    """``[S, S, 1]`` hole (1 = regenerate) from ``--mask`` or ``--mask_region`` (default right)."""
+    if fv.mask is not None:
+        return (image_io.read_image(fv.mask, size, 1) > 0.0).astype(np.float32)
+    return np.asarray(tasks.region_mask((1, size, size, 3), fv.mask_region or "right"))
+
+
+def _data_mesh():
+    """A data-parallel mesh over every device (the pipeline pads the batch to fit)."""
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
 
 
 def sampler_options(fv, config):
