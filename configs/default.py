@@ -75,9 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
     train.async_checkpointing = True  # write checkpoints in a background thread
     train.checkpoint_timeout_s = 3600.0  # a save not committed within this is an error
-    # what is trained (diffusion_jax/objectives.py): "diffusion" (the UNet of config.model) |
     # "autoencoder" (config.autoencoder) | "clip" (config.clip) | "latent_diffusion" (config.latent)
-    train.objective = "diffusion"
+    train.objective = "diffusion"  # what is trained: "diffusion" (config.model's UNet) | see above
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddim"  # "ddpm" | "ddim" | "langevin"
