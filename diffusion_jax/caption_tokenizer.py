@@ -23,6 +23,7 @@ from diffusion_jax import captions
 from diffusion_jax.models import tokenizer as clip_tokenizer
 
 BOS, EOS, WORD_END = "<|startoftext|>", "<|endoftext|>", "</w>"
+BOS_ID, EOS_ID = 0, 1  # the text encoder pools at EOS_ID (its eos_token_id)
 
 
 def caption_corpus() -> list[str]:

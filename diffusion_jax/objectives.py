@@ -193,16 +193,11 @@ def _build_clip(config, rngs):
     text = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                 intermediate_size=c.intermediate_size, num_layers=c.num_layers,
                 num_heads=c.num_heads, max_positions=config.captions.max_length,
-                hidden_act="quick_gelu", eos_token_id=caption_tokenizer_eos())
+                hidden_act="quick_gelu", eos_token_id=caption_tokenizer.EOS_ID)
     image = dict(in_channels=config.data.num_channels, embed_dim=c.image_embed_dim,
                  base_channels=c.image_base_channels,
                  channel_mult=tuple(c.image_channel_mult), num_groups=c.num_groups)
     return clip.CLIPModel(text=text, image=image, projection_dim=c.projection_dim, rngs=rngs)
-
-
-def caption_tokenizer_eos() -> int:
-    """The id of ``<|endoftext|>`` in the caption tokenizer (see `caption_tokenizer`)."""
-    return 1
 
 
 def _clip_loss_fn(graphdef, schedule, config):
@@ -227,10 +222,9 @@ def _clip_loss_fn(graphdef, schedule, config):
     return loss_fn
 
 
-def _caption_batch_fn(config, workdir, *, tokenizer_dir, drop_prob=0.0):
+def _caption_batch_fn(config, *, tokenizer_dir, drop_prob=0.0):
     """``fn(batch, step)`` adding ``input_ids [b, L]`` of captions drawn from the training
     templates, seeded by ``(seed, step, process)``; a caption becomes "" with ``drop_prob``."""
-    del workdir
     tok = clip_tokenizer.load_tokenizer(tokenizer_dir)
     train_templates, _ = _template_split(config)
     attribute_prob = config.captions.attribute_prob
@@ -388,9 +382,9 @@ def _workdir_tokenizer(config, workdir):
     directory = os.path.join(workdir, TOKENIZER_SUBDIR)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         tok = caption_tokenizer.build_caption_tokenizer(max_length=config.captions.max_length)
-        if tok.eos_token_id != caption_tokenizer_eos():
+        if tok.eos_token_id != caption_tokenizer.EOS_ID:
             raise ValueError(f"caption tokenizer: <|endoftext|> has id {tok.eos_token_id}, "
-                             f"expected {caption_tokenizer_eos()}")
+                             f"expected {caption_tokenizer.EOS_ID}")
         if jax.process_index() == 0:
             caption_tokenizer.save_caption_tokenizer(tok, directory)
         return tok
@@ -438,14 +432,13 @@ def _chunks(images, config):
 
 
 def _clip_host_batch(config, workdir):
-    return _caption_batch_fn(config, workdir,
-                             tokenizer_dir=os.path.join(workdir, TOKENIZER_SUBDIR))
+    return _caption_batch_fn(config, tokenizer_dir=os.path.join(workdir, TOKENIZER_SUBDIR))
 
 
 def _latent_host_batch(config, workdir):
+    del workdir  # the tokenizer is the CLIP stage's
     return _caption_batch_fn(
-        config, workdir, tokenizer_dir=os.path.join(config.latent.clip_workdir,
-                                                     TOKENIZER_SUBDIR),
+        config, tokenizer_dir=os.path.join(config.latent.clip_workdir, TOKENIZER_SUBDIR),
         drop_prob=config.latent.caption_drop_prob)
 
 

@@ -166,7 +166,7 @@ def test_text_cfg_with_the_empty_prompt(tok_dir):
 
 def test_caption_batches_drop_to_the_empty_prompt_and_use_training_templates(tok_dir):
     config = fashion_t2i.get_config("tiny")
-    fn = objectives._caption_batch_fn(config, None, tokenizer_dir=tok_dir, drop_prob=0.5)
+    fn = objectives._caption_batch_fn(config, tokenizer_dir=tok_dir, drop_prob=0.5)
     tok = clip_tokenizer.load_tokenizer(tok_dir)
     images, labels = np.asarray(_toy_images(64) * 0.0 - 1.0), np.arange(64) % 10
     ids = fn({"image": images, "label": labels}, 5)["input_ids"]
@@ -262,3 +262,7 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
     from PIL import Image
     grid = np.asarray(Image.open(tmp_path / "grid" / "t2i_grid.png"))
     assert grid.shape[:2] == (11 * 129 + 1, 2 * 129 + 1) and grid.std() > 0
+    _run("run_sample.py", f"--workdir={runs / 't2i'}", f"--out={tmp_path / 'prompt'}",
+         "--prompt=an ankle boot", "--guidance_scale=3", "--steps=2", "--num_samples=2")
+    images = np.load(tmp_path / "prompt" / "samples.npz")["images"]
+    assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
