@@ -11,12 +11,13 @@ from configs import fashion_common
 
 def get_config(variant: str = ""):
     config = fashion_common.get_config("autoencoder", variant)
-    config.autoencoder.block_out_channels = (32, 64, 64)
+    config.autoencoder.block_out_channels = (16, 32, 32)  # 0.23M parameters
     config.autoencoder.latent_channels = 4
     config.autoencoder.l1_weight = 1.0
     config.autoencoder.l2_weight = 1.0
     config.autoencoder.kl_weight = 1e-4
-    config.train.num_steps = 1500
+    config.train.batch_size = 32
+    config.train.num_steps = 1000
     if variant == "tiny":
         config.autoencoder.block_out_channels = (8, 8, 8)
         config.autoencoder.norm_num_groups = 4

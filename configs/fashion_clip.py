@@ -15,7 +15,7 @@ def get_config(variant: str = ""):
     config.optim.learning_rate = 1e-3
     config.optim.ema_decays = (0.99,)
     config.train.batch_size = 128
-    config.train.num_steps = 600
+    config.train.num_steps = 800
     if variant == "tiny":
         config.clip.hidden_size = 16
         config.clip.intermediate_size = 32
