@@ -248,7 +248,7 @@ def _evaluate_clip(config, graphdef, params, workdir):
     * ``zero_shot_acc``: class = argmax_k cos(image, text("a photo of <class k>")).
     * ``zero_shot_acc_heldout``: the class text embedding averaged over the held-out templates.
     * ``recall1_*``: each test image gets a caption from the held-out templates; in pools of
-      1000 pairs, the top-1 partner (image -> text, text -> image) is its own pair
+      1000 pairs (fewer: one pool), the top-1 partner (image -> text, text -> image) is its own pair
       (``_pair``) or a pair of the same class (``_class``; captions of one class are often
       identical strings, so the pair number is bounded well below 1).
     """
@@ -272,7 +272,9 @@ def _evaluate_clip(config, graphdef, params, workdir):
 
 
 def _pool_recall(img, txt, labels, *, pool):
-    """Mean recall@1 over consecutive pools of ``pool`` pairs (see `_evaluate_clip`)."""
+    """Mean recall@1 over consecutive pools of ``pool`` pairs (one pool of all pairs when
+    there are fewer; see `_evaluate_clip`)."""
+    pool = min(pool, len(labels))
     sums = dict(recall1_i2t_pair=0.0, recall1_t2i_pair=0.0, recall1_i2t_class=0.0,
                 recall1_t2i_class=0.0)
     count = 0

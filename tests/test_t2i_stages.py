@@ -252,6 +252,7 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
     np.testing.assert_allclose(ae_eval["psnr"], 10 * np.log10(4 / ae_eval["mse"]), atol=3.0)
     clip_eval = json.load(open(runs / "clip" / "eval.json"))
     assert all(0 <= clip_eval[k] <= 1 for k in ("zero_shot_acc", "recall1_i2t_class"))
+    assert clip_eval["recall1_i2t_class"] >= clip_eval["recall1_i2t_pair"]  # pair => class
     assert (runs / "clip" / "tokenizer" / "merges.txt").exists()
     scale = json.load(open(runs / "t2i" / "latent_scale.json"))
     np.testing.assert_allclose(scale["scale_factor"] * scale["latent_std"], 1.0, rtol=1e-6)
@@ -266,3 +267,14 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
          "--prompt=an ankle boot", "--guidance_scale=3", "--steps=2", "--num_samples=2")
     images = np.load(tmp_path / "prompt" / "samples.npz")["images"]
     assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+
+
+def test_pool_recall_counts_own_pairs_and_same_class_partners():
+    img = np.eye(4)
+    txt = img[[1, 0, 2, 3]]          # texts 0 and 1 swapped; both describe class 0
+    out = objectives._pool_recall(img, txt, np.array([0, 0, 1, 2]), pool=1000)
+    assert out == dict(recall1_i2t_pair=0.5, recall1_t2i_pair=0.5, recall1_i2t_class=1.0,
+                       recall1_t2i_class=1.0)
+    two_pools = objectives._pool_recall(np.eye(4), np.eye(4)[[1, 0, 3, 2]],
+                                        np.array([0, 1, 2, 2]), pool=2)
+    assert two_pools["recall1_i2t_pair"] == 0.0 and two_pools["recall1_i2t_class"] == 0.5
