@@ -44,8 +44,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import (checkpoint, generate, image_io, loading, pipelines, sharding,
-                           stage_pipeline)
+from diffusion_jax import (checkpoint, generate, image_io, loading, objectives, pipelines,
+                           sharding, stage_pipeline)
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
@@ -106,7 +106,7 @@ def _is_text_to_image_workdir(workdir):
     if workdir is None:
         return False
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
-    return checkpoint.load_config(manager).train.get("objective") == "latent_diffusion"
+    return objectives.objective_of(checkpoint.load_config(manager)) == "latent_diffusion"
 
 
 def _sample_trained_t2i():

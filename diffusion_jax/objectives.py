@@ -68,6 +68,11 @@ class Objective(NamedTuple):
     evaluate: Callable | None
 
 
+def objective_of(config) -> str:
+    """``config.train.objective``; ``"diffusion"`` for configs stored before the field existed."""
+    return config.train.get("objective", "diffusion")
+
+
 def get(name: str) -> Objective:
     """The objective called ``name`` (not ``"diffusion"``, which ``train.py`` implements).
 
@@ -95,7 +100,7 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
             do not fit together (image size, channels).
         FileNotFoundError: a stage workdir has no checkpoint.
     """
-    objective = config.train.objective
+    objective = objective_of(config)
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective={objective!r} must be one of {OBJECTIVES}.")
     if objective not in ("clip", "latent_diffusion"):
@@ -114,9 +119,9 @@ def final_evaluation(config, graphdef, params, workdir: str) -> dict[str, float]
 
     Returns None when the objective has none or ``final_eval.num_images`` is -1.
     """
-    if config.train.objective == "diffusion" or config.final_eval.num_images < 0:
+    if objective_of(config) == "diffusion" or config.final_eval.num_images < 0:
         return None
-    evaluate = get(config.train.objective).evaluate
+    evaluate = get(objective_of(config)).evaluate
     if evaluate is None:
         return None
     results = evaluate(config, graphdef, params, workdir)
@@ -406,9 +411,9 @@ def _stage_config(workdir, objective):
     """The stored config of a stage workdir, checked to be of ``objective``."""
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
     stored = checkpoint.load_config(manager)
-    if stored.train.get("objective", "diffusion") != objective:
-        raise ValueError(f"{workdir} holds a {stored.train.get('objective', 'diffusion')!r} "
-                         f"run; expected train.objective={objective!r}.")
+    if objective_of(stored) != objective:
+        raise ValueError(f"{workdir} holds a {objective_of(stored)!r} run; expected "
+                         f"train.objective={objective!r}.")
     return stored
 
 

@@ -30,7 +30,7 @@ def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
     """
     loaded = loading.load(workdir=workdir, step=step)
     config = loaded.config
-    objective = config.train.get("objective", "diffusion")
+    objective = objectives.objective_of(config)
     if objective != "latent_diffusion":
         raise ValueError(f"{workdir} holds a {objective!r} run; text-to-image needs a "
                          f"'latent_diffusion' workdir (configs/fashion_t2i.py).")

@@ -73,8 +73,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     """The model ``config.train.objective`` trains: for ``"diffusion"`` the UNet of
     ``config.model`` for images of ``config.data`` (size, channels, classes); otherwise the
     objective's model (`diffusion_jax.objectives`)."""
-    if config.train.objective != "diffusion":
-        return objectives.get(config.train.objective).build_model(config, rngs)
+    if objectives.objective_of(config) != "diffusion":
+        return objectives.get(objectives.objective_of(config)).build_model(config, rngs)
     return unet.unet_from_config(
         config.model, image_size=config.data.image_size,
         in_channels=config.data.num_channels, num_classes=config.data.num_classes, rngs=rngs)
@@ -334,8 +334,8 @@ def _setup(config, workdir, resume_step) -> _Run:
         state = create_train_state(config, tx, shardings)
     step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
     sample_fn, host_batch_fn = None, None
-    if config.train.objective != "diffusion":
-        make_host_fn = objectives.get(config.train.objective).host_batch_fn
+    if objectives.objective_of(config) != "diffusion":
+        make_host_fn = objectives.get(objectives.objective_of(config)).host_batch_fn
         host_batch_fn = make_host_fn and make_host_fn(config, workdir)
     elif config.train.eval_every > 0:
         sample_fn = generate.make_sample_fn(
@@ -466,9 +466,9 @@ class _MetricLogger:
 
 def _objective_loss_fn(graphdef, schedule, config):
     """``(loss_fn, is_diffusion)`` of ``config.train.objective`` (see `make_train_step`)."""
-    if config.train.objective == "diffusion":
+    if objectives.objective_of(config) == "diffusion":
         return _make_loss_fn(graphdef, schedule, config), True
-    objective = objectives.get(config.train.objective)
+    objective = objectives.get(objectives.objective_of(config))
     return objective.make_loss_fn(graphdef, schedule, config), objective.is_diffusion
 
 

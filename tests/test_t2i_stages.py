@@ -278,3 +278,15 @@ def test_pool_recall_counts_own_pairs_and_same_class_partners():
     two_pools = objectives._pool_recall(np.eye(4), np.eye(4)[[1, 0, 3, 2]],
                                         np.array([0, 1, 2, 2]), pool=2)
     assert two_pools["recall1_i2t_pair"] == 0.0 and two_pools["recall1_i2t_class"] == 0.5
+
+
+def test_configs_stored_before_the_objective_field_still_build_the_unet():
+    import ml_collections
+    from configs import tiny
+    from diffusion_jax import config_utils
+    from diffusion_jax.models import unet
+    stored = config_utils.config_to_dict(tiny.get_config())
+    del stored["train"]["objective"]
+    old = ml_collections.ConfigDict(stored)
+    assert objectives.objective_of(old) == "diffusion"
+    assert isinstance(train.build_model(old, rngs=nnx.Rngs(0)), unet.UNet)
