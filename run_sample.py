@@ -24,7 +24,8 @@ autoencoder and CLIP stages) runs the same text-to-image tasks and flags::
         --guidance_scale=3 --steps=50 --num_samples=8
 
 Otherwise ``--checkpoint=PATH`` loads a converted diffusers ``UNet2DModel`` checkpoint
-(``diffusion_jax.models.convert_diffusers``); its diffusion settings come from ``--config`` (default ``configs/default.py``: DDPM's linear schedule, T = 1000,
+(``diffusion_jax.convert.unet2d``); its diffusion settings come from ``--config``
+(default ``configs/default.py``: DDPM's linear schedule, T = 1000,
 eps prediction), e.g. ``--config.diffusion.num_timesteps=...``, and its image size,
 channels and classes from the checkpoint. ``samples.npz`` holds ``images``
 (uint8 [N, H, W, C]) and ``labels`` (int32 [N], -1 = unconditional).
@@ -44,8 +45,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import (checkpoint, generate, image_io, loading, objectives, pipelines,
-                           sharding, stage_pipeline)
+from diffusion_jax import (checkpoint, compilation_cache, generate, image_io, loading,
+                           objectives, pipelines, sharding, stage_pipeline)
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
@@ -58,6 +59,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Diffusion and sampling settings of a --checkpoint model (--workdir uses its own).")
 flags.mark_flags_as_required(["out"])
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 cli.define_flags()
 
 
@@ -70,6 +72,7 @@ def main(argv):
         raise app.UsageError("Pass exactly one of --workdir and --checkpoint.")
     if _WORKDIR.value is not None and flags.FLAGS["config"].present:
         raise app.UsageError("--config applies to --checkpoint only; --workdir uses its own.")
+    compilation_cache.enable(_JIT_CACHE.value)
     try:
         if _is_sd_pipeline(_CHECKPOINT.value):
             _sample_sd()

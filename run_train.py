@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, resume, train
+from diffusion_jax import checkpoint, compilation_cache, resume, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.",
                                           lock_config=True)
@@ -24,6 +24,7 @@ _STEP = flags.DEFINE_integer(
     "step", None, "Resume from this checkpoint step instead of the latest; newer checkpoints "
     "are moved to WORKDIR/checkpoints_set_aside/.")
 flags.mark_flags_as_required(["config", "workdir"])
+_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
 
 
 def main(argv):
@@ -31,6 +32,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
+    compilation_cache.enable(_JIT_CACHE.value)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, resume_step=_STEP.value)
     except train.TrainingInterrupted as e:

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, interleave  # noqa: E402
 
 BENCHMARKS = ("train_throughput", "sample_throughput", "scaling")
 
@@ -77,9 +77,10 @@ def render(suffix="", command=".venv/bin/python benchmarks/run_all.py"):
         f"{m['memory_gib']} GiB ({m['platform']}). Versions: jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}, torch {v['torch']}, diffusers {v['diffusers']}.",
         "Load average (1 min) per benchmark, start / end: " + ", ".join(
-            f"{name} {r['machine']['load_average_1_5_15_at_start'][0]} / "
+            f"{name} ({r['date'][:10]}) {r['machine']['load_average_1_5_15_at_start'][0]} / "
             f"{r['machine']['load_average_1_5_15_at_end'][0]}" for name, r in runs.items()) +
-        " -- on a host with 2 cores, anything above ~0.5 means other processes shared the CPU.",
+        f" -- a result is flagged **loaded host** above usable cores + "
+        f"{interleave.LOAD_MARGIN}; the benchmark itself keeps every core busy.",
         "",
     ]
     if "train_throughput" in runs:
@@ -88,6 +89,8 @@ def render(suffix="", command=".venv/bin/python benchmarks/run_all.py"):
         lines += _render_sample(runs["sample_throughput"])
     if "scaling" in runs:
         lines += _render_scaling(runs["scaling"])
+    lines += [f"Not in this run: {name} (`benchmarks/run_all.py --only {name}`)."
+              for name in BENCHMARKS if name not in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -97,25 +100,25 @@ def _render_train(run):
            "Ours: `train.make_train_step` under `train.jit_train_step` (the step `run_train.py` runs). "
            "Theirs: diffusers `UNet2DModel` in the same layout, `torch.optim.Adam`, "
            "`clip_grad_norm_`, `EMAModel`. Both: eps-MSE loss, Adam 2e-4, clip 1.0, EMA 0.9999. "
-           "Median of the timed steps after warm-up.", "",
-           "| model | params | batch | framework | step (s) | images/s | compile (s) | peak RSS (MB) "
-           "| GFLOP/step (XLA) | MB accessed/step (XLA) | MFU |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Timed interleaved (ours, theirs, ... one step each per round); ratio = median of the "
+           "per-round ratios theirs_time / ours_time, with interquartile range and min-max.", "",
+           "| model | params | batch | rounds | ours step (s) | theirs step (s) | ours / theirs "
+           "[IQR] (min-max) | ours compile (s) | peak RSS ours / theirs (MB) | GFLOP/step (XLA) "
+           "| MB accessed/step (XLA) | MFU ours / theirs | load 1 min before / after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["results"]:
         if "error" in r:
-            out.append(f"| {r['model']} | | {r['batch_size']} | {r['framework']} | error | | | | | | |")
+            out.append(f"| {r['model']} | | {r['batch_size']} | | error | | | | | | | | |")
             continue
-        flops = r.get("flops_per_step") or r.get("model_flops_per_step_from_xla")
+        o, t = r["ours"], r["theirs"]
+        flops, nbytes = o.get("flops_per_step"), o.get("bytes_accessed_per_step")
         out.append(
-            f"| {r['model']} | {r['num_params'] / 1e6:.2f} M | {r['batch_size']} | {_fw(r)} "
-            f"| {r['step_s_median']:.3f} | {r['images_per_s']:.1f} | {_num(r.get('compile_s'), 1)} "
-            f"| {r['peak_rss_mb']:.0f} | {_num(flops and flops / 1e9, 1)} "
-            f"| {_num(r.get('bytes_accessed_per_step') and r['bytes_accessed_per_step'] / 2**20, 0)} "
-            f"| {_pct(r.get('mfu'))} |")
+            f"| {r['model']} | {o['num_params'] / 1e6:.2f} M | {r['batch_size']} | {r['rounds']} "
+            f"| {o['median_s']:.3f} | {t['median_s']:.3f} | {_ratio(r)} | {_num(o.get('compile_s'), 1)} "
+            f"| {o['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} | {_num(flops and flops / 1e9, 1)} "
+            f"| {_num(nbytes and nbytes / 2**20, 0)} | {_pct(o.get('mfu'))} / {_pct(t.get('mfu'))} "
+            f"| {_load(r)} |")
     out.append("")
-    for q in run["ratios"]:
-        out.append(f"- {q['model']}, batch {q['batch_size']}: ours / theirs images/s = "
-                   f"**{q['images_per_s_ratio_jax_over_torch']:.2f}x**")
     peak = next((r for r in run["results"] if r.get("peak_flops_source")), None)
     if peak:
         out.append(f"- MFU against a peak of {peak['peak_flops'] / 1e9:.0f} GFLOP/s "
@@ -125,7 +128,7 @@ def _render_train(run):
         out.append("- A large float32 matmul reaches " + ", ".join(
             f"{c['flops_per_s'] / 1e9:.0f} GFLOP/s ({c['framework']}, {c['size']}^2)" for c in cal)
             + " here: the attainable rate.")
-    return out + [""]
+    return out + _loaded_note(run) + [""]
 
 
 def _render_sample(run):
@@ -133,27 +136,45 @@ def _render_sample(run):
     out = [f"### Sampling ({cfg['device']}, {cfg['dtype']})", "",
            "Ours: `samplers.ddpm_sample` / `ddim_sample` (one jitted `lax.scan`). Theirs: diffusers "
            "`DDPMPipeline` / `DDIMPipeline`. DDPM 1000 steps, DDIM 50 steps (eta 0), x0 clipped. "
-           "*extrapolated*: the case ran `measured steps` and the full chain is per-step time x steps.",
-           "", "| model | sampler | batch | measured steps | ours ms/step | theirs ms/step "
-           "| ours images/s (full chain) | theirs images/s (full chain) | ours / theirs | ours compile (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    by = {}
+           "*extrapolated*: each call ran `measured steps` and the full chain is per-step time x "
+           "steps. Timed interleaved, one call each per round; ratio as for training.",
+           "", "| model | sampler | batch | measured steps | rounds | ours ms/step | theirs ms/step "
+           "| ours / theirs [IQR] (min-max) | ours full chain (s) | theirs full chain (s) "
+           "| ours compile (s) | load 1 min before / after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["results"]:
-        by[(r["model"], r["sampler"], r["batch_size"], r["framework"])] = r
-    for (model, sampler, batch, fw), ours in by.items():
-        if fw != "jax":
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['sampler']} | {r['batch_size']} | | | error "
+                       "| | | | | | |")
             continue
-        theirs = by.get((model, sampler, batch, "torch"), {})
-        if "error" in ours or "error" in theirs:
-            out.append(f"| {model} | {sampler} | {batch} | | error | | | | | |")
-            continue
-        tag = " (extrapolated)" if ours["extrapolated"] else ""
+        o, t = r["ours"], r["theirs"]
+        tag = " (extrapolated)" if r["extrapolated"] else ""
         out.append(
-            f"| {model} | {sampler.upper()} {ours['full_steps']} | {batch} | {ours['measured_steps']} "
-            f"| {1e3 * ours['step_s']:.1f} | {1e3 * theirs['step_s']:.1f} "
-            f"| {_rate(ours)}{tag} | {_rate(theirs)}{tag} "
-            f"| **{ours['images_per_s'] / theirs['images_per_s']:.2f}x** | {ours['compile_s']:.1f} |")
-    return out + [""]
+            f"| {r['model']} | {r['sampler'].upper()} {r['full_steps']} | {r['batch_size']} "
+            f"| {r['measured_steps']} | {r['rounds']} | {1e3 * o['step_s']:.1f} "
+            f"| {1e3 * t['step_s']:.1f} | {_ratio(r)} | {o['full_chain_s']:.1f}{tag} "
+            f"| {t['full_chain_s']:.1f}{tag} | {o['compile_s']:.1f} | {_load(r)} |")
+    return out + _loaded_note(run) + [""]
+
+
+def _ratio(r):
+    return (f"**{r['ratio_median']:.2f}x** [{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}] "
+            f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+
+
+def _load(r):
+    flag = " **loaded host**" if r["loaded_host"] else ""
+    return f"{r['load_avg_before'][0]} / {r['load_avg_after'][0]}{flag}"
+
+
+def _loaded_note(run):
+    loaded = [r for r in run["results"] if r.get("loaded_host")]
+    if not loaded:
+        return []
+    return [f"- **loaded host**: {len(loaded)} of {len(run['results'])} cases ran while the "
+            f"1-minute load exceeded usable cores + {run['config'].get('load_margin')}: other "
+            "processes shared the CPU, so these numbers must not be quoted as this project's "
+            "performance."]
 
 
 def _render_scaling(run):
@@ -182,16 +203,8 @@ def _render_scaling(run):
     return out + [""]
 
 
-def _fw(r):
-    return "ours (jax)" if r["framework"] == "jax" else "diffusers (torch)"
-
-
 def _num(x, digits):
     return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _rate(r):
-    return f"{r['images_per_s']:.3g} ({r['full_chain_s']:.1f} s)"
 
 
 def _pct(x):

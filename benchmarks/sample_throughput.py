@@ -12,6 +12,10 @@ Full chains are DDPM 1000 steps and DDIM 50 steps. Where a full chain is too slo
 a CPU) a case runs only ``measured_steps`` steps and the full-chain time is extrapolated linearly
 (``extrapolated: true``): per-step cost is the same at every step of both samplers.
 
+The two sides run in their own worker processes and are timed interleaved, one call each per
+round (``interleave.run_pair``); the ratio reported is the median of the per-round ratios
+theirs_time / ours_time, with quartiles, range and the load average before and after.
+
 Usage:
     .venv/bin/python benchmarks/sample_throughput.py            # full CPU run: 8-10 min on 2 busy cores
     .venv/bin/python benchmarks/sample_throughput.py --quick
@@ -25,28 +29,29 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, interleave  # noqa: E402
 
 NUM_TIMESTEPS = 1000
 FULL_STEPS = {"ddpm": 1000, "ddim": 50}
 
 
 def plan(args):
-    """Cases: (model, sampler, batch size, steps actually run, warm-up calls, timed calls)."""
+    """Cases: (model, sampler, batch size, steps per timed call, warm-up calls, rounds)."""
     if args.quick:
-        return [dict(model="tiny", sampler=s, batch_size=2, steps=3, warmup=1, iters=1)
+        return [dict(model="tiny", sampler=s, batch_size=2, steps=3, warmup=1, rounds=3)
                 for s in ("ddpm", "ddim")]
     if args.device == "gpu":
-        return [dict(model=m, sampler=s, batch_size=b, steps=FULL_STEPS[s], warmup=1, iters=3)
+        return [dict(model=m, sampler=s, batch_size=b, steps=FULL_STEPS[s], warmup=1, rounds=5)
                 for m in ("ddpm_cifar10", "tiny") for s in ("ddpm", "ddim") for b in (64, 256)]
     cases = []
-    for b in (1, 16):  # 35.7 M UNet: a few steps, extrapolated
+    for b in (1, 16):  # 35.7 M UNet: a few steps per call, extrapolated
         for s in ("ddpm", "ddim"):
-            cases.append(dict(model="ddpm_cifar10", sampler=s, batch_size=b, steps=4, warmup=0, iters=2))
+            cases.append(dict(model="ddpm_cifar10", sampler=s, batch_size=b, steps=4, warmup=1,
+                              rounds=5))
     for b in (1, 8):  # tiny UNet: full chains
-        cases.append(dict(model="tiny", sampler="ddpm", batch_size=b, steps=1000, warmup=0, iters=1))
+        cases.append(dict(model="tiny", sampler="ddpm", batch_size=b, steps=1000, warmup=1, rounds=3))
     for b in (1, 16):
-        cases.append(dict(model="tiny", sampler="ddim", batch_size=b, steps=50, warmup=1, iters=2))
+        cases.append(dict(model="tiny", sampler="ddim", batch_size=b, steps=50, warmup=1, rounds=7))
     return cases
 
 
@@ -55,54 +60,43 @@ def main():
     args = parser.parse_args()
     if args.case:
         case = json.loads(args.case)
-        runner = run_jax_case if case["framework"] == "jax" else run_torch_case
-        common.emit_result(runner(case))
+        setup = jax_setup if case["framework"] == "jax" else torch_setup
+        interleave.serve(lambda: setup(case))
         return
     layouts = {spec["model"]: common.layout(spec["model"]) for spec in plan(args)}
     results = []
+    cores = args.threads or common.cpu_cores()
     for spec in plan(args):
-        for framework in ("jax", "torch"):
-            case = dict(spec, framework=framework, layout=layouts[spec["model"]],
-                        device=args.device, dtype=args.dtype,
-                        threads=args.threads or common.cpu_cores())
-            print(f"[sample] {framework} {spec['model']} {spec['sampler']} batch {spec['batch_size']} "
-                  f"({spec['steps']} steps) ...", flush=True)
-            res = common.run_case_subprocess(
-                os.path.abspath(__file__), case,
-                env=common.torch_env(args) if framework == "torch" else None)
-            print("   ", _summary(res), flush=True)
-            results.append(res)
+        ours, theirs = (dict(spec, framework=fw, layout=layouts[spec["model"]], device=args.device,
+                             dtype=args.dtype, threads=cores) for fw in ("jax", "torch"))
+        print(f"[sample] {spec['model']} {spec['sampler']} batch {spec['batch_size']} "
+              f"({spec['steps']} steps per call, {spec['rounds']} rounds) ...", flush=True)
+        res = interleave.run_pair(os.path.abspath(__file__), ours, theirs, rounds=spec["rounds"],
+                                  env_theirs=common.torch_env(args), cores=common.cpu_cores())
+        res.update({k: spec[k] for k in ("model", "sampler", "batch_size", "warmup")})
+        if "error" not in res:
+            _finish(res, spec)
+        print("   ", _summary(res), flush=True)
+        results.append(res)
     path = common.write_results(
         "sample_throughput" + ("_quick" if args.quick else ""),
         dict(config=dict(device=args.device, dtype=args.dtype,
                          torch_omp_wait_policy=args.omp_wait_policy, num_timesteps=NUM_TIMESTEPS,
                          full_steps=FULL_STEPS, clip_x0=[-1.0, 1.0], ddim_eta=0.0,
-                         layouts=layouts),
-             results=results, ratios=ratios(results),
-             notes=["Cases with extrapolated=true ran measured_steps steps; full-chain time = "
-                    "per-step time x full_steps.",
+                         layouts=layouts, load_margin=interleave.LOAD_MARGIN),
+             results=results,
+             notes=["Cases with extrapolated=true ran measured_steps steps per call; full-chain "
+                    "time = per-step time x full_steps.",
                     "Per-step time includes the sampler's fixed cost (initial noise, final "
                     "conversion) spread over the steps run, so extrapolation slightly overstates it.",
-                    "Other processes on the host (machine.load_average_1_5_15_at_start / _at_end) can skew timings."]))
+                    "Both sides are timed interleaved, one call each per round; cases with "
+                    "loaded_host=true ran while other processes loaded the host."]))
     print("wrote", path)
 
 
-def ratios(results):
-    """ours / theirs images-per-second for each (model, sampler, batch size) measured by both."""
-    by_key = {(r["model"], r["sampler"], r["batch_size"], r["framework"]): r
-              for r in results if "error" not in r}
-    out = []
-    for (model, sampler, batch, fw), r in sorted(by_key.items()):
-        other = by_key.get((model, sampler, batch, "torch"))
-        if fw == "jax" and other:
-            out.append(dict(model=model, sampler=sampler, batch_size=batch,
-                            extrapolated=r["extrapolated"],
-                            images_per_s_ratio_jax_over_torch=r["images_per_s"] / other["images_per_s"]))
-    return out
-
-
-def run_jax_case(case):
-    """Times ``ddpm_sample`` / ``ddim_sample`` on one (model, sampler, batch size) in this process."""
+def jax_setup(case):
+    """``samplers.run`` (ddpm / ddim) on one (model, sampler, batch size), compiled and warmed
+    up; returns ``(call, info)`` for `interleave.serve`."""
     common.setup_jax_env(case["device"])
     import jax
     import jax.numpy as jnp
@@ -130,18 +124,23 @@ def run_jax_case(case):
     t0 = time.perf_counter()
     compiled = jax.jit(sample).lower(weights, x_T, key).compile()
     compile_s = time.perf_counter() - t0
-    timing = common.time_calls(lambda: jax.block_until_ready(compiled(weights, x_T, key)),
-                               warmup=case["warmup"], iters=case["iters"])
-    result = _finish(case, timing, compile_s=compile_s, device_kind=jax.devices()[0].device_kind,
-                     implementation=f"diffusion_jax.samplers.run({case['sampler']!r}) (jit, lax.scan)")
+
+    def call():
+        jax.block_until_ready(compiled(weights, x_T, key))
+
+    warm = interleave.warm_up(call, case["warmup"])
+    info = dict(compile_s=round(compile_s, 3), first_call_s=warm[0] if warm else None,
+                device_kind=jax.devices()[0].device_kind,
+                implementation=f"diffusion_jax.samplers.run({case['sampler']!r}) (jit, lax.scan)")
     if case["device"] == "gpu":
-        result["peak_device_memory_mb"] = (jax.devices()[0].memory_stats() or {}).get(
+        info["peak_device_memory_mb"] = (jax.devices()[0].memory_stats() or {}).get(
             "peak_bytes_in_use", 0) / 2**20
-    return result
+    return call, info
 
 
-def run_torch_case(case):
-    """Times diffusers' DDPMPipeline / DDIMPipeline on one (model, sampler, batch size)."""
+def torch_setup(case):
+    """diffusers' DDPMPipeline / DDIMPipeline on one (model, sampler, batch size), warmed up;
+    returns ``(call, info)`` for `interleave.serve`."""
     torch, device = common.torch_setup(case["device"], case["threads"])
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
@@ -165,38 +164,36 @@ def run_torch_case(case):
             torch.cuda.synchronize()
 
     run(2)  # allocator and thread-pool warm-up, cheap
-    timing = common.time_calls(lambda: run(case["steps"]), warmup=case["warmup"], iters=case["iters"])
-    result = _finish(case, timing, compile_s=None,
-                     device_kind=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     implementation=f"diffusers.{type(pipe).__name__}")
-    result["torch_threads"] = torch.get_num_threads()
+    warm = interleave.warm_up(lambda: run(case["steps"]), case["warmup"])
+    info = dict(first_call_s=warm[0] if warm else None, torch_threads=torch.get_num_threads(),
+                device_kind=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                implementation=f"diffusers.{type(pipe).__name__}")
     if device.type == "cuda":
-        result["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+        info["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return lambda: run(case["steps"]), info
 
 
-def _finish(case, timing, *, compile_s, device_kind, implementation):
-    full = FULL_STEPS[case["sampler"]]
-    per_step = timing["median_s"] / case["steps"]
-    full_s = per_step * full
-    return dict(case, implementation=implementation, device_kind=device_kind,
-                compile_s=None if compile_s is None else round(compile_s, 3),
-                measured_steps=case["steps"], full_steps=full, extrapolated=case["steps"] != full,
-                call_s_median=round(timing["median_s"], 4),
-                call_s_all=[round(t, 4) for t in timing["times_s"]],
-                step_s=per_step, full_chain_s=full_s, images_per_s=case["batch_size"] / full_s,
-                peak_rss_mb=round(common.peak_rss_mb(), 1))
+def _finish(res, spec):
+    """Per-step time, full-chain time and images/s of both sides of an interleaved case."""
+    full = FULL_STEPS[spec["sampler"]]
+    res.update(measured_steps=spec["steps"], full_steps=full, extrapolated=spec["steps"] != full)
+    for side in ("ours", "theirs"):
+        r = res[side]
+        r["step_s"] = r["median_s"] / spec["steps"]
+        r["full_chain_s"] = r["step_s"] * full
+        r["images_per_s"] = spec["batch_size"] / r["full_chain_s"]
 
 
 def _summary(res):
     if "error" in res:
         return "ERROR " + res["error"][-500:]
+    o, t = res["ours"], res["theirs"]
     tag = " (extrapolated)" if res["extrapolated"] else ""
-    s = (f"{1e3 * res['step_s']:.1f} ms/step, full chain {res['full_chain_s']:.1f} s{tag}, "
-         f"{res['images_per_s']:.3f} img/s")
-    if res.get("compile_s") is not None:
-        s += f", compile {res['compile_s']:.1f} s"
-    return s
+    s = (f"ours {1e3 * o['step_s']:.1f} ms/step (compile {o['compile_s']:.1f} s), theirs "
+         f"{1e3 * t['step_s']:.1f} ms/step{tag}; ours/theirs {res['ratio_median']:.2f}x "
+         f"[IQR {res['ratio_q1']:.2f}-{res['ratio_q3']:.2f}, range {res['ratio_min']:.2f}-"
+         f"{res['ratio_max']:.2f}]; load {res['load_avg_before'][0]} -> {res['load_avg_after'][0]}")
+    return s + (" LOADED HOST" if res["loaded_host"] else "")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import sys
 import tempfile
 import time
 
+# Keep torch's OpenMP threads from spinning: on a busy host spinning made its steps many times
+# slower (see benchmarks/common.py); set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -81,7 +84,8 @@ def main():
         results.append(record)
     payload = {"machine": {"platform": platform.platform(), "nproc": os.cpu_count(),
                            "backend": jax.default_backend(), "jax": jax.__version__,
-                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "command": "python " + " ".join(sys.argv), "results": results}
     with open(args.out, "w") as f:
@@ -100,7 +104,8 @@ def _unet_case(case, sd15_size, repeats):
     rows = 4 if case == "small" else 2
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel(**config).eval()
-    kwargs = unet_cond.config_to_kwargs(dict(theirs.config))
+    kwargs = unet_cond.config_to_kwargs({k: v for k, v in theirs.config.items()
+                                         if not k.startswith("_")})
     ours = _numpy_init(lambda: CondUNet(**kwargs, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(ours)
     rng = np.random.default_rng(0)

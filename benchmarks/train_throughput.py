@@ -5,10 +5,14 @@ predict eps with the UNet (dropout on), take the mean squared error, backpropaga
 gradient to global norm 1, apply an Adam update (lr 2e-4) and update an EMA of the parameters
 (decay 0.9999) -- the DDPM recipe. Ours is ``train.make_train_step`` under ``train.jit_train_step``
 (what ``run_train.py`` runs); theirs is diffusers' UNet2DModel with torch.optim.Adam and diffusers'
-EMAModel. Both run the same architecture, batch size and resolution. Each (framework, model, batch size) runs in its own process, so peak memory is its own.
+EMAModel. Both run the same architecture, batch size and resolution.
 
-Reported per case: compile / first-step time, median step time over a few timed steps, steps/s,
-images/s, peak memory (host RSS on CPU, device peak on GPU), and for jax XLA's cost analysis
+Each (model, batch size) starts one worker process per framework (peak memory is its own), which
+compiles and warms up, then the two are timed interleaved -- ours, theirs, ours, theirs, ... one
+step each per round (``interleave.run_pair``) -- so both see the same host load. Reported per case:
+compile / first-step time, median step time, the median of the per-round ratios
+theirs_time / ours_time with its quartiles and range, the load average before and after (flag
+``loaded_host``), images/s, peak memory (host RSS on CPU, device peak on GPU), and for jax XLA's cost analysis
 (FLOPs and bytes accessed per step) with MFU against a stated peak. For torch, FLOPs are counted by
 ``torch.utils.flop_counter`` (matmuls and convolutions only) as a cross-check.
 
@@ -25,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, interleave  # noqa: E402
 
 # The DDPM recipe of configs/default.py, which the jax side runs through common.train_config.
 LEARNING_RATE = 2e-4
@@ -35,15 +39,15 @@ EMA_DECAY = 0.9999
 
 
 def plan(args):
-    """The cases of a run: (model layout, batch sizes, warmup steps, timed steps)."""
+    """The cases of a run: (model layout, batch size, warm-up steps, interleaved rounds)."""
     if args.quick:
-        return [dict(model="tiny", batch_size=4, warmup=1, iters=2)]
+        return [dict(model="tiny", batch_size=4, warmup=1, rounds=3)]
     if args.device == "gpu":
-        return [dict(model="ddpm_cifar10", batch_size=b, warmup=3, iters=20) for b in (128, 256)] + \
-               [dict(model="tiny", batch_size=256, warmup=3, iters=20)]
-    return [dict(model="ddpm_cifar10", batch_size=16, warmup=1, iters=2),
-            dict(model="tiny", batch_size=16, warmup=2, iters=5),
-            dict(model="tiny", batch_size=64, warmup=2, iters=5)]
+        return [dict(model="ddpm_cifar10", batch_size=b, warmup=3, rounds=20) for b in (128, 256)] + \
+               [dict(model="tiny", batch_size=256, warmup=3, rounds=20)]
+    return [dict(model="ddpm_cifar10", batch_size=16, warmup=1, rounds=5),
+            dict(model="tiny", batch_size=16, warmup=2, rounds=9),
+            dict(model="tiny", batch_size=64, warmup=2, rounds=7)]
 
 
 def main():
@@ -54,7 +58,8 @@ def main():
         if case.get("kind") == "matmul":
             common.emit_result(common.matmul_rate(case))
         else:
-            common.emit_result((run_jax_case if case["framework"] == "jax" else run_torch_case)(case))
+            setup = jax_setup if case["framework"] == "jax" else torch_setup
+            interleave.serve(lambda: setup(case))
         return
     layouts = {spec["model"]: common.layout(spec["model"]) for spec in plan(args)}
     calibration = []
@@ -67,60 +72,33 @@ def main():
         print(f"[train] {framework} {case['size']}^2 matmul: "
               f"{calibration[-1].get('flops_per_s', 0) / 1e9:.1f} GFLOP/s", flush=True)
     results = []
+    cores = args.threads or common.cpu_cores()
     for spec in plan(args):
-        for framework in ("jax", "torch"):
-            case = dict(spec, framework=framework, layout=layouts[spec["model"]],
-                        device=args.device, dtype=args.dtype,
-                        threads=args.threads or common.cpu_cores())
-            print(f"[train] {framework} {spec['model']} batch {spec['batch_size']} ...", flush=True)
-            res = common.run_case_subprocess(
-                os.path.abspath(__file__), case,
-                env=common.torch_env(args) if framework == "torch" else None)
-            print("   ", _summary(res), flush=True)
-            results.append(res)
+        ours, theirs = (dict(spec, framework=fw, layout=layouts[spec["model"]], device=args.device,
+                             dtype=args.dtype, threads=cores) for fw in ("jax", "torch"))
+        print(f"[train] {spec['model']} batch {spec['batch_size']}: {spec['rounds']} rounds "
+              "(ours, theirs) ...", flush=True)
+        res = interleave.run_pair(os.path.abspath(__file__), ours, theirs, rounds=spec["rounds"],
+                                  env_theirs=common.torch_env(args), cores=common.cpu_cores())
+        res.update(model=spec["model"], batch_size=spec["batch_size"], warmup=spec["warmup"])
+        if "error" not in res:
+            _finish(res, args)
+        print("   ", _summary(res), flush=True)
+        results.append(res)
     path = common.write_results(
         "train_throughput" + ("_quick" if args.quick else ""),
         dict(config=dict(device=args.device, dtype=args.dtype,
                          torch_omp_wait_policy=args.omp_wait_policy, learning_rate=LEARNING_RATE,
                          num_timesteps=NUM_TIMESTEPS, optimizer="adam", grad_clip=GRAD_CLIP,
                          ema_decay=EMA_DECAY, loss="eps MSE, uniform t",
-                         layouts=layouts),
-             matmul_calibration=calibration, results=_add_model_mfu(results), ratios=ratios(results),
-             notes=_notes(args)))
+                         layouts=layouts, load_margin=interleave.LOAD_MARGIN),
+             matmul_calibration=calibration, results=results, notes=_notes(args)))
     print("wrote", path)
 
 
-def ratios(results):
-    """ours / theirs images-per-second for every (model, batch size) measured by both frameworks."""
-    by_key = {}
-    for r in results:
-        if "error" not in r:
-            by_key[(r["model"], r["batch_size"], r["framework"])] = r
-    out = []
-    for (model, batch, fw), r in sorted(by_key.items()):
-        other = by_key.get((model, batch, "torch"))
-        if fw == "jax" and other:
-            out.append(dict(model=model, batch_size=batch,
-                            images_per_s_ratio_jax_over_torch=r["images_per_s"] / other["images_per_s"]))
-    return out
-
-
-def _add_model_mfu(results):
-    """Gives torch cases the XLA FLOP count of the jax case with the same model and batch size
-    (the same computation), so both frameworks get an MFU from one definition of model FLOPs."""
-    flops = {(r["model"], r["batch_size"]): r.get("flops_per_step") for r in results
-             if r.get("framework") == "jax" and "error" not in r}
-    for r in results:
-        f = flops.get((r.get("model"), r.get("batch_size")))
-        if r.get("framework") == "torch" and "error" not in r and f and r.get("peak_flops"):
-            r["model_flops_per_step_from_xla"] = f
-            r["achieved_flops"] = f / r["step_s_median"]
-            r["mfu"] = r["achieved_flops"] / r["peak_flops"]
-    return results
-
-
-def run_jax_case(case):
-    """Times diffusion_jax's train step (``train.make_train_step``) on one (model, batch size)."""
+def jax_setup(case):
+    """diffusion_jax's train step (``train.make_train_step``) on one (model, batch size):
+    compiled and warmed up; returns ``(one_step, info)`` for `interleave.serve`."""
     common.setup_jax_env(case["device"])
     import jax
 
@@ -137,21 +115,22 @@ def run_jax_case(case):
         box["state"], metrics = compiled(box["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    timing = common.time_calls(one_step, warmup=case["warmup"], iters=case["iters"])
+    warm = interleave.warm_up(one_step, case["warmup"])
     device = jax.devices()[0]
-    result = _finish(case, timing, compile_s=compile_s, flops=flops, bytes_accessed=nbytes,
-                     num_params=num_params, device_kind=device.device_kind,
-                     train_step_source="diffusion_jax.train.make_train_step (clip, Adam, EMA)")
-    result["rss_before_compile_mb"] = round(rss_before, 1)
+    info = dict(num_params=num_params, device_kind=device.device_kind, compile_s=round(compile_s, 3),
+                first_step_s=round(warm[0], 4) if warm else None, flops_per_step=flops,
+                bytes_accessed_per_step=nbytes, rss_before_compile_mb=round(rss_before, 1),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                train_step="diffusion_jax.train.make_train_step (clip, Adam, EMA)")
     if case["device"] == "gpu":
         stats = device.memory_stats() or {}
-        result["peak_device_memory_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
-    result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    return result
+        info["peak_device_memory_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+    return one_step, info
 
 
-def run_torch_case(case):
-    """Times the diffusers UNet2DModel train step on one (model, batch size) in this process."""
+def torch_setup(case):
+    """The diffusers UNet2DModel train step on one (model, batch size), warmed up; returns
+    ``(one_step, info)`` for `interleave.serve`."""
     torch, device = common.torch_setup(case["device"], case["threads"])
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -187,18 +166,17 @@ def run_torch_case(case):
     with counter:
         loss_fn().backward()
     opt.zero_grad(set_to_none=True)
-
-    timing = common.time_calls(one_step, warmup=case["warmup"], iters=case["iters"])
-    result = _finish(case, timing, compile_s=None, flops=None, bytes_accessed=None,
-                     num_params=sum(p.numel() for p in model.parameters()),
-                     device_kind=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     train_step_source="diffusers.UNet2DModel; clip_grad_norm_, torch.optim.Adam, "
-                                       "diffusers EMAModel(foreach=True)")
-    result["torch_flop_counter_fwd_bwd"] = float(counter.get_total_flops())
-    result["torch_threads"] = torch.get_num_threads()
+    warm = interleave.warm_up(one_step, case["warmup"])
+    info = dict(num_params=sum(p.numel() for p in model.parameters()),
+                device_kind=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                first_step_s=round(warm[0], 4) if warm else None,
+                torch_flop_counter_fwd_bwd=float(counter.get_total_flops()),
+                torch_threads=torch.get_num_threads(),
+                train_step="diffusers.UNet2DModel; clip_grad_norm_, torch.optim.Adam, "
+                           "diffusers EMAModel(foreach=True)")
     if device.type == "cuda":
-        result["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+        info["peak_device_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return one_step, info
 
 
 def _image_shape(case):
@@ -206,33 +184,30 @@ def _image_shape(case):
     return (case["batch_size"], lay["image_size"], lay["image_size"], lay["in_channels"])
 
 
-def _finish(case, timing, *, compile_s, flops, bytes_accessed, num_params, device_kind,
-            train_step_source):
-    step_s = timing["median_s"]
-    peak, peak_source = common.device_peak_flops(case["device"], case["dtype"], device_kind)
-    out = dict(case, num_params=num_params, train_step=train_step_source, device_kind=device_kind,
-               compile_s=None if compile_s is None else round(compile_s, 3),
-               first_step_s=round(timing["warmup_s"][0], 4) if timing["warmup_s"] else None,
-               step_s_median=round(step_s, 4), step_s_all=[round(t, 4) for t in timing["times_s"]],
-               steps_per_s=1.0 / step_s, images_per_s=case["batch_size"] / step_s,
-               peak_rss_mb=round(common.peak_rss_mb(), 1),
-               flops_per_step=flops, bytes_accessed_per_step=bytes_accessed,
-               peak_flops=peak, peak_flops_source=peak_source)
-    if flops and peak:
-        out["achieved_flops"] = flops / step_s
-        out["mfu"] = flops / step_s / peak
-    return out
+def _finish(res, args):
+    """Adds images/s and, from the XLA FLOP count of our step (the same computation on both
+    sides), achieved FLOP/s and MFU to both sides of an interleaved case."""
+    b = res["batch_size"]
+    flops = res["ours"].get("flops_per_step")
+    peak, peak_source = common.device_peak_flops(args.device, args.dtype, res["ours"]["device_kind"])
+    res.update(peak_flops=peak, peak_flops_source=peak_source)
+    for side in ("ours", "theirs"):
+        r = res[side]
+        r["images_per_s"] = b / r["median_s"]
+        if flops and peak:
+            r["achieved_flops"] = flops / r["median_s"]
+            r["mfu"] = r["achieved_flops"] / peak
 
 
 def _summary(res):
     if "error" in res:
         return "ERROR " + res["error"][-500:]
-    s = f"{res['step_s_median']:.3f} s/step, {res['images_per_s']:.1f} img/s, RSS {res['peak_rss_mb']:.0f} MB"
-    if res.get("compile_s") is not None:
-        s += f", compile {res['compile_s']:.1f} s"
-    if res.get("mfu") is not None:
-        s += f", {res['flops_per_step'] / 1e9:.1f} GFLOP/step, MFU {100 * res['mfu']:.1f}%"
-    return s
+    o, t = res["ours"], res["theirs"]
+    s = (f"ours {o['median_s']:.3f} s/step (compile {o['compile_s']:.1f} s), theirs "
+         f"{t['median_s']:.3f} s/step; ours/theirs {res['ratio_median']:.2f}x "
+         f"[IQR {res['ratio_q1']:.2f}-{res['ratio_q3']:.2f}, range {res['ratio_min']:.2f}-"
+         f"{res['ratio_max']:.2f}]; load {res['load_avg_before'][0]} -> {res['load_avg_after'][0]}")
+    return s + (" LOADED HOST" if res["loaded_host"] else "")
 
 
 def _notes(args):

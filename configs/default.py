@@ -52,6 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.pred_type = "eps"  # network output: eps | x0 | v
     diffusion.loss_weighting = "uniform"  # uniform | snr | min_snr
     diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting
+    # Objective: "discrete" (DDPM, the fields above) | "vp" | "subvp" | "ve" (continuous-time
+    # DSM of that SDE) | "edm" (EDM preconditioning); continuous kinds need
+    # model.time_input = "continuous"; see diffusion_jax/sde/parameterization.py
+    diffusion.kind = "discrete"  # discrete | vp | subvp | ve | edm
+    diffusion.sde_beta_min = 0.1  # VP / sub-VP beta(0)
+    diffusion.sde_beta_max = 20.0  # VP / sub-VP beta(1)
+    diffusion.sde_sigma_min = 0.01  # VE sigma(0)
+    diffusion.sde_sigma_max = 50.0  # VE sigma(1)
+    diffusion.sde_eps = 1e-5  # SDE kinds: t ~ U(sde_eps, 1)
+    diffusion.likelihood_weighting = False  # SDE kinds: weight by g(t)^2 instead of s(t)^2
+    diffusion.edm_sigma_data = 0.5  # EDM sigma_data
+    diffusion.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
+    diffusion.edm_p_std = 1.2  # EDM log-normal std
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.name = "adam"  # "adam" | "adamw"
@@ -79,14 +92,35 @@ def get_config() -> ml_collections.ConfigDict:
     train.objective = "diffusion"  # what is trained: "diffusion" (config.model's UNet) | see above
 
     config.sample = sample = ml_collections.ConfigDict()
-    sample.sampler = "ddim"  # "ddpm" | "ddim" | "langevin"
-    sample.num_steps = 100  # ddim steps / langevin noise levels (ddpm always uses T)
+    sample.sampler = "ddim"  # a registered sampler, e.g. ddim, edm_heun, dpm_solver_pp, pc
+    sample.num_steps = 100  # solver steps / langevin noise levels (ddpm always uses T)
     sample.eta = 0.0  # ddim eta (0 = deterministic, 1 = DDPM-like)
     sample.num_samples = 64  # images in the grid written during training
     sample.clip_x0 = True  # clip the predicted x_0 to [-1, 1]
     sample.ddpm_variance = "beta"  # ddpm reverse variance: "beta" | "posterior"
     sample.langevin_steps_each = 5  # langevin steps per noise level
     sample.langevin_step_lr = 2e-5  # langevin step size scale (score_sde's snr-free NCSN rule)
+    # Imagen's dynamic thresholding of x0 predictions: percentile p in (0, 1], None = off
+    sample.dynamic_threshold = config_dict.placeholder(float)  # p (e.g. 0.995) or None
+    # edm_heun / dpm_solver_pp noise grid: "karras" | "uniform" | "log"; None = karras / log
+    sample.sigma_spacing = config_dict.placeholder(str)  # None = the solver's default
+    sample.rho = 7.0  # Karras grid exponent
+    sample.churn = 0.0  # edm_heun S_churn (0 = deterministic)
+    sample.s_tmin = 0.0  # edm_heun: churn only for s_tmin <= sigma <= s_tmax
+    sample.s_tmax = float("inf")  # see s_tmin
+    sample.s_noise = 1.0  # edm_heun S_noise
+    sample.order = 2  # dpm_solver_pp multistep order: 1 | 2 | 3
+    sample.sde = "vp"  # pc / probability_flow SDE: "vp" | "subvp" | "ve"
+    # pc predictor: "euler_maruyama" | "reverse_diffusion" | "ancestral" | "none"
+    sample.predictor = "reverse_diffusion"  # pc predictor (see above)
+    sample.corrector = "langevin"  # pc: "langevin" | "annealed_langevin" | "none"
+    sample.snr = 0.16  # pc Langevin corrector signal-to-noise ratio
+    sample.n_corrector_steps = 1  # pc corrector updates per step
+    sample.sde_eps = 1e-3  # pc / probability_flow: integrate from t = 1 down to sde_eps
+    sample.method = "rk4"  # probability_flow: "euler" | "heun" | "rk4" | "tsit5" | "dopri5"
+    sample.rtol = 1e-5  # adaptive ODE (tsit5 / dopri5) relative tolerance
+    sample.atol = 1e-5  # adaptive ODE absolute tolerance
+    sample.max_steps = 4096  # adaptive ODE step cap
 
     config.sr = sr = ml_collections.ConfigDict()  # super-resolution (model.cond_image_channels > 0)
     sr.factor = 2  # high-res size / low-res size; the low-res input is the area average

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffusion_jax import denoisers, samplers, sharding
+from diffusion_jax.sde import parameterization
 
 
 def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_samples: int,
@@ -59,6 +60,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_
     def sample(params, key, cond, options, guidance_scale):
         model = nnx.merge(graphdef, params)
         denoise = denoisers.build_denoiser(model, cond, guidance_scale=guidance_scale)
+        # A continuous-time model (diffusion.kind != "discrete") as an x0-predictor of discrete t.
+        denoise = parameterization.discrete_view(denoise, config.diffusion, schedule)
         x_init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_init = jax.lax.with_sharding_constraint(x_init, batch_sharding)
         return samplers.run(sampler, denoise, schedule, x_init, jax.random.fold_in(key, 1),

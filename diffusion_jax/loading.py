@@ -43,7 +43,7 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
 
     * ``workdir``: the config stored with the checkpoint; the params are the first EMA of
       step ``step`` (default: the latest), or the raw params when the run keeps no EMA.
-    * ``checkpoint_path``: a directory written by ``diffusion_jax.models.convert_diffusers``;
+    * ``checkpoint_path``: a directory written by ``diffusion_jax.convert.unet2d``;
       the diffusion and sampling settings come from ``config`` (required; e.g.
       ``configs/default.py``), its ``data`` image size, channels and classes from the model.
 
@@ -91,10 +91,10 @@ def _load_converted(path, config, mesh):
     """``(graphdef, params, config)`` of a converted diffusers checkpoint, the params
     replicated over ``mesh``; ``config``'s ``data`` size, channels and classes are set from
     the model's ``unet.json``."""
-    from diffusion_jax.models import convert_diffusers  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.convert import unet2d as convert_diffusers  # pylint: disable=g-import-not-at-top
     if not os.path.exists(os.path.join(path, "unet.json")):
         raise FileNotFoundError(f"{path!r} has no unet.json; convert a diffusers checkpoint "
-                                "with diffusion_jax.models.convert_diffusers first.")
+                                "with diffusion_jax.convert.unet2d first.")
     graphdef, params = nnx.split(convert_diffusers.load_converted(path))
     params = jax.device_put(params, sharding.replicated(mesh))
     with open(os.path.join(path, "unet.json")) as f:

@@ -230,36 +230,5 @@ def bits_per_dim(denoise, sched, x0, key, pred_type, clip_x0=False):
     return prior + jnp.sum(terms, axis=0)
 
 
-def dsm_loss(score_fn, x0, sigmas, key):
-    """Denoising score matching loss of NCSN (Song & Ermon, 2019), weighted by ``sigma^2``.
-
-    ``sigma_b`` is drawn uniformly from ``sigmas``, ``x~ = x0 + sigma_b z`` with ``z ~ N(0, I)``,
-    and
-
-        loss = mean_b 1/2 sigma_b^2 || score_fn(x~, sigma)_b + (x~ - x0)_b / sigma_b^2 ||^2,
-
-    where ``||.||^2`` sums over the non-batch dimensions (as NCSN does).
-
-    Args:
-        score_fn: ``score_fn(x [B, ...], sigma [B]) -> [B, ...]``, an estimate of
-            ``grad_x log p_sigma(x)``.
-        x0: ``[B, ...]`` clean data.
-        sigmas: ``[L]`` noise levels.
-        key: PRNG key.
-
-    Returns:
-        scalar loss.
-    """
-    key_level, key_z = jax.random.split(key)
-    sigma = sigmas[jax.random.randint(key_level, (x0.shape[0],), 0, sigmas.shape[0])]
-    sigma_b = jnp.reshape(sigma, (-1,) + (1,) * (x0.ndim - 1))
-    z = jax.random.normal(key_z, x0.shape, jnp.float32)
-    x_noisy = x0 + sigma_b * z
-    target = -z / sigma_b                                       # = -(x~ - x0) / sigma^2
-    sq_err = jnp.square(score_fn(x_noisy, sigma).astype(jnp.float32) - target)
-    per_example = 0.5 * jnp.square(sigma) * jnp.sum(sq_err.reshape(x0.shape[0], -1), axis=1)
-    return jnp.mean(per_example)
-
-
 def _mean_over_non_batch(x):
     return jnp.mean(x.reshape(x.shape[0], -1), axis=1)

@@ -10,7 +10,9 @@ two image sets: an FID-like distance in a feature space that exists offline (a C
 here), not comparable with Inception FID.
 
 A CLIP is a `CLIPModel` plus the tokenizer it was trained with; `load_clip` reads both from a
-CLIP-stage training workdir (``configs/fashion_clip.py``: checkpoint + ``WORKDIR/tokenizer``).
+CLIP-stage training workdir (``configs/fashion_clip.py``: checkpoint + ``WORKDIR/tokenizer``),
+from a transformers ``CLIPModel`` directory (``config.json`` + weights; ViT image tower), or
+from such a checkpoint converted by ``convert.common.save_component``.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from diffusion_jax import metrics
 TOKENIZER_SUBDIR = "tokenizer"
 
 
-def clip_embedders(model, tokenizer, *, batch_size: int = 64
-                   ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[Sequence[str]], np.ndarray]]:
+ImageFn = Callable[[np.ndarray], np.ndarray]
+TextFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def clip_embedders(model, tokenizer, *, batch_size: int = 64) -> tuple[ImageFn, TextFn]:
     """``(image_fn, text_fn)``: images ``[N, H, W, C]`` in [-1, 1] -> ``[N, E]`` and N texts ->
     ``[N, E]`` unit embeddings (jitted, in fixed-size batches so each compiles once).
 
@@ -68,23 +73,38 @@ def _encode_text(model, input_ids):
     return model.encode_text(input_ids)
 
 
-def load_clip(workdir: str):
-    """``(CLIPModel, tokenizer)`` of a CLIP-stage workdir: first-EMA params + its tokenizer.
+def load_clip(path: str):
+    """``(CLIPModel, tokenizer)`` from a CLIP-stage workdir or a (converted) CLIP checkpoint.
+
+    ``path/config.json`` marks a checkpoint: a converted one (its ``format`` field) or a
+    transformers ``CLIPModel`` directory. The tokenizer is ``path/tokenizer/`` when present,
+    else ``path`` itself (transformers keeps its files beside the weights).
 
     Raises:
-        FileNotFoundError: ``workdir`` or its ``tokenizer/`` directory is missing.
-        ValueError: the workdir's model is not a `CLIPModel`.
+        FileNotFoundError: ``path`` or its tokenizer is missing.
+        ValueError: the workdir's model is not a `CLIPModel`, or the checkpoint is unsupported.
     """
-    from diffusion_jax import loading
+    from diffusion_jax.convert import clip as convert_clip
+    from diffusion_jax.convert import common
     from diffusion_jax.models import clip
     from diffusion_jax.models import tokenizer as clip_tokenizer
 
-    tok_dir = os.path.join(workdir, TOKENIZER_SUBDIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"CLIP directory {path!r} does not exist")
+    tok_dir = os.path.join(path, TOKENIZER_SUBDIR)
+    config_path = os.path.join(path, common.CONFIG_FILE)
+    if os.path.isfile(config_path):
+        converted = common.read_json(config_path, "clip config").get("format") == \
+            convert_clip.FORMAT
+        load = convert_clip.load_converted if converted else convert_clip.load_transformers
+        model, _ = load(path)
+        return model, clip_tokenizer.load_tokenizer(tok_dir if os.path.isdir(tok_dir) else path)
     if not os.path.isdir(tok_dir):
-        raise FileNotFoundError(f"CLIP workdir {workdir!r} has no {TOKENIZER_SUBDIR}/ directory; "
+        raise FileNotFoundError(f"CLIP workdir {path!r} has no {TOKENIZER_SUBDIR}/ directory; "
                                 "train one with configs/fashion_clip.py first")
-    model = loading.load(workdir=workdir).model
+    from diffusion_jax import loading
+    model = loading.load(workdir=path).model
     if not isinstance(model, clip.CLIPModel):
-        raise ValueError(f"workdir {workdir!r} holds a {type(model).__name__}, not a CLIPModel "
+        raise ValueError(f"workdir {path!r} holds a {type(model).__name__}, not a CLIPModel "
                          "(expected a configs/fashion_clip.py run)")
     return model, clip_tokenizer.load_tokenizer(tok_dir)

@@ -95,7 +95,7 @@ def load(path, *, dtype=None, sample_size=None) -> Pipeline:
     """A :class:`Pipeline` from a Stable Diffusion directory (diffusers layout or converted).
 
     The schedule, prediction type and clipping come from its ``scheduler_config.json``, and
-    DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_options`).
+    DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_timesteps`).
 
     Args:
         path: directory with ``model_index.json``.
@@ -123,8 +123,8 @@ def load(path, *, dtype=None, sample_size=None) -> Pipeline:
 def diffusers_ddim_timesteps(settings, num_steps: int) -> tuple[tuple[int, int], ...]:
     """The ``(t, t_prev)`` steps of diffusers' ``DDIMScheduler`` with ``num_steps`` steps.
 
-    ``t`` from :func:`~diffusion_jax.convert.scheduler.inference_timesteps`, ``t_prev = t - T // n``;
-    past the first timestep diffusers uses ``final_alpha_cumprod``: ``t_prev = -1``
+    ``t`` from :func:`~diffusion_jax.convert.scheduler.inference_timesteps` and
+    ``t_prev = t - T // n``; past the first timestep diffusers uses ``final_alpha_cumprod``: ``t_prev = -1``
     (``alpha_bar = 1``) with ``set_alpha_to_one``, else ``t_prev = 0`` (``alpha_bar_0``).
 
     Args:

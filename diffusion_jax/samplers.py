@@ -28,6 +28,11 @@ constants).
 
 The registry
 ------------
+Registered: ``ddpm``, ``ddim``, ``langevin`` (here) and the continuous-time solvers of
+:mod:`diffusion_jax.sde.registry` (``edm_heun``, ``dpm_solver_pp``, ``pc``,
+``probability_flow``), whose settings are fields of :class:`SamplerOptions` too;
+:func:`num_evaluations` gives each one's network evaluations.
+
 :data:`SAMPLERS` maps a name to a :class:`SamplerEntry`; it is the only dispatcher (the CLI,
 every application, the training-time sample grid, the figure script and the benchmarks go
 through :func:`run`). A registered function has the uniform signature
@@ -40,8 +45,8 @@ through :func:`run`). A registered function has the uniform signature
 * ``x_start``: float ``[B, ...]``, the chain's start (``N(0, I)``, or a noised image at
   ``t_start``).
 * ``key``: PRNG key; per-step keys are ``fold_in(key, i)``.
-* ``options``: :class:`SamplerOptions` (a pytree: ``eta`` and ``langevin_step_lr`` are leaves,
-  so they may be traced and changing them does not recompile; the rest is static).
+* ``options``: :class:`SamplerOptions` (a pytree: its float settings, :data:`TRACED_FIELDS`,
+  are leaves, so they may be traced and changing them does not recompile; the rest is static).
 * ``t_start``: static int, start the chain at that step (SDEdit); only for entries registered
   with ``supports_t_start=True``. ``step_hook(x_prev, x0_pred, t_prev, key) -> x_prev`` runs
   after every step (inpainting, ILVR); only with ``supports_step_hook=True``.
@@ -67,6 +72,12 @@ from jax import lax
 
 from diffusion_jax.diffusion import PRED_TYPES, q_posterior, to_x0_and_eps
 from diffusion_jax.schedules import extract
+from diffusion_jax.sde import parameterization
+from diffusion_jax.sde import registry as sde_registry
+from diffusion_jax.sde.adapters import dynamic_threshold as threshold_x0
+from diffusion_jax.sde.ode import METHODS as ODE_METHODS
+from diffusion_jax.sde.pc import CORRECTORS, PREDICTORS
+from diffusion_jax.sde.sdes import SDE_NAMES
 
 DDPM_VARIANCES = ("posterior", "beta")
 DDIM_SPACINGS = ("uniform", "quadratic")
@@ -74,11 +85,12 @@ DDIM_SPACINGS = ("uniform", "quadratic")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
-    """Settings of a registered sampler; a pytree whose leaves are ``eta`` and
-    ``langevin_step_lr`` (traceable), all other fields static.
+    """Settings of a registered sampler; a pytree whose float settings (:data:`TRACED_FIELDS`)
+    are leaves (traceable: changing them does not recompile), all other fields static.
 
     Attributes:
-        num_steps: DDIM steps / Langevin noise levels (DDPM always takes every step).
+        num_steps: DDIM steps / Langevin noise levels / SDE solver steps (DDPM always takes
+            every step). Network evaluations per solver: see :data:`NFE_PER_STEP`.
         eta: DDIM noise scale in [0, 1] (0: deterministic).
         spacing: DDIM timestep spacing, ``uniform`` or ``quadratic``.
         pred_type: what the denoiser predicts: ``eps``, ``x0``, ``v`` or ``score``.
@@ -88,10 +100,29 @@ class SamplerOptions:
         langevin_step_lr: Langevin step size at the last level.
         timesteps: ``None``, or DDIM's explicit ``((t_0, t_prev_0), (t_1, t_prev_1), ...)``
             pairs (``t_prev = -1``: ``alpha_bar = 1``), overriding ``num_steps`` and
-            ``spacing`` (e.g. the list a diffusers scheduler makes; see
-            :func:`diffusion_jax.pipelines.diffusers_ddim_options`).
+            ``spacing`` (e.g. the steps of a diffusers ``DDIMScheduler``).
         clip_keeps_eps: with ``clip_x0``, DDIM keeps the model's raw eps in the direction term
             (diffusers' ``DDIMScheduler``) instead of re-deriving it from the clipped x0.
+        dynamic_threshold: ``None`` or Imagen's percentile ``p`` in (0, 1]: every x0
+            prediction becomes ``clip(x0, -s, s) / s``, ``s = max(quantile_p(|x0|), 1)``
+            (ddpm, ddim, edm_heun, dpm_solver_pp).
+        sigma_spacing: noise-level grid of edm_heun / dpm_solver_pp: ``karras``, ``uniform``
+            or ``log``; ``None``: the solver's default (karras / log).
+        rho: Karras grid exponent (``sigma_i^(1/rho)`` uniform).
+        churn: EDM's ``S_churn`` (0: deterministic Heun).
+        s_tmin, s_tmax: churn only for ``s_tmin <= sigma <= s_tmax``.
+        s_noise: EDM's ``S_noise`` (scale of the churn noise).
+        order: DPM-Solver++ multistep order, 1, 2 or 3.
+        sde: ``vp``, ``subvp`` or ``ve``: the SDE of ``pc`` / ``probability_flow``.
+        predictor: PC predictor (:data:`~diffusion_jax.sde.pc.PREDICTORS`).
+        corrector: PC corrector (:data:`~diffusion_jax.sde.pc.CORRECTORS`).
+        snr: Langevin corrector signal-to-noise ratio (step size rule).
+        n_corrector_steps: corrector updates per PC step.
+        sde_eps: last time of the SDE / ODE solvers (``t`` from ``t_start`` down to ``sde_eps``).
+        method: probability-flow ODE method: ``euler``, ``heun``, ``rk4`` (fixed step) or
+            ``tsit5``, ``dopri5`` (adaptive, diffrax PID controller).
+        rtol, atol: adaptive ODE tolerances.
+        max_steps: cap on the adaptive solver's steps.
     """
     num_steps: int = 50
     eta: float = 0.0
@@ -103,12 +134,32 @@ class SamplerOptions:
     langevin_step_lr: float = 2e-5
     timesteps: tuple[tuple[int, int], ...] | None = None
     clip_keeps_eps: bool = False
+    dynamic_threshold: float | None = None
+    sigma_spacing: str | None = None
+    rho: float = 7.0
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    order: int = 2
+    sde: str = "vp"
+    predictor: str = "reverse_diffusion"
+    corrector: str = "langevin"
+    snr: float = 0.16
+    n_corrector_steps: int = 1
+    sde_eps: float = 1e-3
+    method: str = "rk4"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int = 4096
 
 
+TRACED_FIELDS = ("eta", "langevin_step_lr", "rho", "churn", "s_tmin", "s_tmax", "s_noise", "snr",
+                 "rtol", "atol")
 jax.tree_util.register_dataclass(
-    SamplerOptions, data_fields=["eta", "langevin_step_lr"],
-    meta_fields=["num_steps", "spacing", "pred_type", "clip_x0", "variance",
-                 "langevin_steps_each", "timesteps", "clip_keeps_eps"])
+    SamplerOptions, data_fields=list(TRACED_FIELDS),
+    meta_fields=[f.name for f in dataclasses.fields(SamplerOptions)
+                 if f.name not in TRACED_FIELDS])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +236,8 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
 
 
 def options_from_config(config, **overrides):
-    """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``.
+    """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``
+    (``x0`` for a continuous-time ``diffusion.kind``).
 
     Overrides whose value is ``None`` are ignored (an unset flag keeps the config's value), so
     a CLI passes its flags straight through: ``options_from_config(config, num_steps=FLAGS.steps,
@@ -206,15 +258,27 @@ def options_from_config(config, **overrides):
     sample_cfg = config.sample
     values = dict(num_steps=sample_cfg.num_steps, eta=sample_cfg.eta,
                   spacing=sample_cfg.get("spacing", "uniform"),
-                  pred_type=config.diffusion.pred_type, clip_x0=sample_cfg.clip_x0,
+                  pred_type=_sampling_pred_type(config.diffusion), clip_x0=sample_cfg.clip_x0,
                   variance=sample_cfg.ddpm_variance,
                   langevin_steps_each=sample_cfg.langevin_steps_each,
                   langevin_step_lr=sample_cfg.langevin_step_lr)
+    # Solver settings added later: configs saved in older checkpoints lack them.
+    for field in dataclasses.fields(SamplerOptions):
+        if field.name not in values:
+            values[field.name] = sample_cfg.get(field.name, field.default)
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise ValueError(f"Unknown sampler option(s) {unknown}; expected some of {list(values)}.")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return make_options(**values)
+
+
+def _sampling_pred_type(diffusion_cfg):
+    """``diffusion.pred_type``, or ``x0`` for a continuous-time model: its sampler-facing
+    denoiser is :func:`~diffusion_jax.sde.parameterization.discrete_view`, an x0-predictor."""
+    if parameterization.kind_of(diffusion_cfg) != "discrete":
+        return "x0"
+    return diffusion_cfg.pred_type
 
 
 def make_options(**fields):
@@ -231,11 +295,14 @@ def make_options(**fields):
     _check_choice("variance", options.variance, DDPM_VARIANCES)
     _check_positive_int("langevin_steps_each", options.langevin_steps_each)
     _check_positive("langevin_step_lr", options.langevin_step_lr)
+    _check_solver_options(options)
     clip = _clip_bounds(options.clip_x0)
     timesteps = _check_timestep_pairs(options.timesteps)
     num_steps = int(options.num_steps) if timesteps is None else len(timesteps)
+    threshold = options.dynamic_threshold
     return dataclasses.replace(options, num_steps=num_steps, clip_x0=clip, timesteps=timesteps,
-                               clip_keeps_eps=bool(options.clip_keeps_eps))
+                               clip_keeps_eps=bool(options.clip_keeps_eps),
+                               dynamic_threshold=None if threshold is None else float(threshold))
 
 
 def check_finite(samples, sampler):
@@ -519,7 +586,7 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
     Args:
         score_fn: ``score_fn(x [B, ...], sigma [B]) -> score [B, ...]``, an estimate of
             ``grad_x log p_sigma(x)`` for the data convolved with ``N(0, sigma^2 I)``.
-        sigmas: ``[L]`` decreasing noise levels (e.g. :func:`schedules.geometric_sigmas`).
+        sigmas: ``[L]`` decreasing noise levels (e.g. :func:`diffusion_jax.sde.sdes.geometric_sigmas`).
         x_init: ``[B, ...]`` starting point (NCSN uses uniform noise; ``sigma_0 * N(0, I)`` works).
         key: PRNG key.
         n_steps_each: static number of updates per level, ``>= 1``.
@@ -598,7 +665,8 @@ def langevin_sample(score_fn, x_init, key, *, step_size, num_steps):
 @register("ddpm")
 def _ddpm_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
     """:func:`ddpm_sample` over every step (``options.num_steps`` does not apply)."""
-    return ddpm_sample(denoise, schedule, x_start, key, pred_type=options.pred_type,
+    denoise, pred_type = _with_dynamic_threshold(denoise, schedule, options)
+    return ddpm_sample(denoise, schedule, x_start, key, pred_type=pred_type,
                        variance=options.variance, clip_x0=options.clip_x0, t_start=t_start,
                        step_hook=step_hook)
 
@@ -609,10 +677,48 @@ def _ddim_entry(denoise, schedule, x_start, key, options, *, t_start=None, step_
     most a chain from there can have (with ``options.timesteps``: the pairs with
     ``t <= t_start``)."""
     num_steps = options.num_steps if t_start is None else min(options.num_steps, t_start + 1)
+    denoise, pred_type = _with_dynamic_threshold(denoise, schedule, options)
     return ddim_sample(denoise, schedule, x_start, key, num_steps=num_steps, eta=options.eta,
-                       spacing=options.spacing, pred_type=options.pred_type,
+                       spacing=options.spacing, pred_type=pred_type,
                        clip_x0=options.clip_x0, t_start=t_start, step_hook=step_hook,
                        timesteps=options.timesteps, clip_keeps_eps=options.clip_keeps_eps)
+
+
+# The continuous-time solvers of diffusion_jax.sde (discrete models enter through its adapters).
+register("edm_heun")(sde_registry.edm_heun)
+register("dpm_solver_pp")(sde_registry.dpm_solver_pp)
+# A part-way start needs the schedule concrete (closed over, not a jit argument).
+register("pc")(sde_registry.predictor_corrector)
+# step_hook only with the fixed-step methods (euler / heun / rk4); adaptive ones raise.
+register("probability_flow")(sde_registry.probability_flow)
+
+
+def num_evaluations(name, options, num_timesteps=1000):
+    """Network evaluations of one run of sampler ``name`` from ``N(0, I)``.
+
+    ddpm: ``T``; ddim, dpm_solver_pp: ``num_steps``; langevin: ``num_steps *
+    langevin_steps_each + 1``; edm_heun: ``2 num_steps - 1`` (the last step is Euler); pc:
+    ``num_steps (1 + n_corrector_steps)`` (``num_steps`` without corrector); probability_flow:
+    ``num_steps`` times 1 / 2 / 4 (euler / heun / rk4) + 1 (the final Tweedie step), ``None``
+    for the adaptive methods (their count depends on the tolerance and the data).
+
+    Raises:
+        ValueError: for an unknown sampler.
+    """
+    check_sampler(name)
+    n = options.num_steps
+    if name == "ddpm":
+        return int(num_timesteps)
+    if name == "langevin":
+        return n * options.langevin_steps_each + 1
+    if name == "edm_heun":
+        return 2 * n - 1
+    if name == "pc":
+        return n * (1 + (options.n_corrector_steps if options.corrector != "none" else 0))
+    if name == "probability_flow":
+        per_step = {"euler": 1, "heun": 2, "rk4": 4}.get(options.method)
+        return None if per_step is None else n * per_step + 1
+    return n
 
 
 @register("langevin", supports_t_start=False, supports_step_hook=False)
@@ -651,6 +757,20 @@ def _ve_score_fn(denoise, schedule, ts, sigmas, pred_type):
         return -eps / sigma.reshape(alpha_bar.shape)
 
     return score_fn
+
+
+def _with_dynamic_threshold(denoise, schedule, options):
+    """``(denoise, pred_type)``, or with ``options.dynamic_threshold`` an x0-denoiser whose
+    predictions are dynamically thresholded (the eps used by the step then follows them)."""
+    if options.dynamic_threshold is None:
+        return denoise, options.pred_type
+
+    def x0_denoise(x, t):
+        alpha_bar = extract(schedule.alphas_cumprod, t, x.ndim)
+        x0, _ = to_x0_and_eps(_call_denoiser(denoise, x, t), x, alpha_bar, options.pred_type)
+        return threshold_x0(x0, options.dynamic_threshold)
+
+    return x0_denoise, "x0"
 
 
 def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
@@ -753,6 +873,32 @@ def _clip_bounds(clip_x0):
         raise ValueError(
             f"clip_x0 must be None, True or a pair (lo, hi) with lo < hi, got {clip_x0!r}.")
     return (float(clip_x0[0]), float(clip_x0[1]))
+
+
+def _check_solver_options(options):
+    """Validate the SDE / EDM / DPM-Solver++ settings of ``options`` (naming the field)."""
+    threshold = options.dynamic_threshold
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and 0.0 < threshold <= 1.0):
+        raise ValueError(f"dynamic_threshold must be None or a percentile in (0, 1], got "
+                         f"{threshold!r}.")
+    if options.sigma_spacing is not None:
+        _check_choice("sigma_spacing", options.sigma_spacing, sde_registry.SIGMA_SPACINGS)
+    _check_choice("order", options.order, (1, 2, 3))
+    _check_choice("sde", options.sde, sorted(SDE_NAMES))
+    _check_choice("predictor", options.predictor, PREDICTORS)
+    _check_choice("corrector", options.corrector, CORRECTORS)
+    _check_choice("method", options.method, ODE_METHODS)
+    for field in ("rho", "snr", "rtol", "atol", "s_noise"):
+        _check_positive(field, getattr(options, field))
+    for field in ("churn", "s_tmin"):
+        value = getattr(options, field)
+        if isinstance(value, (int, float)) and value < 0:
+            raise ValueError(f"{field} must be >= 0, got {value}.")
+    if isinstance(options.sde_eps, (int, float)) and not 0.0 <= options.sde_eps < 1.0:
+        raise ValueError(f"sde_eps must lie in [0, 1), got {options.sde_eps}.")
+    _check_positive_int("n_corrector_steps", options.n_corrector_steps)
+    _check_positive_int("max_steps", options.max_steps)
 
 
 def _check_eta(eta):

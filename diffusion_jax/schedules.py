@@ -285,68 +285,6 @@ def extract(arr, t, ndim):
     return jnp.reshape(arr[t], (-1,) + (1,) * (ndim - 1))
 
 
-def vp_marginal(t, beta_min=0.1, beta_max=20.0):
-    """Marginal ``q(x_t | x_0) = N(m(t) x_0, s(t)^2 I)`` of the VP SDE (Song et al., 2021).
-
-    The SDE ``dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW`` with
-    ``beta(t) = beta_min + t (beta_max - beta_min)``
-    gives ``log m(t) = -1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min`` and
-    ``s(t) = sqrt(1 - m(t)^2)``.
-
-    Args:
-        t: continuous time in ``[0, 1]``, any shape.
-        beta_min: ``beta(0)``.
-        beta_max: ``beta(1)``.
-
-    Returns:
-        ``(mean_coeff, std)``, each the shape of ``t``.
-    """
-    t = jnp.asarray(t, jnp.float32)
-    log_mean_coeff = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
-    return jnp.exp(log_mean_coeff), jnp.sqrt(-jnp.expm1(2.0 * log_mean_coeff))
-
-
-def ve_sigma(t, sigma_min=0.01, sigma_max=50.0):
-    """Noise level of the VE SDE: ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``.
-
-    The VE marginal is ``q(x_t | x_0) = N(x_0, sigma(t)^2 I)`` (up to the negligible ``sigma_min^2``
-    term the score_sde code also drops).
-
-    Args:
-        t: continuous time in ``[0, 1]``, any shape.
-        sigma_min: ``sigma(0)``.
-        sigma_max: ``sigma(1)``.
-
-    Returns:
-        ``sigma(t)``, the shape of ``t``.
-    """
-    t = jnp.asarray(t, jnp.float32)
-    return sigma_min * (sigma_max / sigma_min) ** t
-
-
-def geometric_sigmas(sigma_max, sigma_min, num_levels):
-    """Decreasing geometric noise levels of NCSN (Song & Ermon, 2019).
-
-    ``sigma_i = sigma_max (sigma_min / sigma_max)^(i / (L - 1))`` for ``i = 0, ..., L-1``.
-
-    Args:
-        sigma_max: first (largest) level.
-        sigma_min: last (smallest) level, ``0 < sigma_min < sigma_max``.
-        num_levels: static number of levels ``L >= 2``.
-
-    Returns:
-        sigmas: ``[L]`` float32, decreasing.
-    """
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(
-                f"geometric_sigmas needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
-                f"sigma_max={sigma_max}.")
-    if num_levels < 2:
-        raise ValueError(f"num_levels must be >= 2, got {num_levels}.")
-    return jnp.exp(jnp.linspace(jnp.log(sigma_max), jnp.log(sigma_min), num_levels)).astype(
-            jnp.float32)
-
-
 def _check_num_timesteps(num_timesteps):
     if int(num_timesteps) != num_timesteps or num_timesteps < 2:
         raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}.")

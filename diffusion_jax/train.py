@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses,
                            objectives, resume, schedules, sharding)
 from diffusion_jax.models import unet
+from diffusion_jax.sde import parameterization
 
 NUM_QUARTILES = 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -495,8 +496,14 @@ def _accumulate_grads(grad_fn, params, batch, key, num_micro):
 
 
 def _make_loss_fn(graphdef, schedule, config):
-    """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))`` for one micro-batch."""
+    """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))`` for one micro-batch.
+
+    ``config.diffusion.kind`` picks DDPM's discrete loss or a continuous objective
+    (:func:`diffusion_jax.sde.parameterization.training_loss`).
+    """
     diff = config.diffusion
+    kind = parameterization.kind_of(diff)
+    parameterization.check_model_time_input(diff, config.model.get("time_input", "discrete"))
 
     def loss_fn(params, batch, key):
         loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
@@ -507,9 +514,13 @@ def _make_loss_fn(graphdef, schedule, config):
         def denoise(x_t, t):
             return model(x_t, t, cond, deterministic=False, dropout_key=dropout_key)
 
-        loss, per_example, t = losses.denoising_loss(
-            denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,
-            weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
+        if kind == "discrete":
+            loss, per_example, t = losses.denoising_loss(
+                denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,
+                weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
+        else:  # continuous time: t is the noise level's quantile bucket in {0..T-1}
+            loss, per_example, t = parameterization.training_loss(
+                denoise, diff, batch["image"], loss_key, schedule.num_timesteps)
         return loss, (per_example, t)
 
     return loss_fn

@@ -55,7 +55,7 @@ def images_for(labels, seed):
 
 
 @functools.lru_cache(maxsize=1)
-def trained_clip(steps: int = 120):
+def trained_clip(steps: int = 60):
     """A `CLIPModel` trained with `contrastive.clip_loss` on fresh batches of the 4 classes."""
     model = clip.clip_from_kwargs(TINY_CLIP, seed=0)
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)

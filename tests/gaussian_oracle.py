@@ -16,7 +16,16 @@ Arrays: ``x`` is ``[B, ...]`` (trailing dims flattened to ``D``); ``alpha_bar`` 
 scalars or anything with ``B`` entries (``[B]``, ``[B, 1, ..., 1]``). The denoisers and scores
 are pure ``jnp`` and jit-compatible; ``gaussian_ddim_law`` and ``gmm_sample`` are float64 numpy.
 ``tests/test_samplers.py`` checks the scores against autodiff of the log-densities.
+
+XLA CPU bug (jax / jaxlib 0.10.2): under ``jax.jit`` the oracle's fused reductions are lowered
+to one YNNPACK fusion (``__ynn_fusion``) that returns wrong values once ``x`` has more than
+32,768 entries (e.g. ``[10923, 3]``: errors of ~3 against the exact ``-x / (var + sigma^2)``;
+eager mode and ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` are exact). The oracle's
+maths is not at fault; :func:`_mixture_terms` refuses such traced inputs on CPU instead of
+returning wrong numbers (use smaller batches, eager mode or that flag).
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +228,7 @@ def _mixture_score(x, a, s, weights, means, var):
 
 def _mixture_terms(x, a, s, weights, means, var):
     """Responsibilities ``[B, K]`` and ``C_k^{-1} (x - a mu_k)`` ``[B, K, D]`` for ``x [B, D]``."""
+    _check_ynn_bug(x)
     means = jnp.asarray(means, jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)
     lam, u = _eigh(_as_covs(var, means.shape[0], means.shape[1]))          # [K, D], [K, D, D]
@@ -229,6 +239,21 @@ def _mixture_terms(x, a, s, weights, means, var):
     log_prob = (jnp.log(weights / weights.sum())[None]
                 - 0.5 * jnp.sum(proj**2 / c_eig + jnp.log(c_eig), axis=-1))  # [B, K] (+ const)
     return jax.nn.softmax(log_prob, axis=-1), sol
+
+
+_YNN_SAFE_ENTRIES = 32768
+
+
+def _check_ynn_bug(x):
+    """Raise ``ValueError`` for a traced ``x`` above the size the XLA CPU YNNPACK fusion gets
+    wrong (see the module docstring), unless that fusion is switched off."""
+    if (isinstance(x, jax.core.Tracer) and x.size > _YNN_SAFE_ENTRIES
+            and jax.default_backend() == "cpu"
+            and "--xla_cpu_experimental_ynn_fusion_type=" not in os.environ.get("XLA_FLAGS", "")):
+        raise ValueError(
+            f"gaussian_oracle under jit on CPU with {x.size} > {_YNN_SAFE_ENTRIES} entries hits "
+            "an XLA YNNPACK fusion bug (wrong values); use a smaller batch, eager mode or "
+            "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=.")
 
 
 def _eigh(covs):

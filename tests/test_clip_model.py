@@ -75,8 +75,13 @@ def test_gradients_flow_to_every_parameter_through_clip_loss():
     assert no_grad == []
 
 
-def test_parameters_carry_logical_axis_names_covered_by_rules():
-    model = clip.clip_from_kwargs(TINY)
+VIT = dict(TINY, image=None, vision=dict(image_size=16, patch_size=4, hidden_size=24,
+                                          intermediate_size=32, num_layers=1, num_heads=4))
+
+
+@pytest.mark.parametrize("kwargs", [TINY, VIT], ids=["cnn", "vit"])
+def test_parameters_carry_logical_axis_names_covered_by_rules(kwargs):
+    model = clip.clip_from_kwargs({k: v for k, v in kwargs.items() if v is not None})
     rules = dict(sharding.RULES)
     params = nnx.state(model, nnx.Param)
     named = 0
@@ -122,3 +127,5 @@ def test_bad_kwargs_raise():
         clip.clip_from_kwargs({"text": TINY["text"]})
     with pytest.raises(ValueError, match="unknown fields"):
         clip.clip_from_kwargs({**TINY, "bogus": 1})
+    with pytest.raises(ValueError, match="exactly one"):
+        clip.clip_from_kwargs({**TINY, "vision": VIT["vision"]})

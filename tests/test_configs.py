@@ -11,13 +11,14 @@ from ml_collections import config_flags
 
 from training_fixtures import REPO
 
-from configs import (celeba64, cifar10, classifier_digits, ddpm256, default, digits, sr_digits,
-                     tiny)
+from configs import (celeba64, cifar10, cifar10_ve_sde, cifar10_vp_sde, classifier_digits, ddpm256,
+                     default, digits, digits_edm, digits_vp, sr_digits, tiny)
 from diffusion_jax import config_utils, train
 
 ALL = {"default": default, "cifar10": cifar10, "celeba64": celeba64, "ddpm256": ddpm256,
        "digits": digits, "tiny": tiny, "sr_digits": sr_digits,
-       "classifier_digits": classifier_digits}
+       "classifier_digits": classifier_digits, "digits_vp": digits_vp, "digits_edm": digits_edm,
+       "cifar10_vp_sde": cifar10_vp_sde, "cifar10_ve_sde": cifar10_ve_sde}
 
 
 def _flat_keys(d, prefix=""):

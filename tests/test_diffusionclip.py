@@ -9,14 +9,15 @@ from flax import nnx
 import clip_fixtures as cf
 from diffusion_jax import schedules
 from diffusion_jax.applications import diffusionclip as dc
+from diffusion_jax.applications import tasks
 from diffusion_jax.models.unet import UNet
 
 
 @pytest.fixture(scope="module")
 def setup():
     clip_model = cf.trained_clip()
-    unet = UNet(image_size=cf.SIDE, in_channels=1, base_channels=16, channel_mult=(1, 2),
-                num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=8,
+    unet = UNet(image_size=cf.SIDE, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4,
                 rngs=nnx.Rngs(0))
     sched = schedules.make_schedule(schedules.linear_beta_schedule(100, 1e-4, 0.05))
     x0 = jnp.asarray(cf.images_for([0, 0], seed=7))                      # two "circle" images
@@ -32,6 +33,7 @@ def _edit(setup, **kw):
                                  num_inversion_steps=8, num_decode_steps=4, **kw)
 
 
+@pytest.mark.slow
 def test_directional_similarity_rises_identity_bounded(setup):
     clip_model, unet, sched, x0, text = setup
     before = jax.tree.map(np.array, nnx.state(unet, nnx.Param))
@@ -57,6 +59,7 @@ def test_directional_similarity_rises_identity_bounded(setup):
     assert identity < 0.5 and recon_err < 0.05, (identity, recon_err)
 
 
+@pytest.mark.slow
 def test_identity_weight_keeps_image_closer(setup):
     _, _, _, x0, _ = setup
     loose = _edit(setup, finetune_steps=6, learning_rate=3e-3, id_weight=0.0)
@@ -81,3 +84,95 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="finetune_steps"):
         dc.diffusionclip_edit(setup[1], setup[2], setup[3], setup[0].encode_image,
                               jnp.ones(16), finetune_steps=0)
+
+
+def test_task_layer_reports_scores(setup):
+    clip_model, unet, sched, x0, _ = setup
+    options = tasks.TaskOptions(
+        sampler_options=tasks.samplers.make_options(num_steps=8), t0=0.4,
+        clip=(clip_model, cf.tokenize), source_text="a photo of circle",
+        target_text="a photo of square", finetune_steps=12, clip_lr=3e-3, clip_decode_steps=4)
+    res = tasks.run_task("diffusionclip", unet, sched, np.asarray(x0), options,
+                         jax.random.key(0))
+    assert set(res) >= {"input", "output", "reconstruction", "directional", "identity_l1",
+                        "target_score_input", "target_score_output"}
+    assert res["directional"].shape == (2,) and np.all(res["directional"] > 0.5)
+    assert np.all(res["target_score_output"] > res["target_score_input"])
+    np.testing.assert_allclose(res["identity_l1"],
+                               np.abs(res["output"] - res["input"]).mean(axis=(1, 2, 3)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="target_text"):
+        tasks.run_task("diffusionclip", unet, sched, np.asarray(x0),
+                       tasks.TaskOptions(clip=(clip_model, cf.tokenize), source_text="a"),
+                       jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_run_sample_diffusionclip_cli(tmp_path):
+    """run_sample.py --task=diffusionclip end to end: a tiny trained workdir, a random
+    transformers CLIP saved to disk (ViT tower + tiny BPE tokenizer) as --clip_workdir."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+    from PIL import Image
+    from sd_fixtures import write_vocab
+    from training_fixtures import REPO, subprocess_env
+
+    def run(script, *args):
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+    workdir = str(tmp_path / "w")
+    proc = run("run_train.py", "--config=configs/tiny.py", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=526, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=524, eos_token_id=525, pad_token_id=525),
+        vision_config=dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2), projection_dim=8)
+    clip_dir = tmp_path / "clip"
+    transformers.CLIPModel(config).save_pretrained(clip_dir)
+    write_vocab(clip_dir / "tokenizer", {"model_max_length": 16})
+    image = str(tmp_path / "bar.png")
+    bar = np.zeros((8, 8), np.uint8)
+    bar[:, 2:6] = 255
+    Image.fromarray(bar).save(image)
+    out = str(tmp_path / "out")
+    args = [f"--workdir={workdir}", "--task=diffusionclip", f"--input={image}", "--steps=3",
+            "--num_samples=1", "--source_text=hello", "--target_text=cat", "--t0=0.3",
+            "--finetune_steps=2", "--clip_decode_steps=2", "--clip_lr=1e-3", f"--out={out}"]
+    proc = run("run_sample.py", *args, f"--clip_workdir={clip_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "diffusionclip directional=" in proc.stdout
+    res = np.load(os.path.join(out, "diffusionclip.npz"))
+    assert res["output"].shape == res["reconstruction"].shape == (1, 8, 8, 1)
+    assert np.isfinite(res["output"]).all() and res["directional"].shape == (1,)
+    proc = run("run_sample.py", *args, f"--clip_workdir={tmp_path / 'missing'}")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_latent_model_with_decode_fn(setup):
+    """A latent denoiser: x0 are 8x8 "latents", decode_fn a fixed 2x nearest upsampling into
+    CLIP's 16x16 image space; the identity and CLIP terms are measured on decoded images."""
+    clip_model, _, sched, x0, text = setup
+    latent_unet = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2),
+                       num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4,
+                       rngs=nnx.Rngs(1))
+    z0 = x0[:, ::2, ::2]
+    decode = lambda z: jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)
+    out = dc.diffusionclip_edit(latent_unet, sched, z0, clip_model.encode_image,
+                                dc.text_direction(text[0], text[1]), t0=0.4,
+                                num_inversion_steps=8, num_decode_steps=4, finetune_steps=12,
+                                learning_rate=3e-3, decode_fn=decode)
+    assert out["output"].shape == x0.shape and out["latent"].shape == z0.shape
+    emb0 = clip_model.encode_image(decode(z0))
+    final = dc.directional_similarity(clip_model.encode_image, out["output"], emb0,
+                                      dc.text_direction(text[0], text[1]))
+    assert float(final.min()) > 0.5
+    assert float(jnp.mean(jnp.abs(out["output"] - decode(z0)))) < 0.5

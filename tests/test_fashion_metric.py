@@ -105,3 +105,30 @@ def test_on_real_fashion_mnist():
         got = metric(images, metric.test_y)
         assert got["fashion_fd"] > 10 * ref["fashion_fd"], name
         assert got["faithfulness"] < ref["reference_accuracy"] - 0.1, name
+
+
+def _run_eval(*args):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(repo, "run_eval.py"), *args],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+
+
+def test_run_eval_fashion_and_clip_score_flags(folder, tmp_path):
+    import json
+
+    metric = fm.FashionMetric(folder)
+    up = np.stack([fm._resize(im[..., None], 32) for im in metric.test_x])[..., None]
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=up, labels=metric.test_y.astype(np.int32))
+    proc = _run_eval(f"--samples={samples}", "--metric=fashion", f"--fashion_dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    # real test images as samples score exactly like the reference at their side
+    assert result["faithfulness"] == pytest.approx(result["reference"]["reference_accuracy"])
+    assert result["fashion_fd"] == pytest.approx(result["reference"]["fashion_fd"], rel=1e-6)
+    proc = _run_eval(f"--samples={samples}", "--metric=clip_score")
+    assert proc.returncode != 0 and "--clip_workdir" in proc.stderr
+    proc = _run_eval(f"--samples={samples}", "--metric=fashion", f"--fashion_dir={tmp_path}")
+    assert proc.returncode == 1 and "FileNotFoundError" in proc.stderr

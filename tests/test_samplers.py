@@ -17,7 +17,8 @@ import pytest
 import gaussian_oracle as oracle
 from diffusion_jax import samplers
 from diffusion_jax.diffusion import from_x0_and_eps, q_posterior, q_sample
-from diffusion_jax.schedules import geometric_sigmas, linear_beta_schedule, make_schedule
+from diffusion_jax.schedules import linear_beta_schedule, make_schedule
+from diffusion_jax.sde.sdes import geometric_sigmas
 
 NUM_CHAINS = 2000
 SCHED = make_schedule(linear_beta_schedule(1000))
@@ -649,3 +650,24 @@ def test_check_finite_names_the_sampler_and_the_samples():
     bad[1, 0, 0], bad[3, 1, 1] = np.nan, np.inf
     with pytest.raises(FloatingPointError, match=r"'ddim' .* in 2 of 4 samples \(indices \[1, 3\]\)"):
         samplers.check_finite(bad, "ddim")
+
+
+def test_explicit_ddim_timesteps_reproduce_the_spacing_and_t_start_filters_them():
+    x, key = _noise(3, num=8), jax.random.PRNGKey(2)
+    ts = [int(t) for t in samplers.ddim_timesteps(SCHED.num_timesteps, 5)]
+    pairs = tuple(zip(ts, ts[1:] + [-1]))
+    spaced = samplers.run("ddim", _gaussian_denoiser(), SCHED, x, key,
+                          samplers.make_options(num_steps=5))
+    explicit = samplers.run("ddim", _gaussian_denoiser(), SCHED, x, key,
+                            samplers.make_options(timesteps=pairs))
+    np.testing.assert_allclose(explicit, spaced, rtol=1e-6, atol=1e-6)
+    assert samplers.make_options(timesteps=pairs).num_steps == 5
+    # From t_start only the pairs with t <= t_start run: the chain's last two steps.
+    tail = samplers.run("ddim", _gaussian_denoiser(), SCHED, x, key,
+                        samplers.make_options(timesteps=pairs), t_start=pairs[-2][0])
+    want = samplers.ddim_sample(_gaussian_denoiser(), SCHED, x, key, timesteps=pairs[-2:])
+    np.testing.assert_allclose(tail, want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(tail - spaced).max()) > 1e-2
+    for bad in ((), ((3, 5),), ((3, -2),)):
+        with pytest.raises(ValueError, match="timesteps"):
+            samplers.make_options(timesteps=bad)

@@ -164,63 +164,6 @@ def test_schedule_constructors_validate_arguments():
         schedules.sigmoid_beta_schedule(10, tau=0.0)
 
 
-# --- continuous time ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("beta_min,beta_max", [(0.1, 20.0), (0.5, 5.0)])
-def test_vp_marginal_matches_integrated_sde(mode, beta_min, beta_max):
-    ts = np.array([0.0, 1e-3, 0.1, 0.37, 0.8, 1.0])
-    mean, std = _maybe_jit(lambda t: schedules.vp_marginal(t, beta_min, beta_max), mode)(ts)
-    for t, m, s in zip(ts, np.asarray(mean), np.asarray(std)):
-        # mean coefficient exp(-1/2 int_0^t beta(u) du), integrated numerically.
-        integral, _ = integrate.quad(lambda u: beta_min + u * (beta_max - beta_min), 0.0, t)
-        m_ref = np.exp(-0.5 * integral)
-        assert m == pytest.approx(m_ref, rel=1e-5)
-        assert s == pytest.approx(np.sqrt(1.0 - m_ref**2), rel=1e-4, abs=1e-6)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_vp_marginal_gradient(mode):
-    beta_min, beta_max = 0.1, 20.0
-    mean_fn = lambda t: schedules.vp_marginal(t, beta_min, beta_max)[0]
-    std_fn = lambda t: schedules.vp_marginal(t, beta_min, beta_max)[1]
-    ts = jnp.array([0.05, 0.3, 0.9])
-    d_mean = _maybe_jit(jax.vmap(jax.grad(mean_fn)), mode)(ts)
-    d_std = _maybe_jit(jax.vmap(jax.grad(std_fn)), mode)(ts)
-    t = np.asarray(ts, np.float64)
-    beta_t = beta_min + t * (beta_max - beta_min)
-    m = np.exp(-0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min)
-    np.testing.assert_allclose(np.asarray(d_mean), -0.5 * beta_t * m, rtol=1e-5)
-    # d/dt sqrt(1 - m^2) = -m m' / sqrt(1 - m^2) = 1/2 beta m^2 / sqrt(1 - m^2)
-    np.testing.assert_allclose(np.asarray(d_std), 0.5 * beta_t * m**2 / np.sqrt(1 - m**2),
-                               rtol=1e-4)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_ve_sigma_and_gradient(mode):
-    ts = jnp.array([0.0, 0.25, 0.5, 1.0])
-    sigma = _maybe_jit(lambda t: schedules.ve_sigma(t, 0.01, 50.0), mode)(ts)
-    expected = 0.01 * (5000.0 ** np.asarray(ts, np.float64))
-    np.testing.assert_allclose(np.asarray(sigma), expected, rtol=1e-5)
-    grad = _maybe_jit(jax.vmap(jax.grad(lambda t: schedules.ve_sigma(t, 0.01, 50.0))), mode)(ts)
-    np.testing.assert_allclose(np.asarray(grad), expected * np.log(5000.0), rtol=1e-5)
-
-
-@pytest.mark.parametrize("sigma_max,sigma_min,num_levels", [(1.0, 0.01, 10), (50.0, 0.01, 232)])
-def test_geometric_sigmas(sigma_max, sigma_min, num_levels):
-    sigmas = np.asarray(schedules.geometric_sigmas(sigma_max, sigma_min, num_levels))
-    np.testing.assert_allclose(sigmas, np.geomspace(sigma_max, sigma_min, num_levels), rtol=1e-5)
-    ratios = sigmas[1:] / sigmas[:-1]
-    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
-    assert np.all(ratios < 1.0)
-
-
-def test_geometric_sigmas_validates():
-    with pytest.raises(ValueError, match="sigma_min"):
-        schedules.geometric_sigmas(0.01, 1.0, 10)
-    with pytest.raises(ValueError, match="num_levels"):
-        schedules.geometric_sigmas(1.0, 0.01, 1)
-
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)

@@ -120,3 +120,53 @@ def test_bad_eps_raises_value_error():
     with pytest.raises(ValueError, match="eps"):
         training.continuous_dsm_loss(_exact_score(sdes.VPSDE()), sdes.VPSDE(), jnp.ones((2, 3)),
                                      jax.random.PRNGKey(0), eps=0.0)
+
+
+NCSN_MU = np.array([0.3, -0.5, 1.0])          # Gaussian data N(NCSN_MU, diag(NCSN_S^2))
+NCSN_S = np.array([0.5, 1.0, 0.2])
+
+
+def _ncsn_gaussian_data(seed, batch):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(NCSN_MU + NCSN_S * rng.standard_normal((batch, 3)), jnp.float32)
+
+
+def _std_normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+# --- denoising score matching --------------------------------------------------------------------
+
+def test_dsm_loss_exact_values():
+    x0 = _std_normal(11, (64, 4, 4, 1))
+    sigmas = sdes.geometric_sigmas(1.0, 0.01, 10)
+    key = jax.random.PRNGKey(12)
+    perfect = lambda x, sigma: -(x - x0) / sigma[:, None, None, None] ** 2
+    dsm = training.dsm_loss
+    assert float(dsm(perfect, x0, sigmas, key)) == pytest.approx(0.0, abs=1e-6)
+    # One noise level: a score off by c everywhere costs exactly 1/2 sigma^2 D c^2.
+    one_level = jnp.full((10,), 0.3)          # same length as sigmas: reuses the compiled draws
+    c = 0.25
+    off = lambda x, sigma: perfect(x, sigma) + c
+    got = float(dsm(off, x0, one_level, key))
+    assert got == pytest.approx(0.5 * 0.3**2 * 16 * c**2, rel=1e-4)
+
+
+def test_dsm_loss_at_exact_gaussian_score():
+    """x0 ~ N(NCSN_MU, NCSN_S^2): the optimal score -(x - NCSN_MU) / (NCSN_S^2 + sigma^2) has
+    loss 1/2 sum_d S_d^2 / (S_d^2 + sigma^2), averaged over the uniformly drawn sigma."""
+    batch = 50000
+    x0 = _ncsn_gaussian_data(13, batch)
+    sigmas = sdes.geometric_sigmas(2.0, 0.05, 6)
+    mu, s2 = jnp.asarray(NCSN_MU, jnp.float32), jnp.asarray(NCSN_S**2, jnp.float32)
+    score = lambda x, sigma: -(x - mu) / (s2 + sigma[:, None] ** 2)
+    dsm = jax.jit(training.dsm_loss, static_argnums=0)     # jitted here, eager above
+    loss = float(dsm(score, x0, sigmas, jax.random.PRNGKey(14)))
+    sig2 = np.asarray(sigmas, np.float64)[:, None] ** 2
+    q = NCSN_S[None] ** 2 / (NCSN_S[None] ** 2 + sig2)        # [L, D] residual fraction
+    per_level_mean = 0.5 * q.sum(axis=1)                       # E[loss | sigma]
+    per_level_var = 0.5 * (q**2).sum(axis=1)                   # (1/2)^2 * 2 sum_d q_d^2
+    variance = per_level_var.mean() + per_level_mean.var()
+    assert loss == pytest.approx(per_level_mean.mean(), abs=5 * np.sqrt(variance / batch))
+    worse = float(dsm(lambda x, s: 1.2 * score(x, s), x0, sigmas, jax.random.PRNGKey(14)))
+    assert worse > loss

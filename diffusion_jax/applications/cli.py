@@ -9,6 +9,9 @@ model with :func:`check_flags`, and for ``--task`` other than ``sample`` hands o
     python run_sample.py --workdir=W --out=O --task=ilvr --ilvr_factor=4
     python run_sample.py --workdir=W_sr --out=O --task=sr --input=low.png
     python run_sample.py --workdir=W --out=O --task=invert --source_label=3 --class_label=8
+    python run_sample.py --workdir=W --out=O --task=diffusionclip --input=shirt.png \
+        --source_text="a photo of a shirt" --target_text="a photo of a t-shirt" \
+        --clip_workdir=runs/fashion_clip --finetune_steps=10 --clip_lr=1e-4 --t0=0.5
     python run_sample.py --checkpoint=SD_DIR --out=O --prompt="a photo of a cat" --steps=25
     python run_sample.py --checkpoint=SD_DIR --out=O --task=img2img --input=x.png --strength=0.6
     python run_sample.py --checkpoint=SD_DIR --out=O --task=inpaint --input=x.png --mask=m.png
@@ -26,6 +29,7 @@ runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) w
 :data:`SD_TASKS`; there ``--guidance_scale`` is the SD scale ``s`` (default 7.5, 1 = none) and
 ``--input`` is required for ``img2img`` / ``inpaint``.
 """
+import dataclasses
 import os
 
 import jax
@@ -42,15 +46,19 @@ TASKS = ("sample",) + tasks.TASKS + ("img2img",)
 SD_FLAGS = ("prompt", "negative_prompt", "height", "width", "strength", "dtype")
 # Flags that only some tasks use; any other task given one of them is an error.
 TASK_FLAGS = {
-    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "img2img"),
-    "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert"),
+    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "img2img", "diffusionclip"),
+    "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip"),
     "mask": ("sdedit", "inpaint"), "mask_region": ("sdedit", "inpaint"),
-    "t0": ("sdedit",), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
+    "t0": ("sdedit", "diffusionclip"), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
     "sr_factor": ("sr",), "sr_method": ("sr",), "sr_aug_t": ("sr",),
     "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
     "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
     "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
+    "sampler_option": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
     "strength": ("img2img",),
+    **{name: ("diffusionclip",) for name in ("source_text", "target_text", "clip_workdir",
+                                             "finetune_steps", "clip_lr", "id_weight",
+                                             "clip_decode_steps")},
 }
 
 
@@ -69,12 +77,17 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).",
                          flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "sampler_option", [], "NAME=VALUE of any SamplerOptions field, e.g. churn=40, order=3, "
+        "sde=ve, method=tsit5, dynamic_threshold=0.995 (repeatable; default: config.sample).",
+        flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
                          flag_values=fv)
     flags.DEFINE_float("guidance_scale", None,
-                       "Classifier-free guidance weight w >= 0 (default: no guidance).",
+                       "Classifier-free guidance weight w >= 0 (default: no guidance); for a "
+                       "Stable Diffusion checkpoint the SD scale s = w + 1 (default 7.5).",
                        flag_values=fv)
     flags.DEFINE_enum("task", "sample", list(TASKS), "What to do with the model.", flag_values=fv)
     flags.DEFINE_string("input", None, "Input PNG (default: dataset images).", flag_values=fv)
@@ -102,6 +115,20 @@ def define_flags(flag_values=None):
                          "RePaint resamplings per jump (1 = none).", flag_values=fv)
     flags.DEFINE_integer("source_label", None, "invert: class the input is inverted under.",
                          flag_values=fv)
+    flags.DEFINE_string("source_text", None, "diffusionclip: text describing the input.",
+                        flag_values=fv)
+    flags.DEFINE_string("target_text", None, "diffusionclip: text to edit toward.",
+                        flag_values=fv)
+    flags.DEFINE_string("clip_workdir", None, "diffusionclip: CLIP-stage training workdir "
+                        "(configs/fashion_clip.py).", flag_values=fv)
+    flags.DEFINE_integer("finetune_steps", defaults.finetune_steps,
+                         "diffusionclip: Adam steps on the denoiser copy.", flag_values=fv)
+    flags.DEFINE_float("clip_lr", defaults.clip_lr, "diffusionclip: learning rate.",
+                       flag_values=fv)
+    flags.DEFINE_float("id_weight", defaults.id_weight, "diffusionclip: identity L1 weight.",
+                       flag_values=fv)
+    flags.DEFINE_integer("clip_decode_steps", defaults.clip_decode_steps,
+                         "diffusionclip: differentiated DDIM steps.", flag_values=fv)
     flags.DEFINE_string("prompt", None, "SD: the text prompt of every sample.", flag_values=fv)
     flags.DEFINE_string("negative_prompt", None, "SD: the negative prompt (default: empty).",
                         flag_values=fv)
@@ -122,7 +149,9 @@ def check_flags(fv, config):
         ValueError: with a one-line message naming the flag, for: a flag the task does not
             use; ``--steps`` or ``--num_samples`` below 1; a negative ``--guidance_scale``, or
             one on an unconditional model; a label outside ``[0, num_classes)``; a sampler the
-            task cannot use; ``--task=sr`` without a super-resolution model or the reverse.
+            task cannot use; ``--task=sr`` without a super-resolution model or the reverse;
+            ``--task=diffusionclip`` without its texts and CLIP workdir, or with step counts
+            below 1, ``--clip_lr <= 0`` or ``--id_weight < 0``.
     """
     task = fv.task
     for name in SD_FLAGS:
@@ -133,6 +162,8 @@ def check_flags(fv, config):
         raise ValueError("--task=img2img needs a Stable Diffusion --checkpoint; use "
                          "--task=sdedit for this model.")
     _check_common(fv)
+    if task == "diffusionclip":
+        _check_diffusionclip(fv)
     num_classes = config.data.num_classes if config.model.class_conditional else 0
     if fv.guidance_scale is not None:
         if fv.guidance_scale < 0:
@@ -151,6 +182,9 @@ def check_flags(fv, config):
         raise ValueError("--task=sr needs a super-resolution model (model.cond_image_channels > 0)"
                          if task == "sr" else
                          f"This is a super-resolution model; it runs with --task=sr, not {task}.")
+    if task != "sample" and config.diffusion.get("kind", "discrete") != "discrete":
+        raise ValueError(f"--task={task} needs a discrete-time model; this one is "
+                         f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
 
@@ -235,6 +269,19 @@ def run_sd_from_flags(fv, pipe, out_dir):
     return results
 
 
+def _check_diffusionclip(fv):
+    """``--task=diffusionclip`` needs its texts and CLIP; counts >= 1, lr > 0, weight >= 0."""
+    for name in ("source_text", "target_text", "clip_workdir"):
+        if not fv[name].value:
+            raise ValueError(f"--task=diffusionclip needs --{name}.")
+    for name in ("finetune_steps", "clip_decode_steps"):
+        if fv[name].value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {fv[name].value}.")
+    if fv.clip_lr <= 0 or fv.id_weight < 0:
+        raise ValueError(f"--clip_lr must be > 0 and --id_weight >= 0, got {fv.clip_lr} "
+                         f"and {fv.id_weight}.")
+
+
 def _check_common(fv):
     """Checks shared by every kind of checkpoint: flags of other tasks, counts."""
     for name, users in TASK_FLAGS.items():
@@ -261,7 +308,41 @@ def _data_mesh():
 
 def sampler_options(fv, config):
     """The run's :class:`~diffusion_jax.samplers.SamplerOptions`: config + flags, built once."""
-    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta)
+    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta,
+                                        **parse_sampler_options(fv.sampler_option))
+
+
+def parse_sampler_options(items):
+    """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
+    converted to the type of the :class:`~diffusion_jax.samplers.SamplerOptions` field's default
+    (``none`` -> ``None``).
+
+    Raises:
+        ValueError: for an item without ``=``, an unknown field or an unconvertible value.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
+                             f"{sorted(defaults)}.")
+        default = defaults[name]
+        if text.lower() == "none":
+            parsed[name] = None
+            continue
+        kind = float if name == "dynamic_threshold" else str if default is None else type(default)
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")
+            parsed[name] = text.lower() in ("true", "1")
+            continue
+        try:
+            parsed[name] = kind(text)
+        except ValueError as err:
+            raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
+                             f"{kind.__name__}.") from err
+    return parsed
 
 
 def run_task_from_flags(fv, model, sched, config, out_dir):
@@ -291,12 +372,27 @@ def run_task_from_flags(fv, model, sched, config, out_dir):
         sr_method=fv.sr_method or sr_cfg.upsample_method,
         sr_aug_t=sr_cfg.sample_aug_t if fv.sr_aug_t is None else fv.sr_aug_t,
         jump_length=fv.jump_length, jump_n_sample=fv.jump_n_sample,
-        source_label=fv.source_label)
+        source_label=fv.source_label, clip=_load_clip(fv),
+        source_text=fv.source_text or "", target_text=fv.target_text or "",
+        finetune_steps=fv.finetune_steps, clip_lr=fv.clip_lr, id_weight=fv.id_weight,
+        clip_decode_steps=fv.clip_decode_steps)
     images = load_inputs(fv.input, fv.num_samples, data_cfg, resize=fv.resize_input)
     results = tasks.run_task(fv.task, model, sched, images, options, jax.random.key(fv.seed))
     samplers.check_finite(results["output"], options.sampler)
     write_outputs(out_dir, fv.task, results)
+    if fv.task == "diffusionclip":
+        scores = {name: float(np.mean(results[name])) for name in
+                  ("directional", "identity_l1", "target_score_input", "target_score_output")}
+        print("diffusionclip " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     return results
+
+
+def _load_clip(fv):
+    """``(CLIPModel, tokenizer)`` of ``--clip_workdir`` for diffusionclip, else ``None``."""
+    if fv.task != "diffusionclip":
+        return None
+    from diffusion_jax import metrics_clip  # pylint: disable=g-import-not-at-top
+    return metrics_clip.load_clip(fv.clip_workdir)
 
 
 def load_inputs(path, num_samples, data_cfg, *, resize=False):
@@ -315,10 +411,12 @@ def load_inputs(path, num_samples, data_cfg, *, resize=False):
 
 
 def write_outputs(out_dir, task, results):
-    """Write ``OUT/<task>.png`` (one row per array: input, [mask / low_res,] output) and
+    """Write ``OUT/<task>.png`` (one row per array: input, [mask / low_res / reconstruction,]
+    output) and
     ``OUT/<task>.npz``."""
     os.makedirs(out_dir, exist_ok=True)
-    order = [name for name in ("input", "mask", "low_res", "output") if name in results]
+    order = [name for name in ("input", "mask", "low_res", "reconstruction", "output")
+             if name in results]
     rows = np.concatenate([results[name] for name in order])
     grid = image_io.image_grid(image_io.to_uint8(rows), num_cols=results["input"].shape[0])
     image_io.save_png(os.path.join(out_dir, f"{task}.png"), grid)

@@ -1,5 +1,5 @@
 """One call per application on a loaded model: SDEdit, inpainting, ILVR, super-resolution,
-inversion. Used by ``run_sample.py --task=...`` (through :mod:`.cli`) and the figure script.
+inversion, DiffusionCLIP. Used by ``run_sample.py --task=...`` (through :mod:`.cli`) and the figure script.
 
 Arrays only: file reading and flags are the command-line layer's job (:mod:`.cli`).
 """
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import denoisers, samplers
-from diffusion_jax.applications import common, ilvr, inpaint, inversion, sdedit
+from diffusion_jax.applications import common, diffusionclip, ilvr, inpaint, inversion, sdedit
 from diffusion_jax.applications import super_resolution as sr
 
-TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert")
+TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip")
 MASK_REGIONS = ("left", "right", "top", "bottom", "center")
 # What each task needs of its sampler (checked before any tracing).
 SAMPLER_NEEDS = {"sdedit": dict(t_start=True), "inpaint": dict(step_hook=True),
@@ -33,7 +33,7 @@ class TaskOptions:
             the edited region for ``sdedit``), or ``None``.
         mask_region: the regenerated region when ``mask`` is ``None`` (a half or ``center``;
             ``inpaint`` defaults to ``right``, ``sdedit`` to editing everything).
-        t0: SDEdit noise fraction in (0, 1].
+        t0: SDEdit noise fraction / DiffusionCLIP inversion depth, in (0, 1].
         ilvr_factor: ILVR downsampling factor ``N``.
         ilvr_t_min: last refined ILVR step (``-1``: all).
         sr_factor: super-resolution factor; the input is reduced to ``image_size / sr_factor``.
@@ -41,6 +41,11 @@ class TaskOptions:
         sr_aug_t: noise-augmentation step for the low-res input (``-1``: none).
         jump_length, jump_n_sample: RePaint resampling for ``inpaint`` (``1``: none).
         source_label: class the input is inverted under (``invert``; ``None``: ``class_label``).
+        clip: ``(CLIPModel, tokenizer)`` for ``diffusionclip`` (tokenizer: texts -> ids [N, L]).
+        source_text, target_text: the edit ``source -> target`` (``diffusionclip``).
+        finetune_steps, clip_lr, id_weight, clip_decode_steps: DiffusionCLIP's Adam steps,
+            learning rate, identity weight and differentiated DDIM steps (``num_steps`` of
+            ``sampler_options`` is the number of inversion steps).
     """
     sampler: str = "ddim"
     sampler_options: samplers.SamplerOptions = dataclasses.field(
@@ -58,6 +63,13 @@ class TaskOptions:
     jump_length: int = 10
     jump_n_sample: int = 1
     source_label: int | None = None
+    clip: tuple | None = None
+    source_text: str = ""
+    target_text: str = ""
+    finetune_steps: int = 10
+    clip_lr: float = 1e-4
+    id_weight: float = 0.3
+    clip_decode_steps: int = 6
 
 
 def run_task(task, model, sched, images, options, key):
@@ -74,7 +86,9 @@ def run_task(task, model, sched, images, options, key):
 
     Returns:
         dict of float32 numpy arrays ``[B, H, W, C]``: ``input``, ``output`` and, for tasks that
-        use one, ``mask`` (inpaint, sdedit with a region) or ``low_res`` (sr, nearest-upsampled).
+        use one, ``mask`` (inpaint, sdedit with a region) or ``low_res`` (sr, nearest-upsampled);
+        ``diffusionclip`` adds ``reconstruction`` (decoded with the original parameters) and
+        per-image ``[B]`` scores (see `_diffusionclip`).
 
     Raises:
         ValueError: for an unknown task, a sampler the task cannot use, or bad options.
@@ -104,6 +118,9 @@ def run_task(task, model, sched, images, options, key):
     elif task == "ilvr":
         out = ilvr.ilvr_sample(denoise, sched, images, key, factor=options.ilvr_factor,
                                t_min=options.ilvr_t_min, **run_kw)
+    elif task == "diffusionclip":
+        out, extra = _diffusionclip(model, sched, images, options, cond)
+        results.update(extra)
     elif task == "sr":
         low = common.area_downsample(images, options.sr_factor)
         out = sr.sr_sample(model, sched, low, key, image_size=images.shape[1],
@@ -119,6 +136,38 @@ def run_task(task, model, sched, images, options, key):
                                   clip_x0=opts.clip_x0)
     results["output"] = out
     return {name: np.asarray(value, np.float32) for name, value in results.items()}
+
+
+def _diffusionclip(model, sched, images, options, cond):
+    """DiffusionCLIP edit plus per-image scores: ``directional`` (cos of the image- and
+    text-embedding changes), ``identity_l1`` (mean |output - input|) and the CLIP score
+    (``100 max(cos, 0)``) against the target text before (``target_score_input``) and after
+    (``target_score_output``) the edit."""
+    if options.clip is None or not options.source_text or not options.target_text:
+        raise ValueError("diffusionclip needs a CLIP model (--clip_workdir), --source_text and "
+                         "--target_text.")
+    if options.guidance_scale is not None:
+        raise ValueError("diffusionclip does not use classifier-free guidance.")
+    clip_model, tokenizer = options.clip
+    text = clip_model.encode_text(jnp.asarray(tokenizer([options.source_text,
+                                                         options.target_text])))
+    direction = diffusionclip.text_direction(text[0], text[1])
+    res = diffusionclip.diffusionclip_edit(
+        model, sched, images, clip_model.encode_image, direction, cond=cond,
+        pred_type=options.sampler_options.pred_type, t0=options.t0,
+        num_inversion_steps=options.sampler_options.num_steps,
+        num_decode_steps=options.clip_decode_steps, finetune_steps=options.finetune_steps,
+        learning_rate=options.clip_lr, id_weight=options.id_weight)
+    source_emb = clip_model.encode_image(images)
+    score = lambda emb: 100.0 * jnp.maximum(emb @ text[1], 0.0)
+    out = res["output"]
+    return out, dict(
+        reconstruction=res["reconstruction"],
+        directional=diffusionclip.directional_similarity(clip_model.encode_image, out,
+                                                         source_emb, direction),
+        identity_l1=jnp.mean(jnp.abs(out - images), axis=(1, 2, 3)),
+        target_score_input=score(source_emb),
+        target_score_output=score(clip_model.encode_image(out)))
 
 
 def region_mask(shape, region):

@@ -27,12 +27,19 @@ PARAMS_DIR = "params"
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """Parses a JSON file; FileNotFoundError naming ``what`` when it is missing."""
+    """Parses a JSON object file; FileNotFoundError naming ``what`` when it is missing, ValueError
+    naming the file when it is not a JSON object (e.g. truncated)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: {path} not found")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is it truncated?") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), got {type(config).__name__}")
+    return config
 
 
 def find_weights(directory: str | os.PathLike, stems: tuple[str, ...]) -> str:
@@ -60,18 +67,26 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a safetensors or torch ``.bin`` state dict as float32 numpy (fp16/bf16 upcast).
 
     safetensors files are read with numpy (no torch needed) except bf16 ones, which numpy
-    cannot name; those and ``.bin`` pickles go through torch.
+    cannot name; those and ``.bin`` pickles go through torch. A damaged file is a ValueError
+    naming it.
     """
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-        except TypeError:  # bfloat16 tensors
-            from safetensors.torch import load_file as load_torch
-            tensors = load_torch(path)
-    else:
-        import torch
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            try:
+                return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+            except TypeError:  # bfloat16 tensors
+                from safetensors.torch import load_file as load_torch
+                tensors = load_torch(path)
+        else:
+            import torch
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001  safetensors / torch / pickle errors on a bad file
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {first_line}); "
+                         f"is it truncated or not a state dict?") from e
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 

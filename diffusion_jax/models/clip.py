@@ -2,7 +2,8 @@
 
 Layout follows transformers' ``CLIPModel`` (``text_model``, ``text_projection``,
 ``visual_projection``, ``logit_scale``) so a converted checkpoint's text side maps by name;
-the image tower is this package's convolutional `ImageEncoder`::
+the image tower is this package's convolutional `ImageEncoder` (models trained here) or
+CLIP's ViT (`CLIPVisionTransformer`, attribute ``vision_model``, for converted checkpoints)::
 
     u = normalize(text_projection(text_model(ids).pooler_output))         [B, E]
     v = normalize(visual_projection(image_encoder(x)))                    [B, E]
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers
+from diffusion_jax.models.clip_vision import CLIPVisionTransformer
 from diffusion_jax.models.image_encoder import ImageEncoder
 from diffusion_jax.models.text_encoder import CLIPTextModel
 
@@ -50,20 +52,29 @@ class CLIPModel(nnx.Module):
         text: keyword arguments of `CLIPTextModel` (``vocab_size``, ``hidden_size``, ...).
         image: keyword arguments of `ImageEncoder` (``in_channels``, ``embed_dim``, ...); its
             ``embed_dim`` is the image tower's output width before ``visual_projection``.
+        vision: instead of ``image``, keyword arguments of `CLIPVisionTransformer`.
         projection_dim: shared embedding width ``E``.
         logit_scale_init: initial ``s`` (default ``log(1/0.07)``).
         dtype, param_dtype: compute and parameter dtypes (passed to both towers).
         rngs: parameter RNGs.
     """
 
-    def __init__(self, *, text: Mapping[str, Any], image: Mapping[str, Any],
-                 projection_dim: int = 64, logit_scale_init: float = INIT_LOGIT_SCALE,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, text: Mapping[str, Any], image: Mapping[str, Any] | None = None,
+                 vision: Mapping[str, Any] | None = None, projection_dim: int = 64,
+                 logit_scale_init: float = INIT_LOGIT_SCALE, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if (image is None) == (vision is None):
+            raise ValueError("CLIPModel: pass exactly one of image= (CNN tower) and vision= "
+                             "(ViT tower)")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.text_model = CLIPTextModel(**dict(text), **kw)
-        self.image_encoder = ImageEncoder(**dict(image), **kw)
+        if image is not None:
+            self.image_encoder = ImageEncoder(**dict(image), **kw)
+            image_width = self.image_encoder.proj.kernel.value.shape[1]
+        else:
+            self.vision_model = CLIPVisionTransformer(**dict(vision), **kw)
+            image_width = self.vision_model.post_layernorm.scale.value.shape[0]
         text_width = self.text_model.final_layer_norm.scale.value.shape[0]
-        image_width = self.image_encoder.proj.kernel.value.shape[1]
         self.text_projection = _projection(text_width, projection_dim, **kw)
         self.visual_projection = _projection(image_width, projection_dim, **kw)
         self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, param_dtype))
@@ -76,7 +87,8 @@ class CLIPModel(nnx.Module):
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """Unit image embeddings ``[B, E]`` of ``images: [B, H, W, C]`` in [-1, 1]."""
-        return _normalize(self.visual_projection(self.image_encoder(images)))
+        tower = self.image_encoder if hasattr(self, "image_encoder") else self.vision_model
+        return _normalize(self.visual_projection(tower(images)))
 
     def __call__(self, input_ids: jax.Array, images: jax.Array,
                  attention_mask: jax.Array | None = None) -> CLIPOutput:
@@ -97,15 +109,17 @@ def clip_from_kwargs(kwargs: Mapping[str, Any], *, seed: int = 0, **overrides) -
         **overrides: replace top-level fields, e.g. ``dtype=jnp.bfloat16``.
 
     Raises:
-        ValueError: ``text`` or ``image`` is missing, or an unknown field is given.
+        ValueError: ``text`` or ``image`` / ``vision`` is missing, or an unknown field is given.
     """
     kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
     kwargs.update(overrides)
-    for field in ("text", "image"):
+    image_field = "vision" if "vision" in kwargs else "image"
+    for field in ("text", image_field):
         if not isinstance(kwargs.get(field), Mapping):
             raise ValueError(f"clip kwargs: field {field!r} must be a mapping of tower kwargs, "
                              f"got {kwargs.get(field)!r}")
-    known = {"text", "image", "projection_dim", "logit_scale_init", "dtype", "param_dtype"}
+    known = {"text", "image", "vision", "projection_dim", "logit_scale_init", "dtype",
+             "param_dtype"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"clip kwargs: unknown fields {unknown}; expected some of {sorted(known)}")

@@ -135,12 +135,13 @@ class CLIPTextModel(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    """One causal pre-LN block (see the module docstring). ``[B, L, D] -> [B, L, D]``."""
+    """One pre-LN block (see the module docstring), causal unless ``causal=False`` (CLIP's
+    vision tower). ``[B, L, D] -> [B, L, D]``."""
 
     def __init__(self, dim: int, mlp_dim: int, heads: int, act: str, eps: float, *,
-                 dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+                 dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, causal: bool = True):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.heads, self.act = heads, ACTIVATIONS[act]
+        self.heads, self.act, self.causal = heads, ACTIVATIONS[act], causal
         self.self_attn = _Container()
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(self.self_attn, name, layers.dense(dim, dim, axes=("embed", "heads"), **kw))
@@ -157,7 +158,7 @@ class EncoderLayer(nnx.Module):
         attn = self.self_attn
         split = lambda a: a.reshape(b, length, self.heads, dim // self.heads)
         out = dot_product_attention(split(attn.q_proj(u)), split(attn.k_proj(u)),
-                                    split(attn.v_proj(u)), mask=mask, is_causal=True)
+                                    split(attn.v_proj(u)), mask=mask, is_causal=self.causal)
         h = h + attn.out_proj(out.reshape(b, length, dim))
         return h + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(h))))
 

@@ -14,7 +14,8 @@ step with ``x_prev`` in VP scale and ``t_prev`` the discrete step nearest to the
 time with :func:`~diffusion_jax.sde.adapters.ddpm_score`.
 
 ``options`` is any object with ``num_steps``, ``pred_type`` and ``clip_x0`` attributes; the
-solver-specific ones are read with ``getattr`` and these defaults:
+solver-specific ones are read with these defaults when absent or ``None`` (the sampler
+registry's :class:`~diffusion_jax.samplers.SamplerOptions` has them all):
 
 * :func:`edm_heun`: ``rho=7``, ``sigma_spacing="karras"``, ``churn=0`` (S_churn),
   ``s_tmin=0``, ``s_tmax=inf``, ``s_noise=1``, ``dynamic_threshold=None``.
@@ -25,10 +26,10 @@ solver-specific ones are read with ``getattr`` and these defaults:
   Gaussian data from ``t = 300`` with 10 steps, 2M's error is 0.19 with ``uniform`` spacing,
   0.015 with ``log``, 0.025 with ``karras``, against DDIM's 0.13.)
 * :func:`predictor_corrector`: ``sde="vp"``, ``predictor="reverse_diffusion"``,
-  ``corrector="langevin"``, ``snr=0.16``, ``n_corrector_steps=1``, ``eps=1e-3``;
+  ``corrector="langevin"``, ``snr=0.16``, ``n_corrector_steps=1``, ``sde_eps=1e-3``;
   ``num_steps`` grid points, ``num_steps (1 + n_corrector_steps)`` evaluations.
 * :func:`probability_flow`: ``sde="vp"``, ``method="rk4"`` (``euler``, ``heun``, ``rk4``,
-  ``tsit5``, ``dopri5``), ``eps=1e-3``, ``rtol=1e-5``, ``atol=1e-5``, ``max_steps=4096``;
+  ``tsit5``, ``dopri5``), ``sde_eps=1e-3``, ``rtol=1e-5``, ``atol=1e-5``, ``max_steps=4096``;
   fixed-step evaluations ``num_steps`` times 1 / 2 / 4, plus one for the final Tweedie step.
 
 Sigma spacings (from ``sigma_0`` of the schedule to that of ``t_start``): ``karras`` (EDM's
@@ -55,11 +56,11 @@ def edm_heun(denoise, schedule, x_start, key, options, *, t_start=None, step_hoo
     """EDM's Heun sampler (:func:`~diffusion_jax.sde.edm.edm_sample`) on a discrete model."""
     denoiser, sigmas, x_ve = _denoiser_setup(denoise, schedule, x_start, options, t_start,
                                              "karras")
-    return edm_sample(denoiser, sigmas, x_ve, key, s_churn=getattr(options, "churn", 0.0),
-                      s_tmin=getattr(options, "s_tmin", 0.0),
-                      s_tmax=getattr(options, "s_tmax", float("inf")),
-                      s_noise=getattr(options, "s_noise", 1.0),
-                      dynamic_threshold=getattr(options, "dynamic_threshold", None),
+    return edm_sample(denoiser, sigmas, x_ve, key, s_churn=_opt(options, "churn", 0.0),
+                      s_tmin=_opt(options, "s_tmin", 0.0),
+                      s_tmax=_opt(options, "s_tmax", float("inf")),
+                      s_noise=_opt(options, "s_noise", 1.0),
+                      dynamic_threshold=_opt(options, "dynamic_threshold", None),
                       step_hook=_vp_hook(step_hook, schedule))
 
 
@@ -67,8 +68,8 @@ def dpm_solver_pp(denoise, schedule, x_start, key, options, *, t_start=None, ste
     """DPM-Solver++ (:func:`~diffusion_jax.sde.dpm_solver.dpm_solver_pp_sample`), 2M by default."""
     denoiser, sigmas, x_ve = _denoiser_setup(denoise, schedule, x_start, options, t_start,
                                              "log")
-    return dpm_solver_pp_sample(denoiser, sigmas, x_ve, key, order=getattr(options, "order", 2),
-                                dynamic_threshold=getattr(options, "dynamic_threshold", None),
+    return dpm_solver_pp_sample(denoiser, sigmas, x_ve, key, order=_opt(options, "order", 2),
+                                dynamic_threshold=_opt(options, "dynamic_threshold", None),
                                 step_hook=_vp_hook(step_hook, schedule))
 
 
@@ -77,16 +78,24 @@ def predictor_corrector(denoise, schedule, x_start, key, options, *, t_start=Non
     """Predictor--corrector sampling (:func:`~diffusion_jax.sde.pc.pc_sample`) of ``options.sde``.
 
     ``t_start`` needs a concrete schedule (its continuous start time fixes the grid's length).
+
+    Raises:
+        ValueError: for a VP / sub-VP SDE with ``num_steps <= beta_max`` and a predictor or
+            corrector that uses score_sde's discretisation (``reverse_diffusion``,
+            ``ancestral``, ``langevin``, ``annealed_langevin``: ``beta_i >= 1`` gives NaN).
     """
     with jax.ensure_compile_time_eval():                    # concrete t0 also inside jax.jit
-        sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"), options.num_steps)
+        sde = sde_for_schedule(schedule, _opt(options, "sde", "vp"), options.num_steps)
+        predictor = _opt(options, "predictor", "reverse_diffusion")
+        corrector = _opt(options, "corrector", "langevin")
+        _check_pc_steps(sde, predictor, corrector, options.num_steps)
         score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     return pc_sample(score, sde, x_sde, key,
-                     predictor=getattr(options, "predictor", "reverse_diffusion"),
-                     corrector=getattr(options, "corrector", "langevin"),
-                     snr=getattr(options, "snr", 0.16),
-                     n_corrector_steps=getattr(options, "n_corrector_steps", 1),
-                     eps=getattr(options, "eps", 1e-3),
+                     predictor=predictor,
+                     corrector=corrector,
+                     snr=_opt(options, "snr", 0.16),
+                     n_corrector_steps=_opt(options, "n_corrector_steps", 1),
+                     eps=_opt(options, "sde_eps", 1e-3),
                      t_start=1.0 if t_start is None else float(t0),
                      step_hook=_sde_hook(step_hook, schedule, sde))
 
@@ -97,17 +106,17 @@ def probability_flow(denoise, schedule, x_start, key, options, *, t_start=None, 
     ``step_hook`` (fixed-step methods only) gets ``x0_pred = x_prev`` (the ODE state carries no
     separate prediction).
     """
-    sde = sde_for_schedule(schedule, getattr(options, "sde", "vp"))
+    sde = sde_for_schedule(schedule, _opt(options, "sde", "vp"))
     score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     hook = None
     if step_hook is not None:
         sde_hook = _sde_hook(step_hook, schedule, sde)
         hook = lambda x, t_next, hook_key: sde_hook(x, x, t_next, hook_key)
-    return ode_sample(score, sde, x_sde, key, method=getattr(options, "method", "rk4"),
-                      num_steps=options.num_steps, eps=getattr(options, "eps", 1e-3),
+    return ode_sample(score, sde, x_sde, key, method=_opt(options, "method", "rk4"),
+                      num_steps=options.num_steps, eps=_opt(options, "sde_eps", 1e-3),
                       t_start=1.0 if t_start is None else t0,
-                      rtol=getattr(options, "rtol", 1e-5), atol=getattr(options, "atol", 1e-5),
-                      max_steps=getattr(options, "max_steps", 4096), step_hook=hook)
+                      rtol=_opt(options, "rtol", 1e-5), atol=_opt(options, "atol", 1e-5),
+                      max_steps=_opt(options, "max_steps", 4096), step_hook=hook)
 
 
 def sde_for_schedule(schedule, name="vp", num_scales=1000):
@@ -159,8 +168,8 @@ def _denoiser_setup(denoise, schedule, x_start, options, t_start, default_spacin
     """Denoiser, sigma grid and the VE-scaled start ``x_start / sqrt(alpha_bar_top)``."""
     denoiser = ddpm_denoiser(denoise, schedule, options.pred_type, clip_bounds(options.clip_x0))
     sigmas = sigma_grid(schedule, options.num_steps,
-                        getattr(options, "sigma_spacing", default_spacing), t_start,
-                        getattr(options, "rho", 7.0))
+                        _opt(options, "sigma_spacing", default_spacing), t_start,
+                        _opt(options, "rho", 7.0))
     t_top = _t_top(schedule, t_start)
     return denoiser, sigmas, x_start / schedule.sqrt_alphas_cumprod[t_top]
 
@@ -200,6 +209,25 @@ def _sde_hook(step_hook, schedule, sde):
         return vp_hook(x / m, x0_pred, sigma, key) * m
 
     return hook
+
+
+def _check_pc_steps(sde, predictor, corrector, num_steps):
+    """score_sde's VP discretisation ``beta_i = beta(t_i) / N`` (used by the reverse-diffusion
+    and ancestral predictors and the Langevin correctors) needs ``beta_i < 1``."""
+    uses_beta_i = (predictor in ("reverse_diffusion", "ancestral")
+                   or corrector in ("langevin", "annealed_langevin"))
+    if uses_beta_i and not isinstance(sde, VESDE) and float(sde.beta_max) >= num_steps:
+        raise ValueError(
+            f"pc with predictor {predictor!r} and corrector {corrector!r} on a VP / sub-VP SDE "
+            f"needs num_steps > beta_max = {float(sde.beta_max):.3g} (else beta_i >= 1 gives "
+            f"NaN); got num_steps={num_steps}. Use more steps, or predictor 'euler_maruyama' "
+            "with corrector 'none'.")
+
+
+def _opt(options, name, default):
+    """``options.name``, or ``default`` when it is missing or ``None``."""
+    value = getattr(options, name, None)
+    return default if value is None else value
 
 
 def _t_top(schedule, t_start):

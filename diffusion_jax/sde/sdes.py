@@ -227,3 +227,38 @@ def ve_grid_sigmas(sde, idx):
 def _beta(sde, t):
     return sde.beta_min + t * (sde.beta_max - sde.beta_min)
 
+
+
+def vp_marginal(t, beta_min=0.1, beta_max=20.0):
+    """``(m(t), s(t))`` of the VP SDE with ``beta(t) = beta_min + t (beta_max - beta_min)``:
+    :func:`marginal_coefficients` of ``VPSDE(beta_min, beta_max)``, each shaped as ``t``."""
+    return marginal_coefficients(VPSDE(beta_min, beta_max), t)
+
+
+def ve_sigma(t, sigma_min=0.01, sigma_max=50.0):
+    """``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` of the VE SDE (its marginal std),
+    shaped as ``t``."""
+    return marginal_coefficients(VESDE(sigma_min, sigma_max), t)[1]
+
+
+def geometric_sigmas(sigma_max, sigma_min, num_levels):
+    """Decreasing geometric noise levels of NCSN (Song & Ermon, 2019).
+
+    ``sigma_i = sigma_max (sigma_min / sigma_max)^(i / (L - 1))`` for ``i = 0, ..., L-1``.
+
+    Args:
+        sigma_max: first (largest) level.
+        sigma_min: last (smallest) level, ``0 < sigma_min < sigma_max``.
+        num_levels: static number of levels ``L >= 2``.
+
+    Returns:
+        sigmas: ``[L]`` float32, decreasing.
+    """
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(
+                f"geometric_sigmas needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                f"sigma_max={sigma_max}.")
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}.")
+    return jnp.exp(jnp.linspace(jnp.log(sigma_max), jnp.log(sigma_min), num_levels)).astype(
+            jnp.float32)

@@ -117,3 +117,34 @@ def edm_loss(denoiser, x0, key, *, sigma_data=0.5, p_mean=-1.2, p_std=1.2):
     mse = jnp.mean(jnp.square(pred - x0).reshape(batch, -1), axis=1)
     per_example = edm_loss_weight(sigma, sigma_data) * mse
     return jnp.mean(per_example), per_example, sigma
+
+
+def dsm_loss(score_fn, x0, sigmas, key):
+    """Denoising score matching loss of NCSN (Song & Ermon, 2019), weighted by ``sigma^2``.
+
+    ``sigma_b`` is drawn uniformly from ``sigmas``, ``x~ = x0 + sigma_b z`` with ``z ~ N(0, I)``,
+    and
+
+        loss = mean_b 1/2 sigma_b^2 || score_fn(x~, sigma)_b + (x~ - x0)_b / sigma_b^2 ||^2,
+
+    where ``||.||^2`` sums over the non-batch dimensions (as NCSN does).
+
+    Args:
+        score_fn: ``score_fn(x [B, ...], sigma [B]) -> [B, ...]``, an estimate of
+            ``grad_x log p_sigma(x)``.
+        x0: ``[B, ...]`` clean data.
+        sigmas: ``[L]`` noise levels.
+        key: PRNG key.
+
+    Returns:
+        scalar loss.
+    """
+    key_level, key_z = jax.random.split(key)
+    sigma = sigmas[jax.random.randint(key_level, (x0.shape[0],), 0, sigmas.shape[0])]
+    sigma_b = jnp.reshape(sigma, (-1,) + (1,) * (x0.ndim - 1))
+    z = jax.random.normal(key_z, x0.shape, jnp.float32)
+    x_noisy = x0 + sigma_b * z
+    target = -z / sigma_b                                       # = -(x~ - x0) / sigma^2
+    sq_err = jnp.square(score_fn(x_noisy, sigma).astype(jnp.float32) - target)
+    per_example = 0.5 * jnp.square(sigma) * jnp.sum(sq_err.reshape(x0.shape[0], -1), axis=1)
+    return jnp.mean(per_example)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from training_fixtures import REPO, subprocess_env
 
-from diffusion_jax.models import convert_diffusers as cd
+from diffusion_jax.convert import unet2d as cd
 from diffusion_jax.models.unet import count_params
 
 torch = pytest.importorskip("torch")

@@ -7,7 +7,7 @@ equivalent), copies every weight (conv kernels OIHW -> HWIO, dense kernels [out,
 
 Command line::
 
-    python -m diffusion_jax.models.convert_diffusers --src DIR_OR_FILE --out DIR
+    python -m diffusion_jax.convert.unet2d --src DIR_OR_FILE --out DIR
 
 writes ``DIR/params`` (an orbax ``StandardCheckpointer`` checkpoint of the parameters as a
 pure dict) and ``DIR/unet.json`` (the ``UNet`` keyword arguments). ``load_converted(DIR)``
@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.convert import common
 from diffusion_jax.models.unet import UNet
 
 _KWARGS_FILE = "unet.json"
@@ -169,7 +170,7 @@ def load_diffusers_unet(src: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
       ValueError: if the config cannot be mapped or a weight is missing, unused or misshapen.
     """
     config_path, weights_path = _find_files(os.fspath(src))
-    kwargs = config_to_kwargs(_read_config(config_path))
+    kwargs = config_to_kwargs(common.read_json(config_path, "UNet2DModel config"))
     model = _build_abstract(kwargs)
     graphdef, state = nnx.split(model)
     params = _map_weights(nnx.to_pure_dict(state), _load_state_dict(weights_path))
@@ -257,40 +258,13 @@ def _find_files(src: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no weights found: expected one of {weights}")
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    """``config.json`` as a dict; ValueError naming the file if it is not a JSON object."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); is it truncated?") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object (a UNet2DModel config), got "
-                         f"{type(config).__name__}")
-    return config
-
-
 def _load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors (numpy loader) or a torch ``.bin`` state dict as float32 numpy arrays."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-            tensors = load_file(path)
-        else:
-            import torch
-            tensors = {k: v.float().numpy() for k, v in
-                       torch.load(path, map_location="cpu", weights_only=True).items()}
-    except ImportError:
-        raise
-    except Exception as e:  # noqa: BLE001  safetensors / torch / pickle errors on a bad file
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {first_line}); "
-                         f"is it truncated or not a state dict?") from e
+    """`common.load_state_dict` with old diffusers attention key names renamed."""
     out = {}
-    for key, value in tensors.items():
+    for key, value in common.load_state_dict(path).items():
         for old, new in _LEGACY_ATTENTION.items():
             key = key.replace(old, new)
-        out[key] = np.asarray(value, np.float32)
+        out[key] = value
     return out
 
 
