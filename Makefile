@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 # Fashion-MNIST as gzipped IDX files, from Debian's dataset-fashion-mnist package.
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv demo test test-fast bench clean fashion-data
+.PHONY: venv demo demo-t2i test test-fast bench clean fashion-data
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ demo: venv
 	$(PY) run_train.py --config=configs/digits.py --workdir=demo/workdir
 	$(PY) run_sample.py --workdir=demo/workdir --sampler=ddim --steps=100 --num_samples=64 --out=demo
 	@echo "Samples written to demo/samples.png"
+
+# Text-to-image trained here on Fashion-MNIST: autoencoder, CLIP, latent diffusion UNet (CPU),
+# then a prompt grid (rows: a prompt per class + held-out templates; columns: seeds).
+T2I := demo_t2i
+demo-t2i: venv fashion-data
+	$(PY) run_train.py --config=configs/fashion_autoencoder.py --workdir=$(T2I)/ae
+	$(PY) run_train.py --config=configs/fashion_clip.py --workdir=$(T2I)/clip
+	$(PY) run_train.py --config=configs/fashion_t2i.py --workdir=$(T2I)/t2i \
+		--config.latent.autoencoder_workdir=$(T2I)/ae --config.latent.clip_workdir=$(T2I)/clip
+	$(PY) scripts/t2i_grid.py --workdir=$(T2I)/t2i --out=$(T2I) --guidance_scale=3
+	@echo "Reconstruction PSNR: $(T2I)/ae/eval.json; zero-shot / recall@1: $(T2I)/clip/eval.json"
+	@echo "Prompt grid: $(T2I)/t2i_grid.png (prompts in $(T2I)/t2i_prompts.txt)"
 
 # Installs Fashion-MNIST with apt when missing (needs root); otherwise says how.
 fashion-data: $(FASHION_DIR)/train-images-idx3-ubyte.gz
@@ -48,4 +60,4 @@ bench: venv
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo $(T2I) .pytest_cache

@@ -17,6 +17,12 @@ come from its ``scheduler/scheduler_config.json`` and it runs text-to-image::
     python run_sample.py --checkpoint=SD_DIR --out=OUT --prompt="..." --task=inpaint \
         --input=photo.png --mask=hole.png
 
+A ``--workdir`` of a ``latent_diffusion`` run (``configs/fashion_t2i.py``, with its frozen
+autoencoder and CLIP stages) runs the same text-to-image tasks and flags::
+
+    python run_sample.py --workdir=demo_t2i/t2i --out=OUT --prompt="an ankle boot" \
+        --guidance_scale=3 --steps=50 --num_samples=8
+
 Otherwise ``--checkpoint=PATH`` loads a converted diffusers ``UNet2DModel`` checkpoint
 (``diffusion_jax.convert.unet2d``); its diffusion settings come from ``--config``
 (default ``configs/default.py``: DDPM's linear schedule, T = 1000,
@@ -39,7 +45,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import compilation_cache, generate, image_io, loading, pipelines, sharding
+from diffusion_jax import (checkpoint, compilation_cache, generate, image_io, loading,
+                           objectives, pipelines, sharding, stage_pipeline)
 from diffusion_jax.applications import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
@@ -70,6 +77,9 @@ def main(argv):
         if _is_sd_pipeline(_CHECKPOINT.value):
             _sample_sd()
             return
+        if _is_text_to_image_workdir(_WORKDIR.value):
+            _sample_trained_t2i()
+            return
         _sample()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"run_sample.py: error: {err}")
@@ -90,6 +100,22 @@ def _sample_sd():
         raise ValueError("--step applies to --workdir only.")
     dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else None
     pipe = pipelines.load(_CHECKPOINT.value, dtype=dtype)
+    cli.check_sd_flags(fv, pipe)
+    cli.run_sd_from_flags(fv, pipe, _OUT.value)
+
+
+def _is_text_to_image_workdir(workdir):
+    """Whether ``workdir`` holds a ``latent_diffusion`` run (configs/fashion_t2i.py)."""
+    if workdir is None:
+        return False
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    return objectives.objective_of(checkpoint.load_config(manager)) == "latent_diffusion"
+
+
+def _sample_trained_t2i():
+    """Text-to-image with the three stages trained here, through the same SD flag layer."""
+    fv = flags.FLAGS
+    pipe = stage_pipeline.load_pipeline(_WORKDIR.value, step=fv.step)
     cli.check_sd_flags(fv, pipe)
     cli.run_sd_from_flags(fv, pipe, _OUT.value)
 

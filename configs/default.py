@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
     train.async_checkpointing = True  # write checkpoints in a background thread
     train.checkpoint_timeout_s = 3600.0  # a save not committed within this is an error
+    # "autoencoder" (config.autoencoder) | "clip" (config.clip) | "latent_diffusion" (config.latent)
+    train.objective = "diffusion"  # what is trained: "diffusion" (config.model's UNet) | see above
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddim"  # a registered sampler, e.g. ddim, edm_heun, dpm_solver_pp, pc
@@ -134,6 +136,55 @@ def get_config() -> ml_collections.ConfigDict:
     classifier.batch_size = 64  # examples per step
     classifier.learning_rate = 2e-3  # Adam learning rate
     classifier.log_every = 0  # steps between loss prints; 0 = silent
+
+    config.captions = captions = ml_collections.ConfigDict()  # Fashion-MNIST captions (captions.py)
+    captions.num_heldout = 4  # templates held out of training (split_templates)
+    captions.template_seed = 0  # seed of the train / held-out template split
+    captions.attribute_prob = 0.5  # chance a caption names the measured "dark" / "light"
+    captions.max_length = 16  # token ids per caption (BOS, words, EOS, padding)
+
+    config.autoencoder = ae = ml_collections.ConfigDict()  # objective "autoencoder": KL VAE
+    ae.latent_channels = 4  # channels of the latent
+    ae.block_out_channels = (32, 64, 64)  # encoder widths; latents are image_size / 2**(len-1)
+    ae.layers_per_block = 1  # residual blocks per encoder level
+    ae.norm_num_groups = 8  # GroupNorm groups
+    ae.mid_block_attention = False  # self-attention in the middle blocks
+    # loss = l1 mean|x - x_hat| + l2 mean (x - x_hat)^2 + kl KL(q(z|x) || N(0, I)) / (H W C)
+    ae.l1_weight = 1.0  # l1
+    ae.l2_weight = 1.0  # l2
+    ae.kl_weight = 1e-4  # kl (per image value, i.e. divided by the pixel count)
+
+    config.clip = clip = ml_collections.ConfigDict()  # objective "clip": text + image towers
+    clip.vocab_size = 0  # 0 = the caption tokenizer's size (resolved when training starts)
+    clip.hidden_size = 64  # text transformer width (= cross-attention width of a t2i UNet)
+    clip.intermediate_size = 128  # text MLP width
+    clip.num_layers = 2  # text transformer layers
+    clip.num_heads = 4  # text attention heads
+    clip.image_base_channels = 16  # image encoder width of the first level
+    clip.image_channel_mult = (1, 2, 4)  # image encoder levels
+    clip.image_embed_dim = 64  # image encoder output width
+    clip.num_groups = 8  # image encoder GroupNorm groups
+    clip.projection_dim = 64  # shared embedding width
+    clip.positives = "label"  # InfoNCE targets: "pair" (own caption) | "label" (same class)
+
+    config.latent = latent = ml_collections.ConfigDict()  # objective "latent_diffusion"
+    latent.autoencoder_workdir = ""  # workdir of the "autoencoder" stage (frozen)
+    latent.clip_workdir = ""  # workdir of the "clip" stage (frozen text encoder + tokenizer)
+    latent.scale_factor = 0.0  # latent scale; 0 = 1 / std of the training latents (measured once)
+    latent.scale_num_images = 2048  # training images the scale factor is measured on
+    latent.caption_drop_prob = 0.1  # captions replaced by the empty prompt (for CFG)
+    latent.latent_channels = 0  # resolved from the autoencoder workdir when 0
+    latent.cross_attention_dim = 0  # resolved from the clip workdir when 0
+    latent.block_out_channels = (64, 128)  # CondUNet widths per level
+    latent.cross_attn = (True, True)  # cross-attention per level
+    latent.layers_per_block = 1  # residual blocks per level
+    latent.num_heads = (4, 4)  # attention heads per level
+    latent.norm_num_groups = 16  # GroupNorm groups
+
+    config.final_eval = final_eval = ml_collections.ConfigDict()  # after training (objectives.py)
+    final_eval.split = "test"  # idx split the autoencoder / clip stages are evaluated on
+    final_eval.num_images = 0  # images evaluated; 0 = the whole split, -1 = no evaluation
+    final_eval.batch_size = 500  # evaluation batch
 
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp

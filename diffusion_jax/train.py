@@ -28,8 +28,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses, resume,
-                           schedules, sharding)
+from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses,
+                           objectives, resume, schedules, sharding)
 from diffusion_jax.models import unet
 from diffusion_jax.sde import parameterization
 
@@ -70,8 +70,12 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> unet.UNet:
-    """The UNet of ``config.model`` for images of ``config.data`` (size, channels, classes)."""
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model ``config.train.objective`` trains: for ``"diffusion"`` the UNet of
+    ``config.model`` for images of ``config.data`` (size, channels, classes); otherwise the
+    objective's model (`diffusion_jax.objectives`)."""
+    if objectives.objective_of(config) != "diffusion":
+        return objectives.get(objectives.objective_of(config)).build_model(config, rngs)
     return unet.unet_from_config(
         config.model, image_size=config.data.image_size,
         in_channels=config.data.num_channels, num_classes=config.data.num_classes, rngs=rngs)
@@ -171,26 +175,35 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
         tx: the optimiser (from `make_optimizer`).
         config: the full config.
 
+    The loss is that of ``config.train.objective``: the diffusion loss below (`_make_loss_fn`)
+    or another objective's (`diffusion_jax.objectives`).
+
     Returns:
-        ``train_step``. ``batch`` is ``dict(image=[B, H, W, C], label=int32 [B])``; metrics are
-        scalars: ``loss``, ``grad_norm`` (before clipping), ``learning_rate``, and
-        ``loss_q0..loss_q3`` (`quartile_metrics`).
+        ``train_step``. ``batch`` is ``dict(image=[B, H, W, C], label=int32 [B])`` (plus
+        ``input_ids`` for text objectives); metrics are scalars: ``loss``, ``grad_norm``
+        (before clipping), ``learning_rate``, and for diffusion objectives
+        ``loss_q0..loss_q3`` (`quartile_metrics`), else the objective's own metrics averaged
+        over micro-batches.
     """
-    grad_fn = jax.value_and_grad(_make_loss_fn(graphdef, schedule, config), has_aux=True)
+    loss_fn, is_diffusion = _objective_loss_fn(graphdef, schedule, config)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     lr_fn = make_lr_schedule(config)
     decays = tuple(config.optim.ema_decays)
     num_micro = config.train.grad_accum_steps
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grads, loss, per_example, t = _accumulate_grads(
-            grad_fn, state.params, batch, key, num_micro)
+        grads, loss, aux = _accumulate_grads(grad_fn, state.params, batch, key, num_micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, decays))
+        if is_diffusion:  # aux = (per_example [k, B / k], t [k, B / k])
+            extra = quartile_metrics(aux[0].reshape(-1), aux[1].reshape(-1),
+                                     schedule.num_timesteps)
+        else:  # aux = {name: [k]}
+            extra = jax.tree.map(jnp.mean, aux)
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                       learning_rate=lr_fn(state.step),
-                       **quartile_metrics(per_example, t, schedule.num_timesteps))
+                       learning_rate=lr_fn(state.step), **extra)
         return TrainState(state.step + 1, params, opt_state, ema, state.rng), metrics
 
     return train_step
@@ -269,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     _check_intervals(config.train)
     _maybe_initialize_distributed(config.distributed)
+    config = objectives.prepare_config(config, workdir)
     with _StopSignals() as stop:
         run = _setup(config, workdir, resume_step)
         timeout_s = config.train.checkpoint_timeout_s
@@ -278,17 +292,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             _close_after_error(run.manager, timeout_s)
             raise
         checkpoint.close(run.manager, timeout_s)
-        return state
+    results = objectives.final_evaluation(config, run.graphdef,
+                                          generate.sampling_params(state), workdir)
+    if results is not None:
+        _log(f"Final evaluation ({objectives.EVAL_FILE}): {results}")
+    return state
 
 
 class _Run(NamedTuple):
     """What the training loop needs, built once by `_setup`."""
 
     mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
     state: TrainState
     step_fn: Callable
     sample_fn: Callable | None
     data_iter: Any
+    host_batch_fn: Callable | None
     manager: Any
 
 
@@ -314,14 +334,17 @@ def _setup(config, workdir, resume_step) -> _Run:
     else:
         state = create_train_state(config, tx, shardings)
     step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
-    sample_fn = None
-    if config.train.eval_every > 0:
+    sample_fn, host_batch_fn = None, None
+    if objectives.objective_of(config) != "diffusion":
+        make_host_fn = objectives.get(objectives.objective_of(config)).host_batch_fn
+        host_batch_fn = make_host_fn and make_host_fn(config, workdir)
+    elif config.train.eval_every > 0:
         sample_fn = generate.make_sample_fn(
             graphdef, schedule, config, mesh, num_samples=config.sample.num_samples)
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     _log(f"Model: {num_params:,} parameters; mesh {dict(mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
-    return _Run(mesh, state, step_fn, sample_fn, data_iter, manager)
+    return _Run(mesh, graphdef, state, step_fn, sample_fn, data_iter, host_batch_fn, manager)
 
 
 def _train_loop(config, workdir, run: _Run, stop: "_StopSignals") -> TrainState:
@@ -330,7 +353,10 @@ def _train_loop(config, workdir, run: _Run, stop: "_StopSignals") -> TrainState:
     state, total = run.state, cfg.num_steps
     logger = _MetricLogger(workdir, cfg.batch_size, int(state.step), total)
     for done in range(int(state.step) + 1, total + 1):  # `done` = steps after this one
-        batch = sharding.shard_batch(next(run.data_iter), run.mesh)
+        batch = next(run.data_iter)
+        if run.host_batch_fn is not None:  # e.g. captions -> token ids
+            batch = run.host_batch_fn(batch, done - 1)
+        batch = sharding.shard_batch(batch, run.mesh)
         state, metrics = run.step_fn(state, batch)
         logger.add(metrics)
         signum = _agreed_signal(stop)
@@ -439,23 +465,34 @@ class _MetricLogger:
             self.writer.close()
 
 
+def _objective_loss_fn(graphdef, schedule, config):
+    """``(loss_fn, is_diffusion)`` of ``config.train.objective`` (see `make_train_step`)."""
+    if objectives.objective_of(config) == "diffusion":
+        return _make_loss_fn(graphdef, schedule, config), True
+    objective = objectives.get(objectives.objective_of(config))
+    return objective.make_loss_fn(graphdef, schedule, config), objective.is_diffusion
+
+
 def _accumulate_grads(grad_fn, params, batch, key, num_micro):
-    """Mean loss and gradient over ``num_micro`` micro-batches (`make_train_step`)."""
+    """Mean loss and gradient over ``num_micro`` micro-batches (`make_train_step`).
+
+    Returns ``(grads, loss, aux)`` with every ``aux`` leaf stacked over micro-batches ``[k, ...]``.
+    """
     if num_micro == 1:
-        (loss, (per_example, t)), grads = grad_fn(params, batch, jax.random.fold_in(key, 0))
-        return grads, loss, per_example, t
+        (loss, aux), grads = grad_fn(params, batch, jax.random.fold_in(key, 0))
+        return grads, loss, jax.tree.map(lambda a: a[None], aux)
     micro = jax.tree.map(  # [B, ...] -> [k, B / k, ...]; example j -> micro-batch j mod k
         lambda x: x.reshape((-1, num_micro) + x.shape[1:]).swapaxes(0, 1), batch)
 
     def body(grad_sum, inputs):
         i, mb = inputs
-        (loss, (per_example, t)), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, grad_sum, grads), (loss, per_example, t)
+        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, (loss, per_example, t) = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+    grad_sum, (loss, aux) = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
     grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
-    return grads, jnp.mean(loss), per_example.reshape(-1), t.reshape(-1)
+    return grads, jnp.mean(loss), aux
 
 
 def _make_loss_fn(graphdef, schedule, config):

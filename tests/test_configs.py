@@ -40,7 +40,7 @@ def test_default_fields_are_all_commented():
     lines = open(os.path.join(REPO, "configs", "default.py")).read().splitlines()
     assignments = [l for l in lines if l.strip().startswith(("config.", "data.", "model.",
                    "diffusion.", "optim.", "train.", "sample.", "sr.", "classifier.", "mesh.",
-                   "distributed."))
+                   "distributed.", "captions.", "ae.", "clip.", "latent.", "final_eval."))
                    and " = " in l and "ConfigDict()" not in l]
     assert len(assignments) == len(_flat_keys(default.get_config().to_dict()))
     assert all("  # " in l for l in assignments), [l for l in assignments if "  # " not in l]

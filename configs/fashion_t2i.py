@@ -1,0 +1,39 @@
+"""Stage 3 of text-to-image: a cross-attention latent diffusion UNet on Fashion-MNIST.
+
+    python run_train.py --config=configs/fashion_t2i.py --workdir=runs/fashion_t2i \
+        --config.latent.autoencoder_workdir=runs/fashion_ae \
+        --config.latent.clip_workdir=runs/fashion_clip
+
+Trains on 8x8x4 latents of the frozen autoencoder, scaled by 1 / std (measured once, stored
+in the config and WORKDIR/latent_scale.json), conditioned on the frozen CLIP text encoder's
+token states; 10 % of captions become the empty prompt for classifier-free guidance.
+"""
+
+from configs import fashion_common
+
+
+def get_config(variant: str = ""):
+    config = fashion_common.get_config("latent_diffusion", variant)
+    config.latent.autoencoder_workdir = "runs/fashion_ae"
+    config.latent.clip_workdir = "runs/fashion_clip"
+    config.latent.caption_drop_prob = 0.1
+    config.latent.block_out_channels = (32, 64)  # 1.08M parameters
+    config.latent.num_heads = (2, 4)
+    config.diffusion.schedule = "scaled_linear"  # Stable Diffusion's
+    config.diffusion.beta_start = 0.00085
+    config.diffusion.beta_end = 0.012
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.pred_type = "eps"
+    config.sample.clip_x0 = False  # latents are not bounded
+    config.sample.num_steps = 50
+    config.optim.learning_rate = 1e-3
+    config.train.num_steps = 2500
+    if variant == "tiny":
+        config.latent.block_out_channels = (16, 16)
+        config.latent.num_heads = (2, 2)
+        config.latent.norm_num_groups = 4
+        config.latent.scale_num_images = 16
+        config.diffusion.num_timesteps = 100
+        config.sample.num_steps = 4
+        config.train.num_steps = 3
+    return config

@@ -1,0 +1,455 @@
+"""Training objectives beyond pixel diffusion: the three stages of a text-to-image model.
+
+``config.train.objective`` picks what `diffusion_jax.train` trains; every objective goes
+through the same train step, sharding, EMA and checkpoints. Pixel diffusion
+(``"diffusion"``) lives in ``train.py``; this module adds the stages Stable Diffusion trains
+separately (Rombach et al., 2022; Radford et al., 2021):
+
+* ``"autoencoder"``: the KL autoencoder (`AutoencoderKL`) on images ``x: [B, H, W, C]``,
+  ``z ~ q(z | x)``, ``x_hat = decode(z)``::
+
+      loss = l1 mean|x - x_hat| + l2 mean (x - x_hat)^2 + kl KL(q(z|x) || N(0, I)) / (H W C)
+
+* ``"clip"``: `CLIPModel` (text transformer + image CNN), symmetric InfoNCE with the learned
+  temperature (`contrastive.clip_loss`) on captions drawn for each image from the training
+  templates (`captions.random_captions`); with ``clip.positives = "label"`` every pair of the
+  same class counts as a positive. The caption tokenizer is written to ``WORKDIR/tokenizer``.
+* ``"latent_diffusion"``: a cross-attention `CondUNet` trained with the denoising loss on
+  ``z = scale * sample(q(z | x))`` of the frozen autoencoder, conditioned on the frozen CLIP
+  text encoder's token states; captions are replaced by the empty prompt with probability
+  ``latent.caption_drop_prob`` (for classifier-free guidance). ``scale = 1 / std(z)``
+  measured once on training latents (as SD chose 0.18215) and stored in the config and in
+  ``WORKDIR/latent_scale.json``.
+
+An `Objective` gives the model builder, the loss, a host-side batch transform (captions are
+strings, tokenised before the batch is sharded) and a final evaluation on the test split.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from diffusion_jax import caption_tokenizer, captions, checkpoint, contrastive, data, losses
+from diffusion_jax.models import autoencoder, clip, cond_unet
+from diffusion_jax.models import tokenizer as clip_tokenizer
+
+OBJECTIVES = ("diffusion", "autoencoder", "clip", "latent_diffusion")
+TOKENIZER_SUBDIR = "tokenizer"
+SCALE_FILE = "latent_scale.json"
+EVAL_FILE = "eval.json"
+
+
+class Objective(NamedTuple):
+    """What `train` needs of an objective other than ``"diffusion"``.
+
+    Attributes:
+        build_model: ``(config, rngs) -> nnx.Module``.
+        make_loss_fn: ``(graphdef, schedule, config) -> loss_fn(params, batch, key) ->
+            (loss, aux)``; ``aux`` is ``(per_example [b], t [b])`` for diffusion objectives
+            (the train step's quartile metrics), else a dict of scalar metrics.
+        is_diffusion: whether ``aux`` is ``(per_example, t)``.
+        host_batch_fn: ``(config, workdir) -> fn(batch, step) -> batch`` run on the host before
+            sharding, or None.
+        evaluate: ``(config, graphdef, params, workdir) -> dict`` of test-split numbers, or
+            None.
+    """
+    build_model: Callable
+    make_loss_fn: Callable
+    is_diffusion: bool
+    host_batch_fn: Callable | None
+    evaluate: Callable | None
+
+
+def objective_of(config) -> str:
+    """``config.train.objective``; ``"diffusion"`` for configs stored before the field existed."""
+    return config.train.get("objective", "diffusion")
+
+
+def get(name: str) -> Objective:
+    """The objective called ``name`` (not ``"diffusion"``, which ``train.py`` implements).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    table = {"autoencoder": _AUTOENCODER, "clip": _CLIP, "latent_diffusion": _LATENT}
+    if name not in table:
+        raise ValueError(f"train.objective={name!r} must be one of {OBJECTIVES}.")
+    return table[name]
+
+
+def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the fields that depend on files resolved (deterministically,
+    so a resumed run resolves them to the stored values).
+
+    * ``clip``: builds the caption tokenizer into ``WORKDIR/tokenizer`` (once) and sets
+      ``clip.vocab_size`` to its size.
+    * ``latent_diffusion``: reads the frozen stages' configs for ``latent.latent_channels`` and
+      ``latent.cross_attention_dim``, and sets ``latent.scale_factor`` (when 0) from
+      ``WORKDIR/latent_scale.json``, measuring it first if that file does not exist.
+
+    Raises:
+        ValueError: a resolved field disagrees with a value set in the config, or the stages
+            do not fit together (image size, channels).
+        FileNotFoundError: a stage workdir has no checkpoint.
+    """
+    objective = objective_of(config)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={objective!r} must be one of {OBJECTIVES}.")
+    if objective not in ("clip", "latent_diffusion"):
+        return config
+    config = copy.deepcopy(config)
+    if objective == "clip":
+        tok = _workdir_tokenizer(config, workdir)
+        _resolve(config.clip, "vocab_size", tok.backend.get_vocab_size())
+    else:
+        _prepare_latent(config, workdir)
+    return config
+
+
+def final_evaluation(config, graphdef, params, workdir: str) -> dict[str, float] | None:
+    """Runs the objective's test-split evaluation and writes ``WORKDIR/eval.json`` (host 0).
+
+    Returns None when the objective has none or ``final_eval.num_images`` is -1.
+    """
+    if objective_of(config) == "diffusion" or config.final_eval.num_images < 0:
+        return None
+    evaluate = get(objective_of(config)).evaluate
+    if evaluate is None:
+        return None
+    results = evaluate(config, graphdef, params, workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def load_stage(workdir: str):
+    """The first-EMA model of a finished stage: `diffusion_jax.loading.Loaded`."""
+    from diffusion_jax import loading  # loading builds models through train, which imports us
+    return loading.load(workdir=workdir)
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+def _build_autoencoder(config, rngs):
+    ae, channels = config.autoencoder, config.data.num_channels
+    return autoencoder.AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=ae.latent_channels,
+        block_out_channels=tuple(ae.block_out_channels), layers_per_block=ae.layers_per_block,
+        norm_num_groups=ae.norm_num_groups, mid_block_attention=ae.mid_block_attention,
+        scaling_factor=1.0, rngs=rngs)
+
+
+def _autoencoder_loss_fn(graphdef, schedule, config):
+    """The loss of the module docstring; aux: means of l1, l2, kl (nats / example), psnr."""
+    del schedule
+    w = config.autoencoder
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        x = batch["image"]
+        posterior = model.encode(x)
+        err = model.decode(posterior.sample(key)) - x
+        l1 = jnp.mean(jnp.abs(err), axis=(1, 2, 3))
+        l2 = jnp.mean(jnp.square(err), axis=(1, 2, 3))
+        kl = posterior.kl()
+        per_example = w.l1_weight * l1 + w.l2_weight * l2 + w.kl_weight * kl / x[0].size
+        aux = dict(l1=l1.mean(), l2=l2.mean(), kl=kl.mean(), psnr=jnp.mean(psnr(l2)))
+        return per_example.mean(), aux
+
+    return loss_fn
+
+
+def psnr(mse: jax.Array) -> jax.Array:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2): ``10 log10(2^2 / mse)``."""
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def _evaluate_autoencoder(config, graphdef, params, workdir):
+    """Reconstruction ``decode(mode(q(z|x)))`` of the test split: mean PSNR and MSE per image."""
+    del workdir
+    images, _ = _eval_images(config)
+
+    @jax.jit
+    def mse(p, x):
+        model = nnx.merge(graphdef, p)
+        return jnp.mean(jnp.square(model.decode(model.encode(x).mode()) - x), axis=(1, 2, 3))
+
+    errors = np.concatenate([np.asarray(mse(params, x)) for x in _chunks(images, config)])
+    return dict(psnr=float(np.mean(psnr(errors))), mse=float(errors.mean()),
+                num_images=int(errors.size), split=config.final_eval.split)
+
+
+# ------------------------------------------------------------------------------------ clip
+
+def _build_clip(config, rngs):
+    c = config.clip
+    if c.vocab_size <= 0:
+        raise ValueError("clip.vocab_size is unresolved (0): it is set from the caption "
+                         "tokenizer when training starts (objectives.prepare_config).")
+    text = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_layers=c.num_layers,
+                num_heads=c.num_heads, max_positions=config.captions.max_length,
+                hidden_act="quick_gelu", eos_token_id=caption_tokenizer.EOS_ID)
+    image = dict(in_channels=config.data.num_channels, embed_dim=c.image_embed_dim,
+                 base_channels=c.image_base_channels,
+                 channel_mult=tuple(c.image_channel_mult), num_groups=c.num_groups)
+    return clip.CLIPModel(text=text, image=image, projection_dim=c.projection_dim, rngs=rngs)
+
+
+def _clip_loss_fn(graphdef, schedule, config):
+    """Symmetric InfoNCE; aux: the capped temperature inverse and in-batch recall@1."""
+    del schedule
+    by_label = config.clip.positives == "label"
+    if config.clip.positives not in ("pair", "label"):
+        raise ValueError(f"clip.positives={config.clip.positives!r} must be 'pair' or 'label'.")
+
+    def loss_fn(params, batch, key):
+        del key
+        model = nnx.merge(graphdef, params)
+        out = model(batch["input_ids"], batch["image"])
+        labels = batch["label"]
+        mask = labels[:, None] == labels[None, :] if by_label else None
+        loss = contrastive.clip_loss(out.image_embeds, out.text_embeds, out.logit_scale,
+                                     positive_mask=mask)
+        i2t, t2i = contrastive.retrieval_accuracy(out.image_embeds, out.text_embeds)
+        scale = jnp.exp(jnp.minimum(out.logit_scale, contrastive.MAX_LOG_SCALE))
+        return loss, dict(logit_scale=scale, batch_recall_i2t=i2t, batch_recall_t2i=t2i)
+
+    return loss_fn
+
+
+def _caption_batch_fn(config, *, tokenizer_dir, drop_prob=0.0):
+    """``fn(batch, step)`` adding ``input_ids [b, L]`` of captions drawn from the training
+    templates, seeded by ``(seed, step, process)``; a caption becomes "" with ``drop_prob``."""
+    tok = clip_tokenizer.load_tokenizer(tokenizer_dir)
+    train_templates, _ = _template_split(config)
+    attribute_prob = config.captions.attribute_prob
+
+    def fn(batch, step):
+        seed = (config.seed, step, jax.process_index())
+        texts = captions.random_captions(batch["image"], batch["label"],
+                                         templates=train_templates, seed=seed,
+                                         attribute_prob=attribute_prob)
+        if drop_prob > 0:
+            drop = np.random.default_rng(seed + (1,)).random(len(texts)) < drop_prob
+            texts = ["" if d else t for d, t in zip(drop, texts)]
+        return dict(batch, input_ids=tok(texts))
+
+    return fn
+
+
+def _evaluate_clip(config, graphdef, params, workdir):
+    """Zero-shot accuracy and retrieval recall@1 on the test split.
+
+    * ``zero_shot_acc``: class = argmax_k cos(image, text("a photo of <class k>")).
+    * ``zero_shot_acc_heldout``: the class text embedding averaged over the held-out templates.
+    * ``recall1_*``: each test image gets a caption from the held-out templates; in pools of
+      1000 pairs (fewer: one pool), the top-1 partner (image -> text, text -> image) is its own pair
+      (``_pair``) or a pair of the same class (``_class``; captions of one class are often
+      identical strings, so the pair number is bounded well below 1).
+    """
+    images, labels = _eval_images(config)
+    tok = clip_tokenizer.load_tokenizer(os.path.join(workdir, TOKENIZER_SUBDIR))
+    model_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
+    text_fn = jax.jit(lambda p, ids: nnx.merge(graphdef, p).encode_text(ids))
+    img = np.concatenate([np.asarray(model_fn(params, x)) for x in _chunks(images, config)])
+    _, heldout = _template_split(config)
+    results = dict(num_images=int(labels.size), split=config.final_eval.split)
+    for name, templates in (("zero_shot_acc", ("a photo of {}",)),
+                            ("zero_shot_acc_heldout", heldout)):
+        emb = np.mean([np.asarray(text_fn(params, tok(captions.class_prompts(t))))
+                       for t in templates], axis=0)
+        results[name] = float(np.mean(np.argmax(img @ emb.T, axis=1) == labels))
+    texts = captions.random_captions(images, labels, templates=heldout, seed=(config.seed, 7))
+    txt = np.concatenate([np.asarray(text_fn(params, tok(texts[i:i + 1000])))
+                          for i in range(0, len(texts), 1000)])
+    results.update(_pool_recall(img, txt, labels, pool=1000))
+    return results
+
+
+def _pool_recall(img, txt, labels, *, pool):
+    """Mean recall@1 over consecutive pools of ``pool`` pairs (one pool of all pairs when
+    there are fewer; see `_evaluate_clip`)."""
+    pool = min(pool, len(labels))
+    sums = dict(recall1_i2t_pair=0.0, recall1_t2i_pair=0.0, recall1_i2t_class=0.0,
+                recall1_t2i_class=0.0)
+    count = 0
+    for i in range(0, len(labels) - pool + 1, pool):
+        sim = img[i:i + pool] @ txt[i:i + pool].T
+        lab = labels[i:i + pool]
+        i2t, t2i = sim.argmax(axis=1), sim.argmax(axis=0)
+        own = np.arange(pool)
+        sums["recall1_i2t_pair"] += np.mean(i2t == own)
+        sums["recall1_t2i_pair"] += np.mean(t2i == own)
+        sums["recall1_i2t_class"] += np.mean(lab[i2t] == lab)
+        sums["recall1_t2i_class"] += np.mean(lab[t2i] == lab)
+        count += 1
+    return {k: float(v / max(count, 1)) for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------ latent diffusion
+
+def _build_latent_unet(config, rngs):
+    lat = config.latent
+    for name in ("latent_channels", "cross_attention_dim"):
+        if lat[name] <= 0:
+            raise ValueError(f"latent.{name} is unresolved (0): it is read from the stage "
+                             f"workdirs when training starts (objectives.prepare_config).")
+    return cond_unet.CondUNet(
+        in_channels=lat.latent_channels, out_channels=lat.latent_channels,
+        block_out_channels=tuple(lat.block_out_channels), cross_attn=tuple(lat.cross_attn),
+        layers_per_block=lat.layers_per_block, num_heads=tuple(lat.num_heads),
+        cross_attention_dim=lat.cross_attention_dim, norm_num_groups=lat.norm_num_groups,
+        rngs=rngs)
+
+
+def _latent_loss_fn(graphdef, schedule, config):
+    """The denoising loss on scaled latents of the frozen autoencoder, conditioned on the
+    frozen text encoder's states ``[b, L, D]``; aux ``(per_example, t)``."""
+    vae = load_stage(config.latent.autoencoder_workdir).model
+    text_model = load_stage(config.latent.clip_workdir).model.text_model
+    scale, diff = config.latent.scale_factor, config.diffusion
+
+    def loss_fn(params, batch, key):
+        latent_key, loss_key = jax.random.split(key)
+        z = jax.lax.stop_gradient(vae.encode(batch["image"]).sample(latent_key) * scale)
+        states = jax.lax.stop_gradient(text_model(batch["input_ids"]).last_hidden_state)
+        unet = nnx.merge(graphdef, params)
+        loss, per_example, t = losses.denoising_loss(
+            lambda x_t, t: unet(x_t, t, {"text": states}), schedule, z, loss_key,
+            pred_type=diff.pred_type, weighting=diff.loss_weighting,
+            min_snr_gamma=diff.min_snr_gamma)
+        return loss, (per_example, t)
+
+    return loss_fn
+
+
+def measure_scale_factor(vae, images: np.ndarray, key: jax.Array, batch_size: int = 512
+                         ) -> tuple[float, float]:
+    """``(1 / std(z), std(z))`` over posterior samples ``z`` of ``images`` (SD's rule)."""
+    encode = jax.jit(lambda x, k: vae.encode(x).sample(k))
+    zs = [np.asarray(encode(images[i:i + batch_size], jax.random.fold_in(key, i)))
+          for i in range(0, len(images), batch_size)]
+    std = float(np.concatenate(zs).std())
+    return 1.0 / std, std
+
+
+def _prepare_latent(config, workdir):
+    """Resolves the ``latent`` fields (`prepare_config`)."""
+    lat = config.latent
+    for name in ("autoencoder_workdir", "clip_workdir"):
+        if not lat[name]:
+            raise ValueError(f"latent.{name} must name the workdir of that trained stage.")
+    ae_cfg = _stage_config(lat.autoencoder_workdir, "autoencoder")
+    clip_cfg = _stage_config(lat.clip_workdir, "clip")
+    for field in ("image_size", "num_channels"):
+        if ae_cfg.data[field] != config.data[field]:
+            raise ValueError(f"data.{field}={config.data[field]} differs from the autoencoder "
+                             f"stage's {ae_cfg.data[field]} ({lat.autoencoder_workdir}).")
+    _resolve(lat, "latent_channels", ae_cfg.autoencoder.latent_channels)
+    _resolve(lat, "cross_attention_dim", clip_cfg.clip.hidden_size)
+    _resolve(config.captions, "max_length", clip_cfg.captions.max_length)
+    lat.autoencoder_workdir = os.path.abspath(lat.autoencoder_workdir)
+    lat.clip_workdir = os.path.abspath(lat.clip_workdir)
+    if lat.scale_factor <= 0:
+        lat.scale_factor = _stored_scale_factor(config, workdir)
+
+
+def _stored_scale_factor(config, workdir):
+    """``WORKDIR/latent_scale.json``'s factor; measured on training images and written first
+    when the file does not exist."""
+    path = os.path.join(workdir, SCALE_FILE)
+    if not os.path.isfile(path):
+        vae = load_stage(config.latent.autoencoder_workdir).model
+        images = next(data.make_train_iterator(
+            config.data, batch_size=config.latent.scale_num_images, seed=config.seed))["image"]
+        factor, std = measure_scale_factor(vae, images, jax.random.key(config.seed))
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(dict(scale_factor=factor, latent_std=std, num_images=len(images)), f)
+        return factor
+    with open(path) as f:
+        return float(json.load(f)["scale_factor"])
+
+
+# ------------------------------------------------------------------------------ shared
+
+def _workdir_tokenizer(config, workdir):
+    """``WORKDIR/tokenizer``: built from the caption vocabulary on first use, then loaded."""
+    directory = os.path.join(workdir, TOKENIZER_SUBDIR)
+    if not os.path.isfile(os.path.join(directory, "vocab.json")):
+        tok = caption_tokenizer.build_caption_tokenizer(max_length=config.captions.max_length)
+        if tok.eos_token_id != caption_tokenizer.EOS_ID:
+            raise ValueError(f"caption tokenizer: <|endoftext|> has id {tok.eos_token_id}, "
+                             f"expected {caption_tokenizer.EOS_ID}")
+        if jax.process_index() == 0:
+            caption_tokenizer.save_caption_tokenizer(tok, directory)
+        return tok
+    tok = clip_tokenizer.load_tokenizer(directory)
+    if tok.max_length != config.captions.max_length:
+        raise ValueError(f"captions.max_length={config.captions.max_length} differs from the "
+                         f"tokenizer in {directory} ({tok.max_length}).")
+    return tok
+
+
+def _template_split(config):
+    return captions.split_templates(num_heldout=config.captions.num_heldout,
+                                    seed=config.captions.template_seed)
+
+
+def _stage_config(workdir, objective):
+    """The stored config of a stage workdir, checked to be of ``objective``."""
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    stored = checkpoint.load_config(manager)
+    if objective_of(stored) != objective:
+        raise ValueError(f"{workdir} holds a {objective_of(stored)!r} run; expected "
+                         f"train.objective={objective!r}.")
+    return stored
+
+
+def _resolve(section, name, value):
+    """Sets ``section[name]`` to ``value`` when 0; a different nonzero value is an error."""
+    if section[name] and section[name] != value:
+        raise ValueError(f"{name}={section[name]} in the config, but the stage files give "
+                         f"{value}; leave it 0 to take theirs.")
+    section[name] = value
+
+
+def _eval_images(config):
+    """``final_eval.num_images`` (0 = all) images and labels of ``final_eval.split``."""
+    data_cfg = copy.deepcopy(config.data)
+    data_cfg.split = config.final_eval.split
+    num = config.final_eval.num_images or None
+    return data.load_eval_images(data_cfg, num)
+
+
+def _chunks(images, config):
+    step = config.final_eval.batch_size
+    return (images[i:i + step] for i in range(0, len(images), step))
+
+
+def _clip_host_batch(config, workdir):
+    return _caption_batch_fn(config, tokenizer_dir=os.path.join(workdir, TOKENIZER_SUBDIR))
+
+
+def _latent_host_batch(config, workdir):
+    del workdir  # the tokenizer is the CLIP stage's
+    return _caption_batch_fn(
+        config, tokenizer_dir=os.path.join(config.latent.clip_workdir, TOKENIZER_SUBDIR),
+        drop_prob=config.latent.caption_drop_prob)
+
+
+_AUTOENCODER = Objective(_build_autoencoder, _autoencoder_loss_fn, False, None,
+                         _evaluate_autoencoder)
+_CLIP = Objective(_build_clip, _clip_loss_fn, False, _clip_host_batch, _evaluate_clip)
+_LATENT = Objective(_build_latent_unet, _latent_loss_fn, True, _latent_host_batch, None)

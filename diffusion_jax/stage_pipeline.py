@@ -1,0 +1,44 @@
+"""A text-to-image :class:`~diffusion_jax.pipelines.Pipeline` from the three stages trained here.
+
+A ``latent_diffusion`` workdir (``configs/fashion_t2i.py``) names its frozen stages in its
+stored config; `load_pipeline` assembles the same pipeline a converted Stable Diffusion
+checkpoint gives, so :func:`diffusion_jax.pipelines.text_to_image` runs both::
+
+    pipe = stage_pipeline.load_pipeline("runs/fashion_t2i")
+    images = pipelines.text_to_image(pipe, ["an ankle boot"] * 4, key, guidance_scale=3.0)
+
+Parts: the UNet (first EMA of the workdir), the autoencoder (first EMA of
+``latent.autoencoder_workdir``, its ``scaling_factor`` set to the stored
+``latent.scale_factor``), the CLIP text tower (first EMA of ``latent.clip_workdir``) and the
+caption tokenizer in ``<clip workdir>/tokenizer``; the schedule, prediction type and DDIM
+spacing from the config.
+"""
+from __future__ import annotations
+
+import os
+
+from diffusion_jax import loading, objectives, pipelines, samplers
+from diffusion_jax.models import tokenizer as clip_tokenizer
+
+
+def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
+    """The pipeline of a ``latent_diffusion`` workdir (see the module docstring).
+
+    Raises:
+        ValueError: the workdir is not a ``latent_diffusion`` run.
+        FileNotFoundError: a workdir or the tokenizer is missing.
+    """
+    loaded = loading.load(workdir=workdir, step=step)
+    config = loaded.config
+    objective = objectives.objective_of(config)
+    if objective != "latent_diffusion":
+        raise ValueError(f"{workdir} holds a {objective!r} run; text-to-image needs a "
+                         f"'latent_diffusion' workdir (configs/fashion_t2i.py).")
+    vae = objectives.load_stage(config.latent.autoencoder_workdir).model
+    vae.scaling_factor = float(config.latent.scale_factor)
+    text_encoder = objectives.load_stage(config.latent.clip_workdir).model.text_model
+    tok = clip_tokenizer.load_tokenizer(
+        os.path.join(config.latent.clip_workdir, objectives.TOKENIZER_SUBDIR))
+    options = samplers.options_from_config(config)
+    return pipelines.Pipeline(loaded.model, vae, text_encoder, tok, loaded.schedule, options,
+                              None, int(config.data.image_size))
