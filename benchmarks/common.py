@@ -310,18 +310,13 @@ def jax_train_setup(config):
 
     Returns:
       (step, state, batch, mesh, num_params): ``step(state, batch) -> (state, metrics)`` is
-      ``train.jit_train_step(train.make_train_step(...))``, exactly what ``run_train.py`` runs.
+      ``train.build(config).step_fn``, exactly what ``run_train.py`` runs.
     """
     import jax
     import numpy as np
-    from diffusion_jax import schedules, sharding, train
-    mesh = sharding.make_mesh(config.mesh)
-    tx = train.make_optimizer(config)
-    graphdef, abstract, shardings = train.abstract_train_state(config, tx, mesh)
-    state = train.create_train_state(config, tx, shardings)
-    step = train.jit_train_step(
-        train.make_train_step(graphdef, schedules.schedule_from_config(config.diffusion), tx, config),
-        mesh, shardings)
+    from diffusion_jax import sharding, train
+    built = train.build(config)
+    step, state, mesh, abstract = built.step_fn, built.init_state(config), built.mesh, built.abstract
     b, size, ch = config.train.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
     batch = sharding.shard_batch(dict(

@@ -74,6 +74,7 @@ from diffusion_jax.diffusion import PRED_TYPES, q_posterior, to_x0_and_eps
 from diffusion_jax.schedules import extract
 from diffusion_jax.sde import parameterization
 from diffusion_jax.sde import registry as sde_registry
+from diffusion_jax.sde.adapters import clip_bounds as _clip_bounds
 from diffusion_jax.sde.adapters import dynamic_threshold as threshold_x0
 from diffusion_jax.sde.ode import METHODS as ODE_METHODS
 from diffusion_jax.sde.pc import CORRECTORS, PREDICTORS
@@ -861,18 +862,6 @@ def _check_t_start(t_start, num_timesteps):
         raise ValueError(
             f"t_start must be a static integer in [0, {num_timesteps - 1}], got {t_start!r}.")
     return int(t_start)
-
-
-def _clip_bounds(clip_x0):
-    """``None`` or a validated ``(lo, hi)``; ``True`` -> ``(-1, 1)``, ``False`` -> ``None``."""
-    if clip_x0 is None or clip_x0 is False:
-        return None
-    if clip_x0 is True:
-        return (-1.0, 1.0)
-    if not (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and clip_x0[0] < clip_x0[1]):
-        raise ValueError(
-            f"clip_x0 must be None, True or a pair (lo, hi) with lo < hi, got {clip_x0!r}.")
-    return (float(clip_x0[0]), float(clip_x0[1]))
 
 
 def _check_solver_options(options):

@@ -154,6 +154,40 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
     return jax.jit(lambda: init_train_state(config, tx), out_shardings=shardings)()
 
 
+class Built(NamedTuple):
+    """Everything one training setup compiles from a config (see `build`)."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    abstract: TrainState  # shapes and dtypes of the state
+    shardings: TrainState  # where each state array lives on the mesh
+    tx: optax.GradientTransformation
+    schedule: Any
+    step_fn: Callable  # jitted ``step_fn(state, batch) -> (state, metrics)``, state donated
+
+    def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
+        """A fresh state, created directly in its shardings."""
+        return create_train_state(config, self.tx, self.shardings)
+
+
+def build(config: ml_collections.ConfigDict, *, devices=None) -> Built:
+    """Mesh, optimiser, state layout and the jitted train step of ``config``.
+
+    The one construction path shared by `train_and_evaluate`, the tests and the benchmarks.
+    Compilation happens at the first call of ``step_fn``.
+
+    Args:
+        config: the full config.
+        devices: devices for the mesh (default: all).
+    """
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    schedule = schedules.schedule_from_config(config.diffusion)
+    tx = make_optimizer(config)
+    graphdef, abstract, shardings = abstract_train_state(config, tx, mesh)
+    step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
+    return Built(mesh, graphdef, abstract, shardings, tx, schedule, step_fn)
+
+
 def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict) -> Callable:
     """The pure step ``train_step(state, batch) -> (state, metrics)``.
@@ -315,10 +349,8 @@ class _Run(NamedTuple):
 def _setup(config, workdir, resume_step) -> _Run:
     """Mesh, state (restored or fresh), compiled step, sampler, data and checkpoints."""
     _check_batch(config)
-    mesh = sharding.make_mesh(config.mesh)
-    schedule = schedules.schedule_from_config(config.diffusion)
-    tx = make_optimizer(config)
-    graphdef, abstract, shardings = abstract_train_state(config, tx, mesh)
+    built = build(config)
+    mesh, graphdef, schedule = built.mesh, built.graphdef, built.schedule
     manager = checkpoint.make_manager(
         workdir, max_to_keep=config.train.keep_checkpoints,
         async_checkpointing=config.train.async_checkpointing)
@@ -326,14 +358,13 @@ def _setup(config, workdir, resume_step) -> _Run:
         config.data, batch_size=config.train.batch_size, seed=config.seed)
     if manager.latest_step() is not None or resume_step is not None:
         state, data_state, changed = resume.restore_for_resume(
-            manager, abstract, config, resume_step)
+            manager, built.abstract, config, resume_step)
         data_iter.set_state(data_state)
         _log(f"Restored step {int(state.step)} from {manager.directory}.")
         if changed:
             _log(f"Changed config fields: {resume.describe_changes(changed)}.")
     else:
-        state = create_train_state(config, tx, shardings)
-    step_fn = jit_train_step(make_train_step(graphdef, schedule, tx, config), mesh, shardings)
+        state = built.init_state(config)
     sample_fn, host_batch_fn = None, None
     if objectives.objective_of(config) != "diffusion":
         make_host_fn = objectives.get(objectives.objective_of(config)).host_batch_fn
@@ -341,10 +372,10 @@ def _setup(config, workdir, resume_step) -> _Run:
     elif config.train.eval_every > 0:
         sample_fn = generate.make_sample_fn(
             graphdef, schedule, config, mesh, num_samples=config.sample.num_samples)
-    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    num_params = sum(x.size for x in jax.tree.leaves(built.abstract.params))
     _log(f"Model: {num_params:,} parameters; mesh {dict(mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
-    return _Run(mesh, graphdef, state, step_fn, sample_fn, data_iter, host_batch_fn, manager)
+    return _Run(mesh, graphdef, state, built.step_fn, sample_fn, data_iter, host_batch_fn, manager)
 
 
 def _train_loop(config, workdir, run: _Run, stop: "_StopSignals") -> TrainState:

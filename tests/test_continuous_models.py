@@ -99,13 +99,9 @@ def test_continuous_model_trains_and_samples(kind):
     config = micro_config()
     config.diffusion.kind, config.model.time_input = kind, "continuous"
     config.model.dropout = 0.0
-    mesh = sharding.make_mesh(config.mesh)
-    tx = train.make_optimizer(config)
-    graphdef, _, shardings = train.abstract_train_state(config, tx, mesh)
-    state = train.create_train_state(config, tx, shardings)
-    sched = schedules.schedule_from_config(config.diffusion)
-    step_fn = train.jit_train_step(train.make_train_step(graphdef, sched, tx, config), mesh,
-                                   shardings)
+    built = train.build(config)
+    mesh, graphdef, sched = built.mesh, built.graphdef, built.schedule
+    state, step_fn = built.init_state(config), built.step_fn
     images, labels = data.load_eval_images(config.data, 16)
     batch = sharding.shard_batch({"image": images, "label": labels}, mesh)
     losses = []

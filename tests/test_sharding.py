@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from training_fixtures import micro_config
 
-from diffusion_jax import data, schedules, sharding, train
+from diffusion_jax import data, sharding, train
 from diffusion_jax.models import unet
 
 
@@ -85,13 +85,8 @@ def test_parameters_and_moments_are_sharded_along_fsdp_by_the_rules():
 
 
 def _run_three_steps(config, devices):
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    tx = train.make_optimizer(config)
-    graphdef, _, shardings = train.abstract_train_state(config, tx, mesh)
-    state = train.create_train_state(config, tx, shardings)
-    step_fn = train.jit_train_step(
-        train.make_train_step(graphdef, schedules.schedule_from_config(config.diffusion), tx,
-                              config), mesh, shardings)
+    built = train.build(config, devices=devices)
+    mesh, state, step_fn = built.mesh, built.init_state(config), built.step_fn
     images, labels = data.load_eval_images(config.data, 48)
     for i in range(3):
         batch = {"image": images[16 * i:16 * (i + 1)], "label": labels[16 * i:16 * (i + 1)]}

@@ -14,14 +14,8 @@ from diffusion_jax import checkpoint, data, schedules, sharding, train
 
 
 def _setup(config):
-    mesh = sharding.make_mesh(config.mesh)
-    tx = train.make_optimizer(config)
-    graphdef, abstract, shardings = train.abstract_train_state(config, tx, mesh)
-    state = train.create_train_state(config, tx, shardings)
-    step_fn = train.jit_train_step(
-        train.make_train_step(graphdef, schedules.schedule_from_config(config.diffusion), tx,
-                              config), mesh, shardings)
-    return mesh, state, step_fn, abstract
+    built = train.build(config)
+    return built.mesh, built.init_state(config), built.step_fn, built.abstract
 
 
 def _digit_batch(config, n=16, offset=0):

@@ -83,13 +83,8 @@ def load_pipeline(path: str | os.PathLike, **overrides) -> StableDiffusion:
     unet, unet_rec = unet_cond.load_converted(os.path.join(path, "unet"), **overrides)
     ae, vae_rec = vae.load_converted(os.path.join(path, "vae"), **overrides)
     te, te_rec = text_encoder.load_converted(os.path.join(path, "text_encoder"), **overrides)
-    sched_config = common.read_json(os.path.join(path, "scheduler", SCHEDULER_FILE),
-                                    "scheduler config")
-    return StableDiffusion(
-        unet, ae, te, load_tokenizer(os.path.join(path, "tokenizer")),
-        scheduler.scheduler_settings(sched_config),
-        {"unet": unet_rec, "vae": vae_rec, "text_encoder": te_rec,
-         "scheduler_config": sched_config, "pipeline_class": index.get("pipeline_class")})
+    return _assemble(path, (unet, unet_rec), (ae, vae_rec), (te, te_rec),
+                     index.get("pipeline_class"))
 
 
 def load_diffusers_pipeline(path: str | os.PathLike, **overrides) -> StableDiffusion:
@@ -106,13 +101,8 @@ def load_diffusers_pipeline(path: str | os.PathLike, **overrides) -> StableDiffu
     unet, unet_rec = unet_cond.load_diffusers(os.path.join(path, "unet"), **overrides)
     ae, vae_rec = vae.load_diffusers(os.path.join(path, "vae"), **overrides)
     te, te_rec = text_encoder.load_transformers(os.path.join(path, "text_encoder"), **overrides)
-    sched_config = common.read_json(os.path.join(path, "scheduler", SCHEDULER_FILE),
-                                    "scheduler config")
-    return StableDiffusion(
-        unet, ae, te, load_tokenizer(os.path.join(path, "tokenizer")),
-        scheduler.scheduler_settings(sched_config),
-        {"unet": unet_rec, "vae": vae_rec, "text_encoder": te_rec,
-         "scheduler_config": sched_config, "pipeline_class": index.get("_class_name")})
+    return _assemble(path, (unet, unet_rec), (ae, vae_rec), (te, te_rec),
+                     index.get("_class_name"))
 
 
 def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDiffusion:
@@ -146,6 +136,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     kwargs = sd.info["unet"]["kwargs"]
     print(f"wrote {args.out}: unet {kwargs['block_out_channels']} x{kwargs['layers_per_block']}, "
           f"prediction {sd.scheduler.pred_type}, tokenizer length {sd.tokenizer.max_length}")
+
+
+def _assemble(path, unet, vae_, text_enc, pipeline_class) -> StableDiffusion:
+    """A `StableDiffusion` from loaded ``(model, record)`` pairs plus the directory's tokenizer
+    and scheduler config."""
+    sched_config = common.read_json(os.path.join(path, "scheduler", SCHEDULER_FILE),
+                                    "scheduler config")
+    return StableDiffusion(
+        unet[0], vae_[0], text_enc[0], load_tokenizer(os.path.join(path, "tokenizer")),
+        scheduler.scheduler_settings(sched_config),
+        {"unet": unet[1], "vae": vae_[1], "text_encoder": text_enc[1],
+         "scheduler_config": sched_config, "pipeline_class": pipeline_class})
 
 
 def _check_index(index: dict[str, Any], path: str) -> None:
