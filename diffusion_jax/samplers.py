@@ -358,21 +358,26 @@ def check_finite(samples, sampler, status=None):
 
 
 def _where_bad(status):
-    """`` at step k of N (t=...)`` from a chain status, ``""`` when it names no step."""
+    """``, first at step k of N (t=...)`` for the error of non-finite samples (module
+    :mod:`diffusion_jax.sde.chain`); ``""`` without a status."""
     if status is None:
         return ""
     first_bad = int(np.asarray(status.first_bad))
-    if first_bad < 0:
-        return ""
     level = float(np.asarray(status.level))
+    if first_bad < 0:  # every recorded check passed: the last step (outside the loop) failed
+        first_bad, level = status.num_steps - 1, float(np.asarray(status.last_level))
     if status.num_steps == 0:  # an adaptive ODE solve: diffrax's steps have no index here
-        return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
-                "max_steps reached)" if np.isnan(level) else
-                f", first in the final denoising step after the adaptive ODE solve "
-                f"({status.level_name}={level:.4g})")
-    where = "" if not status.level_name or np.isnan(level) else \
-        f" ({status.level_name}={level:.4g})"
-    return f", first at step {first_bad + 1} of {status.num_steps}{where}"
+        if int(np.asarray(status.first_bad)) >= 0:
+            return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
+                    "max_steps reached)")
+        return ", first in the final denoising step after the adaptive ODE solve" + \
+            _level_text(status.level_name, level)
+    return f", first at step {first_bad + 1} of {status.num_steps}" + \
+        _level_text(status.level_name, level)
+
+
+def _level_text(name, level):
+    return "" if not name or np.isnan(level) else f" ({name}={level:.4g})"
 
 
 def ddpm_step(denoise, sched, x_t, t, key, *, pred_type="eps", variance="posterior", clip_x0=None):
@@ -680,7 +685,7 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
                          levels=sigmas[levels], level_name="sigma")
     if denoise_final:
         x = x + sigmas[-1] ** 2 * score_fn(x, jnp.full((batch,), sigmas[-1], jnp.float32))
-        chain.record_final(x, level=sigmas[-1], level_name="sigma")
+        chain.record_step(level=sigmas[-1], level_name="sigma")
         if return_trajectory:
             traj = jnp.concatenate([traj, x[None]], axis=0)
     return (x, traj) if return_trajectory else x

@@ -2,15 +2,21 @@
 
 Each sampler runs its steps with :func:`scan` instead of ``lax.scan``: the same loop, with one
 int32 more in the carry, ``-1`` until the state first holds a NaN or Inf and then the index of
-the step that produced it (one ``isfinite(x).all()`` reduction per step, on the step's input,
-and one on the final state). The index never feeds back into the state and the step's own
-computation is unchanged, so the samples are bit-identical to a plain ``lax.scan``; when nobody
-reads the index, jax's dead-code elimination drops it from the loop. A non-finite start shows
-as step 0.
+the step that produced it. The check is one ``isfinite(x).all()`` reduction per step on the
+step's *input* (the previous step's result, a loop variable) and one on the loop's final state:
+the step's own computation is untouched, so the samples are bit-identical to a plain
+``lax.scan`` (a reduction of a step's fresh result can change how XLA fuses, hence rounds, that
+step). When nobody reads the index, jax's dead-code elimination drops it. A non-finite start
+shows as step 0.
+
+A step run outside the loop (a final denoising step) or an adaptive solve is recorded by
+:func:`record_step` without reading its result, for the same reason; its failure is found from
+the chain's output: when the output is non-finite and every recorded piece stayed finite, the
+last step made it so (:attr:`ChainStatus.last_level`).
 
 Reading it: while a :func:`recording` context is open (at trace time, on the thread that traces),
-every :func:`scan` and :func:`record_final` appends a :class:`ChainStatus` to it, in call order;
-:func:`combine` turns them into one status of the whole chain (its steps numbered across them).
+every :func:`scan` and :func:`record_step` appends a :class:`ChainStatus` to it, in call order;
+:func:`combine` turns them into one status of the whole chain, its steps numbered across them.
 :func:`diffusion_jax.samplers.run_with_status` returns it next to the samples and
 :func:`diffusion_jax.samplers.check_finite` names the step in its error.
 """
@@ -30,22 +36,25 @@ class ChainStatus:
     """Where a chain (or a piece of it) first went non-finite.
 
     Attributes:
-        first_bad: int32 scalar, 0-based index of the first step whose state holds a NaN or
-            Inf, ``-1`` when every step stayed finite (may be traced).
-        level: float32 scalar, the time or noise level that step started from (NaN when
-            ``first_bad = -1`` or the piece has none; may be traced).
-        num_steps: static number of steps; 0 for a solve without a step index (diffrax's
-            adaptive solve: ``first_bad`` is then 0 or -1).
-        level_name: static name of ``level``: ``t`` (discrete step), ``sigma`` (VE noise level),
-            ``time`` (SDE time) or ``""`` (none).
+        first_bad: int32 scalar, 0-based index of the first step whose result holds a NaN or
+            Inf as far as the recorded checks see, ``-1`` when none did (may be traced).
+        level: float32 scalar, the time or noise level step ``first_bad`` started from (NaN
+            when ``first_bad = -1`` or the piece has none; may be traced).
+        last_level: float32 scalar, the level of the last step (NaN if none): the step to blame
+            when the output is non-finite but ``first_bad = -1``.
+        num_steps: static number of steps; 0 for a solve without step index (diffrax's
+            adaptive solve: ``first_bad`` is then 0 when the solve failed, else -1).
+        level_name: static name of the levels: ``t`` (discrete step), ``sigma`` (VE noise
+            level), ``time`` (SDE time) or ``""`` (none).
     """
     first_bad: jax.Array
     level: jax.Array
+    last_level: jax.Array
     num_steps: int
     level_name: str = ""
 
 
-jax.tree_util.register_dataclass(ChainStatus, data_fields=["first_bad", "level"],
+jax.tree_util.register_dataclass(ChainStatus, data_fields=["first_bad", "level", "last_level"],
                                  meta_fields=["num_steps", "level_name"])
 
 
@@ -68,8 +77,6 @@ def scan(body, init, xs, *, levels=None, level_name="", state_of=lambda carry: c
     def tracked(carry, inputs):
         inner, first_bad = carry
         i, step_inputs = inputs
-        # The step's input is the previous step's result. Checking it here, not the result
-        # below, leaves the step's own computation (and XLA's fusion of it) untouched.
         went_bad = (first_bad < 0) & ~_all_finite(state_of(inner))
         first_bad = jnp.where(went_bad, jnp.maximum(i - 1, 0), first_bad)
         inner, y = body(inner, step_inputs)
@@ -78,30 +85,38 @@ def scan(body, init, xs, *, levels=None, level_name="", state_of=lambda carry: c
     num_steps = jax.tree.leaves(xs)[0].shape[0]
     (carry, first_bad), ys = lax.scan(tracked, (init, jnp.int32(-1)),
                                       (jnp.arange(num_steps, dtype=jnp.int32), xs))
-    last_bad = (first_bad < 0) & ~_all_finite(state_of(carry))
-    first_bad = jnp.where(last_bad, num_steps - 1, first_bad)
-    level = jnp.float32(jnp.nan)
-    if levels is not None:
-        level = jnp.where(first_bad >= 0, jnp.asarray(levels, jnp.float32)[first_bad], level)
-    _record(ChainStatus(first_bad, level, num_steps, level_name if levels is not None else ""))
+    if _RECORDS.get() is not None:
+        last_bad = (first_bad < 0) & ~_all_finite(state_of(carry))
+        first_bad = jnp.where(last_bad, num_steps - 1, first_bad)
+        nan = jnp.float32(jnp.nan)
+        if levels is None:
+            level, last_level, level_name = nan, nan, ""
+        else:
+            levels = jnp.asarray(levels, jnp.float32)
+            level = jnp.where(first_bad >= 0, levels[jnp.maximum(first_bad, 0)], nan)
+            last_level = levels[-1]
+        _record(ChainStatus(first_bad, level, last_level, num_steps, level_name))
     return carry, ys
 
 
-def record_final(x, *, level=None, level_name="", num_steps=1):
-    """Records a piece of the chain run outside :func:`scan` (a final denoising step, an adaptive
-    solve: ``num_steps=0``) whose result is ``x``; a no-op outside :func:`recording`."""
+def record_step(*, level=None, level_name="", num_steps=1, failed=None):
+    """Records a piece of the chain run outside :func:`scan`: one step from ``level`` (a final
+    denoising step), or with ``num_steps=0`` an adaptive solve whose solver reports ``failed``
+    (traced bool). Its result is not read (see the module docstring). A no-op outside
+    :func:`recording`."""
     if _RECORDS.get() is None:
         return
-    first_bad = jnp.where(_all_finite(x), -1, 0).astype(jnp.int32)
+    first_bad = jnp.int32(-1) if failed is None else jnp.where(failed, 0, -1).astype(jnp.int32)
     value = jnp.float32(jnp.nan) if level is None else jnp.asarray(level, jnp.float32)
-    _record(ChainStatus(first_bad, jnp.where(first_bad >= 0, value, jnp.nan), num_steps,
+    _record(ChainStatus(first_bad, jnp.where(first_bad >= 0, value, jnp.nan), value, num_steps,
                         level_name if level is not None else ""))
 
 
 @contextlib.contextmanager
 def recording():
-    """Collects the :class:`ChainStatus` of every :func:`scan` / :func:`record_final` traced or
-    run inside, in order, into the yielded list (nested contexts: the innermost collects)."""
+    """Collects the :class:`ChainStatus` of every :func:`scan` / :func:`record_step` traced or
+    run inside, in order, into the yielded list (nested contexts: the innermost collects).
+    The statuses belong to the trace they were made in: return them from it."""
     records = []
     token = _RECORDS.set(records)
     try:
@@ -112,18 +127,21 @@ def recording():
 
 def combine(records):
     """One :class:`ChainStatus` of consecutive pieces: steps numbered across them, the first
-    bad one wins. A piece without step index (``num_steps = 0``) makes the whole one so."""
+    bad one wins, the last piece's ``last_level``. A piece without step index (``num_steps =
+    0``) makes the whole one so. All pieces of a chain share one kind of level."""
     num_steps = sum(r.num_steps for r in records)
     if any(r.num_steps == 0 for r in records):
         num_steps = 0
-    first_bad, level, name, offset = jnp.int32(-1), jnp.float32(jnp.nan), "", 0
+    nan = jnp.float32(jnp.nan)
+    first_bad, level, offset = jnp.int32(-1), nan, 0
     for r in records:
         take = (first_bad < 0) & (r.first_bad >= 0)
         first_bad = jnp.where(take, offset + r.first_bad, first_bad)
         level = jnp.where(take, r.level, level)
-        name = name or r.level_name
         offset += r.num_steps
-    return ChainStatus(first_bad, level, num_steps, name)
+    name = next((r.level_name for r in records if r.level_name), "")
+    last_level = records[-1].last_level if records else nan
+    return ChainStatus(first_bad, level, last_level, num_steps, name)
 
 
 def _record(status):

@@ -116,7 +116,7 @@ def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax
     x = d_of(x_hat, sigma_hat)
     if step_hook is not None:
         x = step_hook(x, x, jnp.float32(0.0), hook_key)
-    chain.record_final(x, level=sigmas[-1], level_name="sigma")
+    chain.record_step(level=sigmas[-1], level_name="sigma")
     return x
 
 

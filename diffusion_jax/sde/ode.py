@@ -103,7 +103,8 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
         max_steps: static cap on accepted + rejected steps (diffrax raises past it).
         dt0: first step; default ``(t1 - t0) / 100``.
         throw: a failed solve (``max_steps`` reached, e.g. because ``fn`` returned NaN and every
-            step was rejected) raises diffrax's error; ``False``: it gives an all-NaN ``y``.
+            step was rejected) raises diffrax's error; ``False``: it gives an all-NaN ``y`` and
+            is recorded as a failed piece of a sampling chain (:mod:`diffusion_jax.sde.chain`).
 
     Returns:
         ``(y at t1, number of steps taken)`` (each step costs ~6 evaluations of ``fn``).
@@ -118,9 +119,11 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
         (t1 - t0) / 100.0 if dt0 is None else dt0, y0,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
         throw=throw)
+    if throw:
+        return jax.tree.map(lambda v: v[-1], sol.ys), sol.stats["num_steps"]
     ok = sol.result == diffrax.RESULTS.successful
-    y = jax.tree.map(lambda v: jnp.where(ok, v[-1], jnp.nan), sol.ys)
-    return y, sol.stats["num_steps"]
+    chain.record_step(num_steps=0, failed=~ok)  # diffrax's steps have no index here
+    return jax.tree.map(lambda v: jnp.where(ok, v[-1], jnp.nan), sol.ys), sol.stats["num_steps"]
 
 
 def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, eps=1e-3,
@@ -173,7 +176,6 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
         x, _ = odeint_adaptive(drift, x_init, jnp.float32(t_start), jnp.float32(eps),
                                method=method, rtol=rtol, atol=atol, max_steps=max_steps,
                                throw=False)
-        chain.record_final(x, num_steps=0)  # diffrax's steps have no index here
     if not denoise_final:
         return x
     t_b = jnp.full((x.shape[0],), eps, jnp.float32)
@@ -181,6 +183,6 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
     x = (x + expand(s**2, x.ndim) * score_fn(x, t_b)) / expand(m, x.ndim)
     if step_hook is not None:
         x = step_hook(x, jnp.float32(0.0), jax.random.fold_in(key, int(num_steps)))
-    chain.record_final(x, level=eps, level_name="time")
+    chain.record_step(level=eps, level_name="time")
     return x
 
