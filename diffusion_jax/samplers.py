@@ -358,22 +358,24 @@ def check_finite(samples, sampler, status=None):
 
 
 def _where_bad(status):
-    """``, first at step k of N (t=...)`` for the error of non-finite samples (module
+    """``, first at step k of N (t=...)`` for the error of non-finite samples (see
     :mod:`diffusion_jax.sde.chain`); ``""`` without a status."""
     if status is None:
         return ""
-    first_bad = int(np.asarray(status.first_bad))
-    level = float(np.asarray(status.level))
-    if first_bad < 0:  # every recorded check passed: the last step (outside the loop) failed
-        first_bad, level = status.num_steps - 1, float(np.asarray(status.last_level))
-    if status.num_steps == 0:  # an adaptive ODE solve: diffrax's steps have no index here
-        if int(np.asarray(status.first_bad)) >= 0:
-            return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
-                    "max_steps reached)")
-        return ", first in the final denoising step after the adaptive ODE solve" + \
-            _level_text(status.level_name, level)
-    return f", first at step {first_bad + 1} of {status.num_steps}" + \
-        _level_text(status.level_name, level)
+    first_bad, n = int(np.asarray(status.first_bad)), status.num_steps
+    if first_bad >= 0 and n == 0:
+        return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
+                "max_steps reached)")
+    if first_bad >= 0:
+        return f", first at step {first_bad + 1} of {n}" + _level_text(
+            status.level_name, float(np.asarray(status.level)))
+    if status.tail_checked:
+        return ", after the chain (its steps stayed finite)"
+    # Every checked step stayed finite: the last step (its result unchecked) or what followed.
+    last = _level_text(status.level_name, float(np.asarray(status.last_level)))
+    if n == 0:
+        return f", first in the final denoising step after the adaptive ODE solve{last}"
+    return f", first at step {n} of {n}{last} (the last step, or after the chain)"
 
 
 def _level_text(name, level):

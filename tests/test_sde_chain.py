@@ -88,7 +88,15 @@ def test_combine_numbers_steps_across_pieces():
         assert (int(status.first_bad), status.num_steps, status.level_name) == (first_bad, 6,
                                                                                 "sigma")
         np.testing.assert_array_equal(float(status.level), level)
-        assert float(status.last_level) == 0.25
+        assert float(status.last_level) == 0.25 and not status.tail_checked
+    # the loop stayed finite and the final step's result is unchecked: it (or what followed)
+    with pytest.raises(FloatingPointError, match=re.escape(
+            "first at step 6 of 6 (sigma=0.25) (the last step, or after the chain)")):
+        samplers.check_finite(np.full((2, 3), np.nan), "edm_heun", status)
+    with chain.recording() as records:
+        chain.scan(lambda x, d: (x + d, None), jnp.zeros(3), jnp.ones((5, 3)))
+    with pytest.raises(FloatingPointError, match=r"\), after the chain \(its steps stayed"):
+        samplers.check_finite(np.full((2, 3), np.nan), "ddim", chain.combine(records))
     with chain.recording() as records:
         chain.record_step(num_steps=0, failed=jnp.bool_(True))
         chain.record_step(level=0.001, level_name="time")

@@ -10,9 +10,10 @@ step). When nobody reads the index, jax's dead-code elimination drops it. A non-
 shows as step 0.
 
 A step run outside the loop (a final denoising step) or an adaptive solve is recorded by
-:func:`record_step` without reading its result, for the same reason; its failure is found from
-the chain's output: when the output is non-finite and every recorded piece stayed finite, the
-last step made it so (:attr:`ChainStatus.last_level`).
+:func:`record_step` without reading its result, for the same reason; its failure is inferred
+from the chain's output: when the output is non-finite and every checked piece stayed finite,
+that last step (or what the caller did after the chain) made it so
+(:attr:`ChainStatus.tail_checked`).
 
 Reading it: while a :func:`recording` context is open (at trace time, on the thread that traces),
 every :func:`scan` and :func:`record_step` appends a :class:`ChainStatus` to it, in call order;
@@ -46,16 +47,20 @@ class ChainStatus:
             adaptive solve: ``first_bad`` is then 0 when the solve failed, else -1).
         level_name: static name of the levels: ``t`` (discrete step), ``sigma`` (VE noise
             level), ``time`` (SDE time) or ``""`` (none).
+        tail_checked: static; whether the last step's result was checked (a :func:`scan`'s
+            was, a :func:`record_step` final step's was not). When it was and ``first_bad =
+            -1``, a non-finite output came from after the chain (e.g. decoding).
     """
     first_bad: jax.Array
     level: jax.Array
     last_level: jax.Array
     num_steps: int
     level_name: str = ""
+    tail_checked: bool = True
 
 
 jax.tree_util.register_dataclass(ChainStatus, data_fields=["first_bad", "level", "last_level"],
-                                 meta_fields=["num_steps", "level_name"])
+                                 meta_fields=["num_steps", "level_name", "tail_checked"])
 
 
 def scan(body, init, xs, *, levels=None, level_name="", state_of=lambda carry: carry):
@@ -109,7 +114,7 @@ def record_step(*, level=None, level_name="", num_steps=1, failed=None):
     first_bad = jnp.int32(-1) if failed is None else jnp.where(failed, 0, -1).astype(jnp.int32)
     value = jnp.float32(jnp.nan) if level is None else jnp.asarray(level, jnp.float32)
     _record(ChainStatus(first_bad, jnp.where(first_bad >= 0, value, jnp.nan), value, num_steps,
-                        level_name if level is not None else ""))
+                        level_name if level is not None else "", failed is not None))
 
 
 @contextlib.contextmanager
@@ -141,7 +146,8 @@ def combine(records):
         offset += r.num_steps
     name = next((r.level_name for r in records if r.level_name), "")
     last_level = records[-1].last_level if records else nan
-    return ChainStatus(first_bad, level, last_level, num_steps, name)
+    tail_checked = records[-1].tail_checked if records else True
+    return ChainStatus(first_bad, level, last_level, num_steps, name, tail_checked)
 
 
 def _record(status):
