@@ -59,6 +59,16 @@ A new sampler is one decorated function::
 
 Options are built once from ``config.sample`` (+ ``config.diffusion.pred_type``) and flags by
 :func:`options_from_config`; a flag left unset (``None``) keeps the config's value.
+
+Non-finite chains
+-----------------
+Every registered sampler runs its steps with :func:`diffusion_jax.sde.chain.scan`, which also
+carries the index of the first step whose state holds a NaN or Inf (the samples are
+bit-identical to a plain ``lax.scan``). :func:`run_with_status` returns that status with the
+samples, and :func:`check_finite` names the step in its error, e.g. ``sampler 'ddim' produced
+non-finite values (NaN/Inf) in 4 of 4 samples (indices [0, 1, 2, 3]), first at step 7 of 10
+(t=33); ...``. Steps are numbered from 1 (the noisiest) to ``N``; the level is the discrete
+``t``, the VE noise level ``sigma`` or the SDE ``time`` the step started from.
 """
 from __future__ import annotations
 
