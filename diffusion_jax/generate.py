@@ -64,19 +64,19 @@ def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_
         denoise = parameterization.discrete_view(denoise, config.diffusion, schedule)
         x_init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_init = jax.lax.with_sharding_constraint(x_init, batch_sharding)
-        return samplers.run(sampler, denoise, schedule, x_init, jax.random.fold_in(key, 1),
-                            options)
+        return samplers.run_with_status(sampler, denoise, schedule, x_init,
+                                        jax.random.fold_in(key, 1), options)
 
-    sample_jit = jax.jit(sample, out_shardings=batch_sharding)
+    sample_jit = jax.jit(sample, out_shardings=(batch_sharding, sharding.replicated(mesh)))
 
     def sample_fn(params, key, cond=None, *, guidance_scale=None, eta=None):
         cond = _device_cond(cond, num_samples, n_pad, config.data.num_classes, batch_sharding)
         run_options = options if eta is None else dataclasses.replace(
             options, eta=samplers.make_options(eta=eta).eta)
         scale = None if guidance_scale is None else jnp.float32(guidance_scale)
-        images = sample_jit(params, key, cond, run_options, scale)
+        images, status = sample_jit(params, key, cond, run_options, scale)
         images = np.asarray(jax.device_get(images))[:num_samples]
-        samplers.check_finite(images, sampler)
+        samplers.check_finite(images, sampler, status)
         return images
 
     return sample_fn

@@ -44,7 +44,7 @@ from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
 from diffusion_jax.applications import inpaint as inpaint_app
 from diffusion_jax.applications import inversion, sdedit
 from diffusion_jax.conditioning import area_downsample
-
+from diffusion_jax.sde import chain
 
 OUTPUTS = ("uint8", "float", "latents")
 
@@ -192,10 +192,10 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
-    images = _run(pipe, "sample", sampler, options, prompts, negative_prompts, guidance_scale,
-                  {"x": latents}, jax.random.fold_in(key, 1), mesh,
-                  (("decode", _check_output(output) != "latents"),))
-    return _finish(images, sampler, output)
+    images, status = _run(pipe, "sample", sampler, options, prompts, negative_prompts,
+                          guidance_scale, {"x": latents}, jax.random.fold_in(key, 1), mesh,
+                          (("decode", _check_output(output) != "latents"),))
+    return _finish(images, sampler, output, status)
 
 
 def img2img(pipe: Pipeline, images, prompts, key, *, strength=0.8, **kwargs):
@@ -257,9 +257,9 @@ def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None
     options = samplers.make_options(**{**dataclasses.asdict(pipe.options),
                                        "num_steps": num_steps, "timesteps": None})
     prompts = _prompts(prompts, images.shape[0], "prompts")
-    out = _run(pipe, "invert", "ddim", options, prompts, None, guidance_scale, {"x": images},
-               jax.random.key(0), mesh,
-               (("fixed_point_iters", int(fixed_point_iters)), ("decode", False)))
+    out, _ = _run(pipe, "invert", "ddim", options, prompts, None, guidance_scale,
+                  {"x": images}, jax.random.key(0), mesh,
+                  (("fixed_point_iters", int(fixed_point_iters)), ("decode", False)))
     return np.asarray(out, np.float32)
 
 
@@ -301,14 +301,16 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
     prompts = _prompts(prompts, images.shape[0], "prompts")
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
     static += (("decode", _check_output(output) != "latents"),)
-    out = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
-               {"x": images, **arrays}, key, mesh, static)
-    return _finish(out, sampler, output)
+    out, status = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
+                       {"x": images, **arrays}, key, mesh, static)
+    return _finish(out, sampler, output, status)
 
 
 def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale, arrays, key,
          mesh, static):
-    """Tokenises, pads the batch to the mesh, runs the jitted program, un-pads."""
+    """Tokenises, pads the batch to the mesh, runs the jitted program, un-pads; returns the
+    output and the chain's :class:`~diffusion_jax.sde.chain.ChainStatus` (``None`` without a
+    registry chain)."""
     batch = len(prompts)
     ids = pipe.tokenizer(prompts)
     null_ids = pipe.tokenizer(_prompts(negative_prompts if negative_prompts is not None else "",
@@ -328,22 +330,25 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
     graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
     state = jax.device_put(state, sharding.replicated(mesh))
     scale = None if guidance_scale is None else jnp.float32(guidance_scale - 1.0)
-    out = _program(graphdef, state, pipe.schedule, options, scale, ids, null_ids, arrays, key,
-                   task=task, sampler=sampler, static=static)
-    return np.asarray(jax.device_get(out))[:batch]
+    out, status = _program(graphdef, state, pipe.schedule, options, scale, ids, null_ids, arrays,
+                           key, task=task, sampler=sampler, static=static)
+    return np.asarray(jax.device_get(out))[:batch], status
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "task", "sampler", "static"))
 def _program(graphdef, state, schedule, options, scale, ids, null_ids, arrays, key, *, task,
              sampler, static):
-    """One compiled run: text encoding once, the chain over latents, decoding."""
+    """One compiled run: text encoding once, the chain over latents, decoding; also the
+    chain's status (where it first went non-finite), ``None`` for a task without one."""
     unet, vae, text_encoder = nnx.merge(graphdef, state)
     text = text_encoder(ids).last_hidden_state                           # [B, L, D]
     null = text_encoder(null_ids).last_hidden_state                      # [1 or B, L, D]
     denoise = denoisers.build_denoiser(unet, {"text": text}, guidance_scale=scale,
                                        null_text=null)
-    return _TASKS[task](denoise, LatentCodec(vae), schedule, sampler, options, arrays, key,
-                        **dict(static))
+    with chain.recording() as records:
+        out = _TASKS[task](denoise, LatentCodec(vae), schedule, sampler, options, arrays, key,
+                           **dict(static))
+    return out, chain.combine(records) if records else None
 
 
 def _sample_task(denoise, codec, schedule, sampler, options, arrays, key, *, decode):
@@ -385,9 +390,10 @@ _TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_
           "invert": _invert_task}
 
 
-def _finish(images, sampler, output):
-    """Checks finiteness and converts to ``output`` (``uint8``, else float32)."""
-    samplers.check_finite(images, sampler)
+def _finish(images, sampler, output, status=None):
+    """Checks finiteness (naming the chain's first non-finite step from ``status``) and
+    converts to ``output`` (``uint8``, else float32)."""
+    samplers.check_finite(images, sampler, status)
     return image_io.to_uint8(images) if output == "uint8" else images.astype(np.float32)
 
 

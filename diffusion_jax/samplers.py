@@ -59,6 +59,16 @@ A new sampler is one decorated function::
 
 Options are built once from ``config.sample`` (+ ``config.diffusion.pred_type``) and flags by
 :func:`options_from_config`; a flag left unset (``None``) keeps the config's value.
+
+Non-finite chains
+-----------------
+Every registered sampler runs its steps with :func:`diffusion_jax.sde.chain.scan`, which also
+carries the index of the first step whose state holds a NaN or Inf (the samples are
+bit-identical to a plain ``lax.scan``). :func:`run_with_status` returns that status with the
+samples, and :func:`check_finite` names the step in its error, e.g. ``sampler 'ddim' produced
+non-finite values (NaN/Inf) in 4 of 4 samples (indices [0, 1, 2, 3]), first at step 7 of 10
+(t=33); ...``. Steps are numbered from 1 (the noisiest) to ``N``; the level is the discrete
+``t``, the VE noise level ``sigma`` or the SDE ``time`` the step started from.
 """
 from __future__ import annotations
 
@@ -72,7 +82,7 @@ from jax import lax
 
 from diffusion_jax.diffusion import PRED_TYPES, q_posterior, to_x0_and_eps
 from diffusion_jax.schedules import extract
-from diffusion_jax.sde import parameterization
+from diffusion_jax.sde import chain, parameterization
 from diffusion_jax.sde import registry as sde_registry
 from diffusion_jax.sde.adapters import clip_bounds as _clip_bounds
 from diffusion_jax.sde.adapters import dynamic_threshold as threshold_x0
@@ -236,6 +246,33 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
                              step_hook=step_hook)
 
 
+def run_with_status(name, denoise, schedule, x_start, key, options, *, t_start=None,
+                    step_hook=None):
+    """:func:`run` that also returns where the chain first went non-finite.
+
+    Every registered sampler runs its steps through :func:`diffusion_jax.sde.chain.scan`, which
+    carries the index of the first step whose state holds a NaN or Inf; this collects those of
+    the call. Traceable (call it inside your jitted function and return the status with the
+    samples); the samples are bit-identical to :func:`run`'s.
+
+    Args:
+        name, denoise, schedule, x_start, key, options, t_start, step_hook: as for :func:`run`.
+
+    Returns:
+        ``(x_0 [B, ...], status)`` with ``status`` a :class:`~diffusion_jax.sde.chain.ChainStatus`
+        (a pytree; ``first_bad = -1`` when the chain stayed finite) for :func:`check_finite`.
+
+    Example:
+        >>> x0, status = jax.jit(lambda k: run_with_status("ddim", denoise, sched, x_T, k,
+        ...                                                 options))(key)
+        >>> check_finite(np.asarray(x0), "ddim", status)
+    """
+    with chain.recording() as records:
+        x0 = run(name, denoise, schedule, x_start, key, options, t_start=t_start,
+                 step_hook=step_hook)
+    return x0, chain.combine(records)
+
+
 def options_from_config(config, **overrides):
     """The :class:`SamplerOptions` of ``config.sample`` and ``config.diffusion.pred_type``
     (``x0`` for a continuous-time ``diffusion.kind``).
@@ -306,11 +343,18 @@ def make_options(**fields):
                                dynamic_threshold=None if threshold is None else float(threshold))
 
 
-def check_finite(samples, sampler):
+def check_finite(samples, sampler, status=None):
     """Raise ``FloatingPointError`` if host array ``samples [B, ...]`` has a NaN or Inf.
 
-    The message names the sampler and the affected samples: a non-finite output is never
+    The message names the sampler, the affected samples and, given the chain's ``status``
+    (from :func:`run_with_status`), the step at which the chain first went non-finite
+    (1-based, ``step k of N``, with its time or noise level): a non-finite output is never
     written as an image.
+
+    Args:
+        samples: host array ``[B, ...]``.
+        sampler: the sampler's name.
+        status: optional :class:`~diffusion_jax.sde.chain.ChainStatus` of the chain.
     """
     samples = np.asarray(samples)
     bad = ~np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1)
@@ -318,8 +362,34 @@ def check_finite(samples, sampler):
         which = np.nonzero(bad)[0]
         raise FloatingPointError(
             f"sampler {sampler!r} produced non-finite values (NaN/Inf) in {which.size} of "
-            f"{samples.shape[0]} samples (indices {which[:10].tolist()}); check the model's "
-            "parameters, the condition (e.g. a label outside [0, num_classes)) and the settings.")
+            f"{samples.shape[0]} samples (indices {which[:10].tolist()}){_where_bad(status)}; "
+            "check the model's parameters, the condition (e.g. a label outside "
+            "[0, num_classes)) and the settings.")
+
+
+def _where_bad(status):
+    """``, first at step k of N (t=...)`` for the error of non-finite samples (see
+    :mod:`diffusion_jax.sde.chain`); ``""`` without a status."""
+    if status is None:
+        return ""
+    first_bad, n = int(np.asarray(status.first_bad)), status.num_steps
+    if first_bad >= 0 and n == 0:
+        return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
+                "max_steps reached)")
+    if first_bad >= 0:
+        return f", first at step {first_bad + 1} of {n}" + _level_text(
+            status.level_name, float(np.asarray(status.level)))
+    if status.tail_checked:
+        return ", after the chain (its steps stayed finite)"
+    # Every checked step stayed finite: the last step (its result unchecked) or what followed.
+    last = _level_text(status.level_name, float(np.asarray(status.last_level)))
+    if n == 0:
+        return f", first in the final denoising step after the adaptive ODE solve{last}"
+    return f", first at step {n} of {n}{last} (the last step, or after the chain)"
+
+
+def _level_text(name, level):
+    return "" if not name or np.isnan(level) else f" ({name}={level:.4g})"
 
 
 def ddpm_step(denoise, sched, x_t, t, key, *, pred_type="eps", variance="posterior", clip_x0=None):
@@ -623,9 +693,11 @@ def annealed_langevin_sample(score_fn, sigmas, x_init, key, *, n_steps_each=100,
         x = _langevin_update(x, score, step_sizes[level], jax.random.fold_in(key, k))
         return x, (x if return_trajectory else None)
 
-    x, traj = lax.scan(body, x_init, (jnp.arange(levels.shape[0]), levels))
+    x, traj = chain.scan(body, x_init, (jnp.arange(levels.shape[0]), levels),
+                         levels=sigmas[levels], level_name="sigma")
     if denoise_final:
         x = x + sigmas[-1] ** 2 * score_fn(x, jnp.full((batch,), sigmas[-1], jnp.float32))
+        chain.record_step(level=sigmas[-1], level_name="sigma")
         if return_trajectory:
             traj = jnp.concatenate([traj, x[None]], axis=0)
     return (x, traj) if return_trajectory else x
@@ -785,7 +857,8 @@ def _run_chain(step, x, key, ts, t_prevs, step_hook, return_trajectory):
             x_prev = step_hook(x_prev, x0_pred, t_prev, hook_key)
         return x_prev, (x_prev if return_trajectory else None)
 
-    x, traj = lax.scan(body, x, (jnp.arange(ts.shape[0]), ts, t_prevs))
+    x, traj = chain.scan(body, x, (jnp.arange(ts.shape[0]), ts, t_prevs), levels=ts,
+                         level_name="t")
     return (x, traj) if return_trajectory else x
 
 

@@ -138,6 +138,7 @@ def test_sample_fn_compiles_once_for_every_guidance_scale_and_eta(monkeypatch):
         sample_fn(params, key, {"label": np.array([0, 3, 5, 10])})
     # NaN parameters (same program, no retrace): an error naming the sampler, not NaN images
     nan_params = jax.tree.map(lambda p: p * np.nan, params)
-    with pytest.raises(FloatingPointError, match=r"sampler 'ddim' produced non-finite values"):
+    with pytest.raises(FloatingPointError, match=r"sampler 'ddim' produced non-finite values"
+                       rf" .*, first at step 1 of 3 \(t={sched.num_timesteps - 1}\)"):
         sample_fn(nan_params, key, cond, guidance_scale=1.0, eta=0.0)
     assert len(builds) == 1

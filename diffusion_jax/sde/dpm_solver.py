@@ -27,8 +27,7 @@ converge at their rates on Gaussian data.
 """
 import jax
 import jax.numpy as jnp
-from jax import lax
-
+from diffusion_jax.sde import chain
 from diffusion_jax.sde.adapters import thresholded
 
 
@@ -78,8 +77,9 @@ def dpm_solver_pp_sample(denoiser, sigmas, x_init, key=None, *, order=2, dynamic
 
     zeros = jnp.zeros_like(x_init)
     one = jnp.ones((), jnp.float32)
-    (x, *_), traj = lax.scan(body, (x_init, zeros, zeros, one, one),
-                             (jnp.arange(num), sigmas, sigma_nexts, orders))
+    (x, *_), traj = chain.scan(body, (x_init, zeros, zeros, one, one),
+                               (jnp.arange(num), sigmas, sigma_nexts, orders),
+                               levels=sigmas, level_name="sigma", state_of=lambda c: c[0])
     return (x, traj) if return_trajectory else x
 
 

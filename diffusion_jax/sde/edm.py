@@ -19,8 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-
+from diffusion_jax.sde import chain
 from diffusion_jax.sde.adapters import thresholded
 
 
@@ -110,12 +109,14 @@ def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax
             x_next = step_hook(x_next, x0, sigma_next, hook_key)
         return x_next, None
 
-    x, _ = lax.scan(body, x_init, (jnp.arange(num - 1), sigmas[:-1], sigmas[1:]))
+    x, _ = chain.scan(body, x_init, (jnp.arange(num - 1), sigmas[:-1], sigmas[1:]),
+                      levels=sigmas[:-1], level_name="sigma")
     noise_key, hook_key = jax.random.split(jax.random.fold_in(key, num - 1))
     x_hat, sigma_hat = churn(x, sigmas[-1], noise_key)
     x = d_of(x_hat, sigma_hat)
     if step_hook is not None:
         x = step_hook(x, x, jnp.float32(0.0), hook_key)
+    chain.record_step(level=sigmas[-1], level_name="sigma")
     return x
 
 

@@ -15,8 +15,7 @@ batch shares one step size, chosen from the RMS error of all its entries.
 import diffrax
 import jax
 import jax.numpy as jnp
-from jax import lax
-
+from diffusion_jax.sde import chain
 from diffusion_jax.sde._util import check_choice, expand
 from diffusion_jax.sde.sdes import check_sde, drift_and_diffusion, marginal_coefficients
 
@@ -86,12 +85,13 @@ def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None):
             y_next = step_hook(y_next, t_next, jax.random.fold_in(key, i))
         return y_next, None
 
-    y, _ = lax.scan(body, y0, (jnp.arange(ts.shape[0] - 1), ts[:-1], ts[1:]))
+    y, _ = chain.scan(body, y0, (jnp.arange(ts.shape[0] - 1), ts[:-1], ts[1:]),
+                      levels=ts[:-1], level_name="time")
     return y
 
 
 def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max_steps=4096,
-                    dt0=None):
+                    dt0=None, throw=True):
     """Integrates ``dy/dt = fn(y, t)`` from ``t0`` to ``t1`` with diffrax and a PID controller.
 
     Args:
@@ -102,6 +102,9 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
         rtol, atol: tolerances of the PID step-size controller.
         max_steps: static cap on accepted + rejected steps (diffrax raises past it).
         dt0: first step; default ``(t1 - t0) / 100``.
+        throw: a failed solve (``max_steps`` reached, e.g. because ``fn`` returned NaN and every
+            step was rejected) raises diffrax's error; ``False``: it gives an all-NaN ``y`` and
+            is recorded as a failed piece of a sampling chain (:mod:`diffusion_jax.sde.chain`).
 
     Returns:
         ``(y at t1, number of steps taken)`` (each step costs ~6 evaluations of ``fn``).
@@ -114,8 +117,13 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: fn(y, t)), solver, t0, t1,
         (t1 - t0) / 100.0 if dt0 is None else dt0, y0,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
-    return jax.tree.map(lambda v: v[-1], sol.ys), sol.stats["num_steps"]
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+        throw=throw)
+    if throw:
+        return jax.tree.map(lambda v: v[-1], sol.ys), sol.stats["num_steps"]
+    ok = sol.result == diffrax.RESULTS.successful
+    chain.record_step(num_steps=0, failed=~ok)  # diffrax's steps have no index here
+    return jax.tree.map(lambda v: jnp.where(ok, v[-1], jnp.nan), sol.ys), sol.stats["num_steps"]
 
 
 def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, eps=1e-3,
@@ -143,7 +151,9 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
             and with ``denoise_final`` once more after it with ``t_next = 0`` (clean data).
 
     Returns:
-        ``[B, ...]`` samples.
+        ``[B, ...]`` samples; all NaN when the adaptive solve fails (``max_steps`` reached, e.g.
+        on a NaN in the flow), which the checked entry points report
+        (:func:`diffusion_jax.samplers.check_finite`).
 
     Raises:
         ValueError: for an unknown method, ``num_steps < 1``, ``eps`` / ``t_start`` out of order,
@@ -164,7 +174,8 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
         if step_hook is not None:
             raise ValueError(f"step_hook is not supported by the adaptive method {method!r}.")
         x, _ = odeint_adaptive(drift, x_init, jnp.float32(t_start), jnp.float32(eps),
-                               method=method, rtol=rtol, atol=atol, max_steps=max_steps)
+                               method=method, rtol=rtol, atol=atol, max_steps=max_steps,
+                               throw=False)
     if not denoise_final:
         return x
     t_b = jnp.full((x.shape[0],), eps, jnp.float32)
@@ -172,5 +183,6 @@ def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, e
     x = (x + expand(s**2, x.ndim) * score_fn(x, t_b)) / expand(m, x.ndim)
     if step_hook is not None:
         x = step_hook(x, jnp.float32(0.0), jax.random.fold_in(key, int(num_steps)))
+    chain.record_step(level=eps, level_name="time")
     return x
 

@@ -30,8 +30,7 @@ The result is the last predictor's ``x_mean`` (``denoise_final``, score_sde's no
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-
+from diffusion_jax.sde import chain
 from diffusion_jax.sde._util import check_choice, expand
 from diffusion_jax.sde.sdes import (VESDE, SubVPSDE, VPSDE, check_sde, discrete_grid_index,
                                     discretize, drift_and_diffusion, marginal_coefficients,
@@ -101,7 +100,8 @@ def pc_sample(score_fn, sde, x_init, key, *, predictor="reverse_diffusion", corr
             x_mean = jnp.where(t_next > 0, x_mean, x_new)
         return (x_new, x_mean), None
 
-    (x, x_mean), _ = lax.scan(body, (x_init, x_init), (jnp.arange(ts.shape[0]), ts, t_nexts))
+    (x, x_mean), _ = chain.scan(body, (x_init, x_init), (jnp.arange(ts.shape[0]), ts, t_nexts),
+                                levels=ts, level_name="time", state_of=lambda c: c[0])
     return x_mean if denoise_final else x
 
 
