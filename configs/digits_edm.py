@@ -14,6 +14,7 @@ def get_config():
     # Sample on DDPM's linear grid, not the cosine one of digits.py (sigma_{T-1} ~ 2e4).
     config.diffusion.schedule = "linear"
     config.sample.sigma_spacing = None
+    config.sample.sigma_max = None
     config.diffusion.kind = "edm"
     config.model.time_input = "continuous"
     config.sample.sampler = "edm_heun"
