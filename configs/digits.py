@@ -12,7 +12,7 @@ def get_config():
 
     Cosine schedule, v-prediction and Min-SNR-5 weighting: at the same 1,500 steps as the
     linear / eps / uniform-weight recipe they lift DDIM-50's confident share on 899 samples
-    from 0.717 to 0.754 (real held-out digits: 0.823); benchmarks/results/quality_vs_nfe.md.
+    from 0.717 to 0.754 (real held-out digits: 0.823); benchmarks/results/digits_recipe.md.
     """
     config = default.get_config()
     config.data.source = "digits"
