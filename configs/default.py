@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     # edm_heun / dpm_solver_pp noise grid: "karras" | "uniform" | "log"; None = karras / log
     sample.sigma_spacing = config_dict.placeholder(str)  # None = the solver's default
     sample.rho = 7.0  # Karras grid exponent
+    # edm_heun / dpm_solver_pp from the prior: start at the largest sigma_k <= sigma_max
+    sample.sigma_max = config_dict.placeholder(float)  # None = sigma_{T-1}; EDM uses 80
     sample.churn = 0.0  # edm_heun S_churn (0 = deterministic)
     sample.s_tmin = 0.0  # edm_heun: churn only for s_tmin <= sigma <= s_tmax
     sample.s_tmax = float("inf")  # see s_tmin

@@ -8,7 +8,12 @@ from configs import default
 
 
 def get_config():
-    """8x8 grayscale digits, 0.65M-param UNet (ch 32, mult (1,2)), batch 128, 1500 steps."""
+    """8x8 grayscale digits, 0.65M-param UNet (ch 32, mult (1,2)), batch 128, 1500 steps.
+
+    Cosine schedule, v-prediction and Min-SNR-5 weighting: at the same 1,500 steps as the
+    linear / eps / uniform-weight recipe they lift DDIM-50's confident share on 899 samples
+    from 0.717 to 0.754 (real held-out digits: 0.823); benchmarks/results/digits_recipe.md.
+    """
     config = default.get_config()
     config.data.source = "digits"
     config.data.image_size = 8  # the digits' native size: 4x cheaper than upscaling to 16
@@ -22,6 +27,12 @@ def get_config():
     config.model.attn_resolutions = ()
     config.model.num_groups = 8
     config.model.dropout = 0.0
+
+    # Cosine alpha_bar keeps more of the 8x8 signal at mid t than the linear schedule; its last
+    # steps reach alpha_bar ~ 0, where eps-prediction is ill-posed, hence v-prediction.
+    config.diffusion.schedule = "cosine"
+    config.diffusion.pred_type = "v"
+    config.diffusion.loss_weighting = "min_snr"  # Min-SNR-gamma, gamma = 5 (Hang et al., 2023)
 
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 100
@@ -38,4 +49,7 @@ def get_config():
     config.sample.sampler = "ddim"
     config.sample.num_steps = 50
     config.sample.num_samples = 64
+    # The cosine schedule's sigma_{T-1} is ~2e4: EDM Heun's first step from there is far off and
+    # DPM-Solver++'s log grid spends its steps at pure noise, so both start at sigma <= 80.
+    config.sample.sigma_max = 80.0
     return config

@@ -120,6 +120,11 @@ class SamplerOptions:
         sigma_spacing: noise-level grid of edm_heun / dpm_solver_pp: ``karras``, ``uniform``
             or ``log``; ``None``: the solver's default (karras / log).
         rho: Karras grid exponent (``sigma_i^(1/rho)`` uniform).
+        sigma_max: ``None`` or a cap on the top noise level of edm_heun / dpm_solver_pp: from
+            the prior, their grid starts at the largest trained ``sigma_k <= sigma_max`` instead
+            of ``sigma_{T-1}`` (EDM uses 80; a cosine schedule's ``sigma_{T-1}`` is ~2e4, where
+            a Heun step to the next level is off by ``(sigma - sigma_next) / 2`` times the
+            change of slope). Ignored when starting part-way (``t_start``).
         churn: EDM's ``S_churn`` (0: deterministic Heun).
         s_tmin, s_tmax: churn only for ``s_tmin <= sigma <= s_tmax``.
         s_noise: EDM's ``S_noise`` (scale of the churn noise).
@@ -148,6 +153,7 @@ class SamplerOptions:
     dynamic_threshold: float | None = None
     sigma_spacing: str | None = None
     rho: float = 7.0
+    sigma_max: float | None = None
     churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
@@ -946,6 +952,9 @@ def _check_solver_options(options):
                          f"{threshold!r}.")
     if options.sigma_spacing is not None:
         _check_choice("sigma_spacing", options.sigma_spacing, sde_registry.SIGMA_SPACINGS)
+    if options.sigma_max is not None and not (isinstance(options.sigma_max, (int, float))
+                                              and options.sigma_max > 0):
+        raise ValueError(f"sigma_max must be None or > 0, got {options.sigma_max!r}.")
     _check_choice("order", options.order, (1, 2, 3))
     _check_choice("sde", options.sde, sorted(SDE_NAMES))
     _check_choice("predictor", options.predictor, PREDICTORS)

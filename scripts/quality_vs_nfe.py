@@ -160,11 +160,13 @@ def _markdown(result):
                 + ("" if c["nfe"] == c["target_nfe"] else f" ({c['nfe']})") for c in cells]
         lines.append(f"| {label} | " + " | ".join(text) + " |")
     lines.append("\nNFE in parentheses where the solver's step rule gives fewer than the column's; "
-                 "n/a: not runnable at that NFE (PC needs > 20 steps).")
-    lines.append("\nAdaptive probability-flow ODE (Tsit5, rtol = atol), counted NFE:\n")
-    lines.append("| tolerance | NFE | confident share | digit-FD |")
-    lines.append("| --- | --- | --- | --- |")
-    for c in result["solvers"].get("ODE Tsit5 (adaptive)", []):
+                 "n/a: not runnable at that NFE (the reason is in the JSON's `skipped`).")
+    odes = result["solvers"].get("ODE Tsit5 (adaptive)", [])
+    if odes:
+        lines.append("\nAdaptive probability-flow ODE (Tsit5, rtol = atol), counted NFE:\n")
+        lines.append("| tolerance | NFE | confident share | digit-FD |")
+        lines.append("| --- | --- | --- | --- |")
+    for c in odes:
         lines.append(f"| {c['tolerance']:g} | {c['nfe']} | {c['confidence_share']:.3f} | "
                      f"{c['digit_fd']:.2f} |")
     return "\n".join(lines) + "\n"

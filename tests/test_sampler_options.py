@@ -42,8 +42,8 @@ def test_options_from_config_reads_the_solver_fields_and_flags_override():
 
 @pytest.mark.parametrize("field,value", [
     ("order", 4), ("sde", "vpp"), ("predictor", "heun"), ("corrector", "x"), ("method", "rk5"),
-    ("sigma_spacing", "cubic"), ("dynamic_threshold", 1.5), ("churn", -1.0), ("snr", 0.0),
-    ("n_corrector_steps", 0), ("sde_eps", 1.0)])
+    ("sigma_spacing", "cubic"), ("sigma_max", 0.0), ("dynamic_threshold", 1.5), ("churn", -1.0),
+    ("snr", 0.0), ("n_corrector_steps", 0), ("sde_eps", 1.0)])
 def test_bad_solver_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         samplers.make_options(**{field: value})
@@ -105,9 +105,9 @@ def test_dynamic_threshold_keeps_the_clean_estimate_in_range(name):
 
 def test_sampler_option_flag_parsing():
     parsed = cli.parse_sampler_options(["churn=40", "order=3", "sde=ve", "dynamic_threshold=0.995",
-                                        "sigma_spacing=none", "method=tsit5"])
+                                        "sigma_spacing=none", "method=tsit5", "sigma_max=80"])
     assert parsed == dict(churn=40.0, order=3, sde="ve", dynamic_threshold=0.995,
-                          sigma_spacing=None, method="tsit5")
+                          sigma_spacing=None, method="tsit5", sigma_max=80.0)
     with pytest.raises(ValueError, match="NAME=VALUE"):
         cli.parse_sampler_options(["churn"])
     with pytest.raises(ValueError, match="NAME=VALUE"):

@@ -331,7 +331,8 @@ def parse_sampler_options(items):
         if text.lower() == "none":
             parsed[name] = None
             continue
-        kind = float if name == "dynamic_threshold" else str if default is None else type(default)
+        kind = (float if name in ("dynamic_threshold", "sigma_max")
+                else str if default is None else type(default))
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")

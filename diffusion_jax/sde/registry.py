@@ -167,11 +167,31 @@ def sigma_grid(schedule, num_steps, spacing="karras", t_start=None, rho=7.0):
 def _denoiser_setup(denoise, schedule, x_start, options, t_start, default_spacing):
     """Denoiser, sigma grid and the VE-scaled start ``x_start / sqrt(alpha_bar_top)``."""
     denoiser = ddpm_denoiser(denoise, schedule, options.pred_type, clip_bounds(options.clip_x0))
-    sigmas = sigma_grid(schedule, options.num_steps,
-                        _opt(options, "sigma_spacing", default_spacing), t_start,
-                        _opt(options, "rho", 7.0))
     t_top = _t_top(schedule, t_start)
+    if t_start is None and _opt(options, "sigma_max", None) is not None:
+        t_top = capped_top(schedule, options.sigma_max)
+    sigmas = sigma_grid(schedule, options.num_steps,
+                        _opt(options, "sigma_spacing", default_spacing), t_top,
+                        _opt(options, "rho", 7.0))
     return denoiser, sigmas, x_start / schedule.sqrt_alphas_cumprod[t_top]
+
+
+def capped_top(schedule, sigma_max):
+    """The largest step ``k`` with ``sigma_k <= sigma_max`` (``T - 1`` when all are), as int.
+
+    A prior sample ``n ~ N(0, I)`` is then read as the VP state at ``k``: it lacks the signal
+    ``sqrt(alpha_bar_k) x_0``, which is ``x_0 / sqrt(1 + sigma_k^2)`` (1.2 % of it at 80).
+
+    Raises:
+        ValueError: if ``sigma_max < sigma_0`` (no trained level lies below the cap).
+    """
+    with jax.ensure_compile_time_eval():
+        sigmas = np.asarray(discrete_sigmas(schedule), np.float64)
+    top = int(np.searchsorted(sigmas, float(sigma_max), side="right")) - 1
+    if top < 0:
+        raise ValueError(f"sigma_max={sigma_max} is below the schedule's smallest noise level "
+                         f"sigma_0={sigmas[0]:.4g}.")
+    return min(top, sigmas.shape[0] - 1)
 
 
 def _score_setup(denoise, schedule, sde, x_start, options, t_start):
