@@ -120,8 +120,8 @@ class SamplerOptions:
         sigma_spacing: noise-level grid of edm_heun / dpm_solver_pp: ``karras``, ``uniform``
             or ``log``; ``None``: the solver's default (karras / log).
         rho: Karras grid exponent (``sigma_i^(1/rho)`` uniform).
-        sigma_max: ``None`` or a cap on the top noise level of edm_heun / dpm_solver_pp: from
-            the prior, their grid starts at the largest trained ``sigma_k <= sigma_max`` instead
+        sigma_max: ``None`` or a cap on the top noise level of edm_heun / dpm_solver_pp /
+            probability_flow: from the prior, their grid (the ODE: its time interval) starts at the largest trained ``sigma_k <= sigma_max`` instead
             of ``sigma_{T-1}`` (EDM uses 80; a cosine schedule's ``sigma_{T-1}`` is ~2e4, where
             a Heun step to the next level is off by ``(sigma - sigma_next) / 2`` times the
             change of slope). Ignored when starting part-way (``t_start``).

@@ -6,8 +6,8 @@
 For each target NFE the solvers get the step count that spends at most that many evaluations:
 DDIM and DPM-Solver++ (2M) ``N`` steps (``N`` evaluations), EDM's Heun ``(N + 1) // 2`` steps
 (``2 steps - 1``), predictor--corrector (VP, reverse diffusion + Langevin) ``N // 2`` steps
-(2 per step; score_sde's VP discretisation needs more than ``beta_max = 20`` steps, so ``n/a``
-below NFE 42). The adaptive probability-flow ODE (Tsit5, PID controller) runs at a
+(2 per step; score_sde's VP discretisation needs more than ``beta_max`` steps: ``n/a`` below),
+the probability-flow ODE with fixed-step RK4 ``(N - 1) // 4`` steps. The adaptive probability-flow ODE (Tsit5, PID controller) runs at a
 ladder of tolerances instead and reports what it spent. Every NFE in the table is *counted* (a
 host callback in the denoiser) and compared with
 :func:`diffusion_jax.samplers.num_evaluations` for the fixed-step solvers (a mismatch is
@@ -50,6 +50,8 @@ SOLVERS = {  # name -> (registry name, options overrides, steps for a target NFE
     "EDM Heun": ("edm_heun", {}, lambda n: (n + 1) // 2),
     # score_sde's VP discretisation (reverse diffusion, Langevin) needs N > beta_max = 20 steps.
     "PC (RD + Langevin)": ("pc", {}, lambda n: max(1, n // 2)),
+    # probability-flow ODE, fixed-step RK4: 4 evaluations per step + 1 final denoising step.
+    "ODE RK4": ("probability_flow", {"method": "rk4"}, lambda n: max(1, (n - 1) // 4)),
 }
 
 
@@ -172,7 +174,8 @@ def _markdown(result):
     return "\n".join(lines) + "\n"
 
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75)]
 
 
 def _plot(result, path):

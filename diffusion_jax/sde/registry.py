@@ -107,6 +107,8 @@ def probability_flow(denoise, schedule, x_start, key, options, *, t_start=None, 
     separate prediction).
     """
     sde = sde_for_schedule(schedule, _opt(options, "sde", "vp"))
+    if t_start is None and _opt(options, "sigma_max", None) is not None:  # start from the prior at the capped level, as edm_heun / dpm_solver_pp do
+        t_start = capped_top(schedule, options.sigma_max)
     score, x_sde, t0 = _score_setup(denoise, schedule, sde, x_start, options, t_start)
     hook = None
     if step_hook is not None:
