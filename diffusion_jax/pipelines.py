@@ -14,8 +14,9 @@ A latent diffusion model (Rombach et al., 2022) runs the sampler over autoencode
 project's weight ``w = s - 1`` of :mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
 of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps images to
 scaled latents and ``decode`` back, so the samplers and the applications
-(:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion) run unchanged on the
-latents of :func:`img2img`, :func:`inpaint` and :func:`invert`.
+(:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion, DiffusionCLIP) run
+unchanged on the latents of :func:`img2img`, :func:`inpaint`, :func:`invert` and
+:func:`diffusionclip`.
 
 A :class:`Pipeline` holds plain components: any ``unet(z, t, {"text": states})``, an
 autoencoder with ``encode(x).mode()`` / ``decode(z)`` / ``scaling_factor``, a text encoder

@@ -83,7 +83,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float], Sequence
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
             if labels:
                 draw.text((px + 6, py - 14), str(labels[i]), fill=color)
-        draw.text((pad + 8, pad + 8 + 14 * s), name, fill=color)
+        draw.text((pad + 200 * s, height - pad + 38), name, fill=color)  # legend, below
     return img
 
 

@@ -100,8 +100,8 @@ def _parse():
                         help="IDX Fashion-MNIST directory")
     parser.add_argument("--save_images", action="store_true", help="also write the npz files")
     args = parser.parse_args()
-    if args.per_class < 2 or args.steps < 1 or args.batch < 1:
-        parser.error("--per_class must be >= 2, --steps and --batch >= 1")
+    if min(args.per_class, args.steps, args.batch) < 1:
+        parser.error("--per_class, --steps and --batch must be >= 1")
     return args
 
 
