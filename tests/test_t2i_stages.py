@@ -281,6 +281,7 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
     Image.fromarray(item).save(tmp_path / "item.png")
     _run("run_sample.py", f"--workdir={runs / 't2i'}", f"--out={tmp_path / 'edit'}",
          "--task=diffusionclip", f"--input={tmp_path / 'item.png'}", "--steps=2",
+         "--num_samples=1",
          "--source_text=a photo of a shirt", "--target_text=a photo of a t-shirt",
          f"--clip_workdir={runs / 'clip'}", "--finetune_steps=1", "--clip_decode_steps=1")
     edit = np.load(tmp_path / "edit" / "diffusionclip.npz")
