@@ -203,7 +203,8 @@ def check_sd_flags(fv, pipe):
             does not use, or one only class-conditional / UNet checkpoints use; no
             ``--prompt`` (``diffusionclip``: the checks of `_check_diffusionclip`, and no
             ``--prompt`` / ``--negative_prompt`` / ``--guidance_scale``); ``--steps`` /
-            ``--num_samples`` below 1; a negative ``--guidance_scale``; a size that is not a multiple of the autoencoder's factor;
+            ``--num_samples`` below 1; a negative ``--guidance_scale``; a size that is not a
+            multiple of the autoencoder's factor;
             ``--strength`` outside (0, 1]; ``--input`` missing for img2img / inpaint /
             diffusionclip, or not square; a sampler the task cannot use.
     """
