@@ -14,8 +14,9 @@ A latent diffusion model (Rombach et al., 2022) runs the sampler over autoencode
 project's weight ``w = s - 1`` of :mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
 of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps images to
 scaled latents and ``decode`` back, so the samplers and the applications
-(:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion) run unchanged on the
-latents of :func:`img2img`, :func:`inpaint` and :func:`invert`.
+(:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion, DiffusionCLIP) run
+unchanged on the latents of :func:`img2img`, :func:`inpaint`, :func:`invert` and
+:func:`diffusionclip`.
 
 A :class:`Pipeline` holds plain components: any ``unet(z, t, {"text": states})``, an
 autoencoder with ``encode(x).mode()`` / ``decode(z)`` / ``scaling_factor``, a text encoder
@@ -41,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
+from diffusion_jax.applications import diffusionclip as dclip
 from diffusion_jax.applications import inpaint as inpaint_app
 from diffusion_jax.applications import inversion, sdedit
 from diffusion_jax.conditioning import area_downsample
@@ -261,6 +263,41 @@ def invert(pipe: Pipeline, images, prompts, *, num_steps=50, guidance_scale=None
                   {"x": images}, jax.random.key(0), mesh,
                   (("fixed_point_iters", int(fixed_point_iters)), ("decode", False)))
     return np.asarray(out, np.float32)
+
+
+def diffusionclip(pipe: Pipeline, images, clip, source_text: str, target_text: str, **kwargs):
+    """DiffusionCLIP (:mod:`diffusion_jax.applications.diffusionclip`) in latent space.
+
+    The edit runs on ``z_0 = encode(images)`` with the UNet conditioned on the source text's
+    states (no guidance); CLIP and the identity term see decoded images, ``decode(z)``:
+
+        L = 1 - cos(E_I(decode(z'_0)) - E_I(decode(z_0)), E_T(target) - E_T(source))
+            + id_weight mean |decode(z'_0) - decode(z_0)|
+
+    Args:
+        pipe: :class:`Pipeline`.
+        images: ``[B, H, W, C]`` in [-1, 1].
+        clip: ``(CLIPModel, tokenizer)`` whose image tower takes ``[B, H, W, C]``.
+        source_text, target_text: the edit ``source -> target``.
+        **kwargs: ``t0``, ``num_inversion_steps``, ``num_decode_steps``, ``finetune_steps``,
+            ``learning_rate``, ``id_weight`` of
+            :func:`~diffusion_jax.applications.diffusionclip.diffusionclip_edit`.
+
+    Returns:
+        Its dict (``output``, ``reconstruction``: images ``[B, H, W, C]``; ``latent``, per-step
+        ``loss`` / ``directional`` / ``identity``, ``params``).
+    """
+    images = jnp.asarray(images, jnp.float32)
+    latent_shape(pipe, images.shape[0], images.shape[1], images.shape[2])
+    clip_model, clip_tokenizer = clip
+    emb = clip_model.encode_text(jnp.asarray(clip_tokenizer([source_text, target_text])))
+    ids = jnp.asarray(pipe.tokenizer(_prompts(source_text, images.shape[0], "source_text")))
+    states = pipe.text_encoder(ids).last_hidden_state                     # [B, L, D]
+    codec = LatentCodec(pipe.vae)
+    return dclip.diffusionclip_edit(
+        pipe.unet, pipe.schedule, codec.encode(images), clip_model.encode_image,
+        dclip.text_direction(emb[0], emb[1]), cond={"text": states},
+        pred_type=pipe.options.pred_type, decode_fn=codec.decode, **kwargs)
 
 
 def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:

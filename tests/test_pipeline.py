@@ -279,6 +279,7 @@ def test_cli_text_to_image_matches_the_library_and_rejects_bad_flags(sd15, ours,
     assert Image.open(out / "samples.png").size[0] > SIZE
     for flags, message in ((["--height=30"], "multiple of"),
                            (["--strength=0.5"], "--strength"),
-                           (["--task=img2img"], "--input")):
+                           (["--task=img2img"], "--input"),
+                           (["--task=diffusionclip"], "needs --source_text")):
         proc = _run_sample(f"--checkpoint={sd15[0]}", f"--out={out}", "--prompt=x", *flags)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]

@@ -267,6 +267,28 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
          "--prompt=an ankle boot", "--guidance_scale=3", "--steps=2", "--num_samples=2")
     images = np.load(tmp_path / "prompt" / "samples.npz")["images"]
     assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+    _run("scripts/t2i_guidance_sweep.py", f"--workdir={runs / 't2i'}",
+         f"--out={tmp_path / 'sweep'}", "--scales=1,3", "--per_class=1", "--steps=2",
+         "--batch=10", f"--fashion_dir={data_dir}")
+    sweep = json.load(open(tmp_path / "sweep" / "t2i_guidance.json"))
+    assert list(sweep["scales"]) == ["1.0", "3.0"] and sweep["num_images"] == 10
+    for cell in [*sweep["scales"].values(), sweep["real"]]:
+        assert 0 <= cell["faithfulness"] <= 1 and 0 <= cell["clip_score"] <= 100
+        assert cell["fashion_fd"] >= 0
+    assert (tmp_path / "sweep" / "t2i_guidance.png").exists()
+    item = np.zeros((32, 32), np.uint8)
+    item[6:26, 8:24] = 200
+    Image.fromarray(item).save(tmp_path / "item.png")
+    _run("run_sample.py", f"--workdir={runs / 't2i'}", f"--out={tmp_path / 'edit'}",
+         "--task=diffusionclip", f"--input={tmp_path / 'item.png'}", "--steps=2",
+         "--num_samples=1",
+         "--source_text=a photo of a shirt", "--target_text=a photo of a t-shirt",
+         f"--clip_workdir={runs / 'clip'}", "--finetune_steps=1", "--clip_decode_steps=1")
+    edit = np.load(tmp_path / "edit" / "diffusionclip.npz")
+    assert edit["output"].shape == edit["reconstruction"].shape == (1, 32, 32, 1)
+    np.testing.assert_allclose(edit["identity_l1"],
+                               np.abs(edit["output"] - edit["input"]).mean(axis=(1, 2, 3)),
+                               rtol=1e-5)
 
 
 def test_pool_recall_counts_own_pairs_and_same_class_partners():

@@ -27,7 +27,13 @@ A Stable Diffusion checkpoint (a directory with ``model_index.json``, diffusers 
 runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) with
 ``--prompt`` / ``--negative_prompt`` / ``--height`` / ``--width`` and the tasks in
 :data:`SD_TASKS`; there ``--guidance_scale`` is the SD scale ``s`` (default 7.5, 1 = none) and
-``--input`` is required for ``img2img`` / ``inpaint``.
+``--input`` is required for ``img2img`` / ``inpaint`` / ``diffusionclip`` (DiffusionCLIP in
+latent space, :func:`diffusion_jax.pipelines.diffusionclip`; ``--steps`` inversion steps,
+default 20)::
+
+    python run_sample.py --workdir=demo_t2i/t2i --out=O --task=diffusionclip --input=shirt.png \
+        --source_text="a photo of a shirt" --target_text="a photo of a t-shirt" \
+        --clip_workdir=demo_t2i/clip
 """
 import dataclasses
 import os
@@ -37,10 +43,10 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import data, image_io, pipelines, samplers, sharding
-from diffusion_jax.applications import tasks
+from diffusion_jax.applications import diffusionclip, tasks
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
 
-SD_TASKS = ("sample", "img2img", "inpaint")
+SD_TASKS = ("sample", "img2img", "inpaint", "diffusionclip")
 TASKS = ("sample",) + tasks.TASKS + ("img2img",)
 # Flags only a Stable Diffusion checkpoint uses.
 SD_FLAGS = ("prompt", "negative_prompt", "height", "width", "strength", "dtype")
@@ -195,10 +201,12 @@ def check_sd_flags(fv, pipe):
     Raises:
         ValueError: naming the flag, for: a task outside :data:`SD_TASKS`; a flag the task
             does not use, or one only class-conditional / UNet checkpoints use; no
-            ``--prompt``; ``--steps`` / ``--num_samples`` below 1; a negative
-            ``--guidance_scale``; a size that is not a multiple of the autoencoder's factor;
-            ``--strength`` outside (0, 1]; ``--input`` missing for img2img / inpaint, or not
-            square; a sampler the task cannot use.
+            ``--prompt`` (``diffusionclip``: the checks of `_check_diffusionclip`, and no
+            ``--prompt`` / ``--negative_prompt`` / ``--guidance_scale``); ``--steps`` /
+            ``--num_samples`` below 1; a negative ``--guidance_scale``; a size that is not a
+            multiple of the autoencoder's factor;
+            ``--strength`` outside (0, 1]; ``--input`` missing for img2img / inpaint /
+            diffusionclip, or not square; a sampler the task cannot use.
     """
     task = fv.task
     if task not in SD_TASKS:
@@ -206,9 +214,15 @@ def check_sd_flags(fv, pipe):
                          f"expected one of {list(SD_TASKS)}.")
     _check_common(fv)
     for name in ("class_label", "source_label", "resize_input", "jump_length", "jump_n_sample"):
-        if fv[name].present:
+        if fv[name].present and not (name == "resize_input" and task == "diffusionclip"):
             raise ValueError(f"--{name} does not apply to a Stable Diffusion checkpoint.")
-    if fv.prompt is None:
+    if task == "diffusionclip":
+        _check_diffusionclip(fv)
+        for name in ("prompt", "negative_prompt", "guidance_scale"):
+            if fv[name].present:
+                raise ValueError(f"--{name} is not used by --task=diffusionclip (it edits "
+                                 "from --source_text to --target_text without guidance).")
+    elif fv.prompt is None:
         raise ValueError("--prompt is required for a Stable Diffusion checkpoint.")
     if fv.guidance_scale is not None and fv.guidance_scale < 0:
         raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
@@ -225,8 +239,9 @@ def check_sd_flags(fv, pipe):
         if height != width:
             raise ValueError(f"--input is read as a square image: --height={height} and "
                              f"--width={width} must be equal.")
-    samplers.check_sampler(fv.sampler or "ddim", t_start=task == "img2img",
-                           step_hook=task == "inpaint")
+    if task != "diffusionclip":
+        samplers.check_sampler(fv.sampler or "ddim", t_start=task == "img2img",
+                               step_hook=task == "inpaint")
 
 
 def run_sd_from_flags(fv, pipe, out_dir):
@@ -255,7 +270,11 @@ def run_sd_from_flags(fv, pipe, out_dir):
             print(f"Wrote {n} samples to {out_dir}/samples.png and samples.npz")
         return {"images": images}
     size = fv.height or pipe.sample_size
-    images = np.repeat(image_io.read_image(fv.input, size, 3)[None], n, axis=0)
+    channels = pipe.vae.encoder.conv_in.in_features
+    images = np.repeat(image_io.read_image(fv.input, size, channels,
+                                           resize=fv.resize_input)[None], n, axis=0)
+    if task == "diffusionclip":
+        return _latent_diffusionclip(fv, pipe, images, out_dir)
     results = {"input": images}
     if task == "img2img":
         out = pipelines.img2img(pipe, images, prompts, key, strength=fv.strength, **kwargs)
@@ -267,6 +286,32 @@ def run_sd_from_flags(fv, pipe, out_dir):
     if jax.process_index() == 0:
         write_outputs(out_dir, task, results)
     return results
+
+
+def _latent_diffusionclip(fv, pipe, images, out_dir):
+    """``--task=diffusionclip`` on a latent pipeline (:func:`pipelines.diffusionclip`): writes
+    ``OUT/diffusionclip.{png,npz}`` and prints the scores of `diffusionclip.edit_scores`."""
+    clip = _load_clip(fv)
+    res = pipelines.diffusionclip(
+        pipe, images, clip, fv.source_text, fv.target_text, t0=fv.t0,
+        num_inversion_steps=fv.steps or 20, num_decode_steps=fv.clip_decode_steps,
+        finetune_steps=fv.finetune_steps, learning_rate=fv.clip_lr, id_weight=fv.id_weight)
+    results = {"input": images, "reconstruction": res["reconstruction"],
+               "output": res["output"]}
+    samplers.check_finite(results["output"], "ddim")
+    results.update(diffusionclip.edit_scores(*clip, images, res["output"], fv.source_text,
+                                             fv.target_text))
+    results = {name: np.asarray(value, np.float32) for name, value in results.items()}
+    if jax.process_index() == 0:
+        write_outputs(out_dir, "diffusionclip", results)
+    _print_diffusionclip(results)
+    return results
+
+
+def _print_diffusionclip(results):
+    scores = {name: float(np.mean(results[name])) for name in
+              ("directional", "identity_l1", "target_score_input", "target_score_output")}
+    print("diffusionclip " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
 
 def _check_diffusionclip(fv):
@@ -382,9 +427,7 @@ def run_task_from_flags(fv, model, sched, config, out_dir):
     samplers.check_finite(results["output"], options.sampler)
     write_outputs(out_dir, fv.task, results)
     if fv.task == "diffusionclip":
-        scores = {name: float(np.mean(results[name])) for name in
-                  ("directional", "identity_l1", "target_score_input", "target_score_output")}
-        print("diffusionclip " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        _print_diffusionclip(results)
     return results
 
 

@@ -51,6 +51,29 @@ def directional_similarity(image_embed_fn: Callable, edited: jax.Array, source_i
     return jnp.sum(d * jnp.broadcast_to(delta_text, d.shape), axis=-1)
 
 
+def edit_scores(clip_model, tokenizer, images, edited, source_text: str,
+                target_text: str) -> dict[str, jax.Array]:
+    """Per-image ``[B]`` scores of an edit ``images -> edited`` (both ``[B, H, W, C]``):
+
+    * ``directional``: ``cos(E_I(edited) - E_I(images), E_T(target) - E_T(source))``;
+    * ``identity_l1``: ``mean |edited - images|`` over pixels;
+    * ``target_score_input`` / ``target_score_output``: the CLIP score ``100 max(cos, 0)`` of
+      ``images`` / ``edited`` against the target text.
+
+    Args:
+        clip_model: a `CLIPModel` (``encode_image``, ``encode_text``: unit embeddings).
+        tokenizer: texts -> ids ``[N, L]``.
+    """
+    images, edited = jnp.asarray(images, jnp.float32), jnp.asarray(edited, jnp.float32)
+    text = clip_model.encode_text(jnp.asarray(tokenizer([source_text, target_text])))
+    before, after = clip_model.encode_image(images), clip_model.encode_image(edited)
+    score = lambda emb: 100.0 * jnp.maximum(emb @ text[1], 0.0)
+    return dict(directional=directional_similarity(clip_model.encode_image, edited, before,
+                                                   text_direction(text[0], text[1])),
+                identity_l1=jnp.mean(jnp.abs(edited - images), axis=(1, 2, 3)),
+                target_score_input=score(before), target_score_output=score(after))
+
+
 def diffusionclip_edit(model: nnx.Module, sched, x0: jax.Array, image_embed_fn: Callable,
                        delta_text: jax.Array, *, cond=None, pred_type: str = "eps",
                        t0: float = 0.5, num_inversion_steps: int = 20, num_decode_steps: int = 6,

@@ -139,10 +139,7 @@ def run_task(task, model, sched, images, options, key):
 
 
 def _diffusionclip(model, sched, images, options, cond):
-    """DiffusionCLIP edit plus per-image scores: ``directional`` (cos of the image- and
-    text-embedding changes), ``identity_l1`` (mean |output - input|) and the CLIP score
-    (``100 max(cos, 0)``) against the target text before (``target_score_input``) and after
-    (``target_score_output``) the edit."""
+    """DiffusionCLIP edit plus the per-image scores of `diffusionclip.edit_scores`."""
     if options.clip is None or not options.source_text or not options.target_text:
         raise ValueError("diffusionclip needs a CLIP model (--clip_workdir), --source_text and "
                          "--target_text.")
@@ -158,16 +155,10 @@ def _diffusionclip(model, sched, images, options, cond):
         num_inversion_steps=options.sampler_options.num_steps,
         num_decode_steps=options.clip_decode_steps, finetune_steps=options.finetune_steps,
         learning_rate=options.clip_lr, id_weight=options.id_weight)
-    source_emb = clip_model.encode_image(images)
-    score = lambda emb: 100.0 * jnp.maximum(emb @ text[1], 0.0)
-    out = res["output"]
-    return out, dict(
+    return res["output"], dict(
         reconstruction=res["reconstruction"],
-        directional=diffusionclip.directional_similarity(clip_model.encode_image, out,
-                                                         source_emb, direction),
-        identity_l1=jnp.mean(jnp.abs(out - images), axis=(1, 2, 3)),
-        target_score_input=score(source_emb),
-        target_score_output=score(clip_model.encode_image(out)))
+        **diffusionclip.edit_scores(clip_model, tokenizer, images, res["output"],
+                                    options.source_text, options.target_text))
 
 
 def region_mask(shape, region):

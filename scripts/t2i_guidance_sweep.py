@@ -1,0 +1,168 @@
+"""FID-like distance, CLIP score and prompt faithfulness of the Fashion-MNIST text-to-image
+model over classifier-free guidance scales (the standard FID-vs-CLIP-score curve).
+
+    python scripts/t2i_guidance_sweep.py --workdir=demo_t2i/t2i --out=benchmarks/results \
+        --scales=1,1.5,2,3,5,7.5 --per_class=50 --steps=50
+
+For each guidance scale ``s`` (Stable Diffusion convention, 1 = the conditional model) it
+generates ``per_class`` images for each prompt "a photo of <class>" with DDIM, from the same
+noise at every scale, through :func:`diffusion_jax.pipelines.text_to_image` on the trained
+stages, and scores them:
+
+* ``fashion_fd``: Fréchet distance to real training images in the offline feature space of
+  :mod:`diffusion_jax.fashion_metric` (50 pixel principal components + 10 logits of a ridge
+  classifier fit on 10,000 real training images); not Inception FID.
+* ``clip_fd``: Fréchet distance of our CLIP's unit image embeddings to as many real test
+  images (:func:`diffusion_jax.metrics_clip.clip_fd`).
+* ``clip_score``: 100 cos(E_I, E_T("a photo of <class>")) clipped at 0, averaged, with the CLIP
+  stage trained here (``latent.clip_workdir`` of the workdir).
+* ``faithfulness``: the share of images the ridge classifier assigns to the prompted class.
+
+The same numbers for the same count of real test images (via 32x32, the model's resolution)
+are the reference: faithfulness there is the classifier's test accuracy. Writes
+``OUT/t2i_guidance.json``, ``OUT/t2i_guidance.md`` and ``OUT/t2i_guidance.png``
+(fashion-FD against CLIP score, one point per scale).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+from diffusion_jax import (captions, checkpoint, data, fashion_metric, metrics_clip,  # noqa: E402
+                           pipelines, plotting, stage_pipeline)
+
+
+def main():
+    args = _parse()
+    try:
+        pipe = stage_pipeline.load_pipeline(args.workdir)
+        config = checkpoint.load_config(
+            checkpoint.make_manager(args.workdir, create=False, async_checkpointing=False))
+        clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
+        scales = [float(s) for s in args.scales.split(",")]
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"t2i_guidance_sweep.py: error: {err}")
+    prompts = captions.class_prompts(args.template)
+    labels = np.repeat(np.arange(len(prompts)), args.per_class)
+    texts = [prompts[k] for k in labels]
+    num = len(labels)
+    metric = fashion_metric.FashionMetric(args.fashion_dir, max_test=num)
+    real, real_labels = _real_test_images(config, num)
+    result = dict(workdir=args.workdir, template=args.template, per_class=args.per_class,
+                  steps=args.steps, seed=args.seed, num_images=num,
+                  features="fashion_fd: 50 pixel PCs + 10 ridge-classifier logits "
+                           "(diffusion_jax/fashion_metric.py); clip_fd: our CLIP's image "
+                           "embeddings", scales={})
+    ref = metric.reference(config.data.image_size)
+    result["real"] = dict(faithfulness=ref["reference_accuracy"], fashion_fd=ref["fashion_fd"],
+                          clip_score=metrics_clip.clip_score(
+                              clip_model, tokenizer, real, [prompts[k] for k in real_labels]),
+                          clip_fd=0.0, num_images=num)
+    noise = np.asarray(jax.random.normal(jax.random.key(args.seed),
+                                         pipelines.latent_shape(pipe, num)))
+    for s in scales:
+        start = time.time()
+        images = _generate(pipe, texts, noise, s, args)
+        scores = metric(images, labels)
+        cell = dict(faithfulness=scores["faithfulness"], fashion_fd=scores["fashion_fd"],
+                    clip_score=metrics_clip.clip_score(clip_model, tokenizer, images, texts),
+                    clip_fd=metrics_clip.clip_fd(clip_model, images, real),
+                    class_histogram=scores["class_histogram"],
+                    seconds=round(time.time() - start, 1))
+        result["scales"][str(s)] = cell
+        print(f"s={s}: " + " ".join(f"{k}={v:.3f}" for k, v in cell.items()
+                                    if isinstance(v, float)), flush=True)
+        if args.save_images:
+            os.makedirs(args.out, exist_ok=True)
+            np.savez(os.path.join(args.out, f"t2i_guidance_s{s}.npz"),
+                     images=np.asarray(images), labels=labels, prompts=np.asarray(texts))
+    _write(result, args.out)
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="latent_diffusion workdir")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--scales", default="1,1.5,2,3,5,7.5", help="guidance scales")
+    parser.add_argument("--per_class", type=int, default=50, help="images per class prompt")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--batch", type=int, default=100, help="images per compiled call")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--template", default="a photo of {}", help="prompt template")
+    parser.add_argument("--fashion_dir", default=fashion_metric.FASHION_DIR,
+                        help="IDX Fashion-MNIST directory")
+    parser.add_argument("--save_images", action="store_true", help="also write the npz files")
+    args = parser.parse_args()
+    if min(args.per_class, args.steps, args.batch) < 1:
+        parser.error("--per_class, --steps and --batch must be >= 1")
+    return args
+
+
+def _generate(pipe, texts, noise, scale, args):
+    """``[N, S, S, C]`` float images in [-1, 1], ``args.batch`` prompts per call."""
+    out = []
+    for i in range(0, len(texts), args.batch):
+        chunk = texts[i:i + args.batch]
+        latents = np.resize(noise[i:i + args.batch], (args.batch,) + noise.shape[1:])
+        chunk = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one compiled batch size
+        images = pipelines.text_to_image(pipe, chunk, jax.random.key(args.seed + 1),
+                                         guidance_scale=scale, num_steps=args.steps,
+                                         latents=latents, output="float")
+        out.append(images[:min(args.batch, len(texts) - i)])
+    return np.concatenate(out)
+
+
+def _real_test_images(config, num):
+    """The first ``num`` test images as the model saw them (``[num, S, S, C]`` in [-1, 1])
+    and their labels ``[num]``."""
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.split = "test"
+    images, labels = data.load_eval_images(data_cfg, num)
+    return np.asarray(images), np.asarray(labels)
+
+
+def _write(result, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "t2i_guidance.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "t2i_guidance.md"), "w") as f:
+        f.write(_markdown(result))
+    real, cells = result["real"], result["scales"]
+    series = {"generated, label = guidance scale":
+              ([c["clip_score"] for c in cells.values()],
+               [c["fashion_fd"] for c in cells.values()], [f"s={s}" for s in cells])}
+    plot = plotting.line_plot(
+        series, title=f"Fashion-MNIST text-to-image over guidance scales "
+                      f"({result['num_images']} images each)",
+        x_label="CLIP score (our CLIP)", y_label="fashion-FD (lower is better)",
+        h_lines={"real test images: FD": real["fashion_fd"]},
+        v_lines={"real: CLIP score": real["clip_score"]})
+    plot.save(os.path.join(out, "t2i_guidance.png"))
+    print(f"Wrote {out}/t2i_guidance.json, .md and .png")
+
+
+def _markdown(result):
+    real = result["real"]
+    lines = [f"Fashion-MNIST text-to-image over guidance scales: {result['per_class']} images "
+             f"per class prompt ('{result['template']}'), {result['steps']} DDIM steps, "
+             f"seed {result['seed']}, the same noise at every scale; "
+             f"real = the first {real['num_images']} test images via 32x32.", "",
+             "| guidance scale | faithfulness | fashion-FD | CLIP score | CLIP-FD |",
+             "| --- | --- | --- | --- | --- |"]
+    for s, c in result["scales"].items():
+        lines.append(f"| {s} | {c['faithfulness']:.3f} | {c['fashion_fd']:.2f} | "
+                     f"{c['clip_score']:.2f} | {c['clip_fd']:.3f} |")
+    lines.append(f"| real test images | {real['faithfulness']:.3f} | {real['fashion_fd']:.2f} | "
+                 f"{real['clip_score']:.2f} | 0 |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
