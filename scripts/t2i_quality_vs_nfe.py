@@ -1,0 +1,133 @@
+"""Sample quality vs network evaluations (NFE) of the solvers on the trained Fashion-MNIST
+text-to-image model (the latent diffusion stage of `make demo-t2i`).
+
+    python scripts/t2i_quality_vs_nfe.py --workdir=demo_t2i/t2i --out=benchmarks/results \
+        [--samplers=ddim,dpm_solver_pp,edm_heun] [--nfe=5,10,20,50] [--per_class=30]
+
+For every solver and target NFE, ``per_class`` images of each prompt "a photo of <class>" are
+generated from the same latent noise with classifier-free guidance ``--guidance_scale`` (one
+NFE = one guided denoiser evaluation, i.e. one conditional + one unconditional UNet pass):
+DDIM and DPM-Solver++ (2M) get ``N`` steps, EDM's Heun ``(N + 1) // 2`` (``2 steps - 1``
+evaluations). Scores as in ``scripts/t2i_guidance_sweep.py``: prompt faithfulness and
+fashion-FD (:class:`diffusion_jax.fashion_metric.FashionMetric`: 50 pixel PCs + 10 ridge
+logits, no Inception) and the CLIP score with the workdir's own CLIP.
+
+Writes ``OUT/t2i_quality_vs_nfe.json`` and ``OUT/t2i_quality_vs_nfe.md``.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+import jax
+import numpy as np
+
+from diffusion_jax import (captions, checkpoint, fashion_metric, metrics_clip, pipelines,
+                           stage_pipeline)
+
+STEPS_FOR_NFE = {"ddim": lambda n: n, "dpm_solver_pp": lambda n: n,
+                 "edm_heun": lambda n: (n + 1) // 2}
+
+
+def main():
+    args = _parse()
+    try:
+        pipe = stage_pipeline.load_pipeline(args.workdir)
+        config = checkpoint.load_config(
+            checkpoint.make_manager(args.workdir, create=False, async_checkpointing=False))
+        clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"t2i_quality_vs_nfe.py: error: {err}")
+    prompts = captions.class_prompts("a photo of {}")
+    labels = np.repeat(np.arange(len(prompts)), args.per_class)
+    texts = [prompts[k] for k in labels]
+    metric = fashion_metric.FashionMetric(args.fashion_dir, max_test=len(labels))
+    ref = metric.reference(config.data.image_size)
+    noise = np.asarray(jax.random.normal(jax.random.key(args.seed),
+                                         pipelines.latent_shape(pipe, len(labels))))
+    result = dict(workdir=args.workdir, guidance_scale=args.guidance_scale,
+                  per_class=args.per_class, seed=args.seed, num_images=len(labels),
+                  real=dict(faithfulness=ref["reference_accuracy"], fashion_fd=ref["fashion_fd"]),
+                  solvers={})
+    for sampler in args.samplers.split(","):
+        if sampler not in STEPS_FOR_NFE:
+            sys.exit(f"t2i_quality_vs_nfe.py: error: --samplers: unknown {sampler!r}; "
+                     f"expected some of {sorted(STEPS_FOR_NFE)}")
+        for target in (int(n) for n in args.nfe.split(",")):
+            steps = STEPS_FOR_NFE[sampler](target)
+            start = time.time()
+            images = _generate(pipe, texts, noise, sampler, steps, args)
+            scores = metric(images, labels)
+            cell = dict(target_nfe=target, steps=steps,
+                        nfe=2 * steps - 1 if sampler == "edm_heun" else steps,
+                        faithfulness=scores["faithfulness"], fashion_fd=scores["fashion_fd"],
+                        clip_score=metrics_clip.clip_score(clip_model, tokenizer, images, texts),
+                        seconds=round(time.time() - start, 1))
+            result["solvers"].setdefault(sampler, []).append(cell)
+            print(sampler, cell, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "t2i_quality_vs_nfe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "t2i_quality_vs_nfe.md"), "w") as f:
+        f.write(_markdown(result))
+    print(_markdown(result))
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="latent_diffusion workdir")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--samplers", default="ddim,dpm_solver_pp,edm_heun")
+    parser.add_argument("--nfe", default="5,10,20,50", help="target NFEs")
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--per_class", type=int, default=30, help="images per class prompt")
+    parser.add_argument("--batch", type=int, default=100, help="images per compiled call")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument("--fashion_dir", default=fashion_metric.FASHION_DIR,
+                        help="IDX Fashion-MNIST directory")
+    args = parser.parse_args()
+    if min(args.per_class, args.batch) < 1 or args.guidance_scale < 0:
+        parser.error("--per_class and --batch must be >= 1 and --guidance_scale >= 0")
+    return args
+
+
+def _generate(pipe, texts, noise, sampler, steps, args):
+    """``[N, S, S, C]`` float images in [-1, 1], ``args.batch`` prompts per compiled call."""
+    out = []
+    for i in range(0, len(texts), args.batch):
+        chunk = texts[i:i + args.batch]
+        latents = np.resize(noise[i:i + args.batch], (args.batch,) + noise.shape[1:])
+        chunk = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one compiled batch size
+        images = pipelines.text_to_image(pipe, chunk, jax.random.key(args.seed + 1),
+                                         guidance_scale=args.guidance_scale, sampler=sampler,
+                                         num_steps=steps, latents=latents, output="float")
+        out.append(images[:min(args.batch, len(texts) - i)])
+    return np.concatenate(out)
+
+
+def _markdown(result):
+    targets = [c["target_nfe"] for c in next(iter(result["solvers"].values()))]
+    command = ("python scripts/t2i_quality_vs_nfe.py " + " ".join(sys.argv[1:])).strip()
+    lines = [f"`{command}`\n",
+             f"Fashion-MNIST text-to-image model, guidance scale {result['guidance_scale']:g}, "
+             f"{result['per_class']} images per class prompt ({result['num_images']} in all); "
+             "cells: prompt faithfulness / fashion-FD / CLIP score. Real test images: "
+             f"faithfulness {result['real']['faithfulness']:.3f}, fashion-FD "
+             f"{result['real']['fashion_fd']:.2f}.\n",
+             "| solver | " + " | ".join(f"NFE {n}" for n in targets) + " |",
+             "| --- |" + " --- |" * len(targets)]
+    for sampler, cells in result["solvers"].items():
+        text = [f"{c['faithfulness']:.3f} / {c['fashion_fd']:.2f} / {c['clip_score']:.1f}"
+                + ("" if c["nfe"] == c["target_nfe"] else f" ({c['nfe']})") for c in cells]
+        lines.append(f"| {sampler} | " + " | ".join(text) + " |")
+    lines.append("\nNFE in parentheses where the solver's step rule gives fewer than the column's; "
+                 "one NFE is one guided evaluation (two UNet passes).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
