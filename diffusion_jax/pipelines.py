@@ -200,6 +200,41 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
     return _finish(images, sampler, output, status)
 
 
+def text_to_image_in_batches(pipe: Pipeline, prompts, key, latents, *, batch: int, **kwargs):
+    """:func:`text_to_image` over many prompts in calls of exactly ``batch`` prompts.
+
+    Every call has the same shapes, so the chain compiles once: the last chunk is padded by
+    repeating its final prompt and latent, and the padding is dropped. Every call uses the same
+    ``key``, and prompt ``i`` starts from ``latents[i]``.
+
+    Args:
+        pipe: :class:`Pipeline`.
+        prompts: N strings.
+        key: PRNG key of every call (the chain's noise).
+        latents: ``[N, H/f, W/f, C_z]`` starting latents.
+        batch: prompts per call (>= 1).
+        **kwargs: the other keyword arguments of :func:`text_to_image`.
+
+    Returns:
+        The N outputs of :func:`text_to_image`, concatenated.
+
+    Raises:
+        ValueError: ``batch < 1`` or ``len(latents) != len(prompts)``.
+    """
+    prompts = list(prompts)
+    if batch < 1 or len(latents) != len(prompts):
+        raise ValueError(f"need batch >= 1 and one latent per prompt; got batch={batch}, "
+                         f"{len(prompts)} prompts and {len(latents)} latents.")
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk, lat = prompts[i:i + batch], latents[i:i + batch]
+        pad = batch - len(chunk)
+        chunk = chunk + [chunk[-1]] * pad
+        lat = jnp.concatenate([lat, jnp.repeat(lat[-1:], pad, axis=0)]) if pad else lat
+        out.append(text_to_image(pipe, chunk, key, latents=lat, **kwargs)[:batch - pad])
+    return np.concatenate([np.asarray(o) for o in out])
+
+
 def img2img(pipe: Pipeline, images, prompts, key, *, strength=0.8, **kwargs):
     """SDEdit in latent space: encode ``images``, noise the latents to ``t_0 =
     round(strength T) - 1``, denoise under the prompts from there, decode.

@@ -69,7 +69,9 @@ def main():
                                          pipelines.latent_shape(pipe, num)))
     for s in scales:
         start = time.time()
-        images = _generate(pipe, texts, noise, s, args)
+        images = pipelines.text_to_image_in_batches(
+            pipe, texts, jax.random.key(args.seed + 1), noise, batch=args.batch,
+            guidance_scale=s, num_steps=args.steps, output="float")
         scores = metric(images, labels)
         cell = dict(faithfulness=scores["faithfulness"], fashion_fd=scores["fashion_fd"],
                     clip_score=metrics_clip.clip_score(clip_model, tokenizer, images, texts),
@@ -103,20 +105,6 @@ def _parse():
     if min(args.per_class, args.steps, args.batch) < 1:
         parser.error("--per_class, --steps and --batch must be >= 1")
     return args
-
-
-def _generate(pipe, texts, noise, scale, args):
-    """``[N, S, S, C]`` float images in [-1, 1], ``args.batch`` prompts per call."""
-    out = []
-    for i in range(0, len(texts), args.batch):
-        chunk = texts[i:i + args.batch]
-        latents = np.resize(noise[i:i + args.batch], (args.batch,) + noise.shape[1:])
-        chunk = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one compiled batch size
-        images = pipelines.text_to_image(pipe, chunk, jax.random.key(args.seed + 1),
-                                         guidance_scale=scale, num_steps=args.steps,
-                                         latents=latents, output="float")
-        out.append(images[:min(args.batch, len(texts) - i)])
-    return np.concatenate(out)
 
 
 def _real_test_images(config, num):

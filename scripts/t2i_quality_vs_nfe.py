@@ -54,13 +54,13 @@ def main():
                   real=dict(faithfulness=ref["reference_accuracy"], fashion_fd=ref["fashion_fd"]),
                   solvers={})
     for sampler in args.samplers.split(","):
-        if sampler not in STEPS_FOR_NFE:
-            sys.exit(f"t2i_quality_vs_nfe.py: error: --samplers: unknown {sampler!r}; "
-                     f"expected some of {sorted(STEPS_FOR_NFE)}")
         for target in (int(n) for n in args.nfe.split(",")):
             steps = STEPS_FOR_NFE[sampler](target)
             start = time.time()
-            images = _generate(pipe, texts, noise, sampler, steps, args)
+            images = pipelines.text_to_image_in_batches(
+                pipe, texts, jax.random.key(args.seed + 1), noise, batch=args.batch,
+                guidance_scale=args.guidance_scale, sampler=sampler, num_steps=steps,
+                output="float")
             scores = metric(images, labels)
             cell = dict(target_nfe=target, steps=steps,
                         nfe=2 * steps - 1 if sampler == "edm_heun" else steps,
@@ -92,21 +92,16 @@ def _parse():
     args = parser.parse_args()
     if min(args.per_class, args.batch) < 1 or args.guidance_scale < 0:
         parser.error("--per_class and --batch must be >= 1 and --guidance_scale >= 0")
+    unknown = [s for s in args.samplers.split(",") if s not in STEPS_FOR_NFE]
+    if unknown:
+        parser.error(f"--samplers: unknown {unknown[0]!r}; expected some of "
+                     f"{sorted(STEPS_FOR_NFE)}")
+    try:
+        if min(int(n) for n in args.nfe.split(",")) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--nfe must be a comma-separated list of integers >= 1, got {args.nfe!r}")
     return args
-
-
-def _generate(pipe, texts, noise, sampler, steps, args):
-    """``[N, S, S, C]`` float images in [-1, 1], ``args.batch`` prompts per compiled call."""
-    out = []
-    for i in range(0, len(texts), args.batch):
-        chunk = texts[i:i + args.batch]
-        latents = np.resize(noise[i:i + args.batch], (args.batch,) + noise.shape[1:])
-        chunk = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one compiled batch size
-        images = pipelines.text_to_image(pipe, chunk, jax.random.key(args.seed + 1),
-                                         guidance_scale=args.guidance_scale, sampler=sampler,
-                                         num_steps=steps, latents=latents, output="float")
-        out.append(images[:min(args.batch, len(texts) - i)])
-    return np.concatenate(out)
 
 
 def _markdown(result):

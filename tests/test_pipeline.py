@@ -142,6 +142,20 @@ def test_guidance_scale_is_traced_not_recompiled(ours):
     assert np.abs(first - second).max() > 1e-2  # the scale does change the images
 
 
+def test_text_to_image_in_batches_equals_one_call_and_compiles_one_batch_size(ours):
+    prompts = ["a photo of a cat", "hello", "a dog"]
+    latents = _latents(batch=3, seed=4).transpose(0, 2, 3, 1)
+    whole = pipelines.text_to_image(ours, prompts, jax.random.key(0), num_steps=STEPS,
+                                    latents=latents, output="float")
+    before = pipelines._program._cache_size()
+    chunked = pipelines.text_to_image_in_batches(ours, prompts, jax.random.key(0), latents,
+                                                 batch=2, num_steps=STEPS, output="float")
+    assert pipelines._program._cache_size() - before <= 1  # chunks of 2 and a padded 1 -> 2
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="one latent per prompt"):
+        pipelines.text_to_image_in_batches(ours, prompts, jax.random.key(0), latents[:2], batch=2)
+
+
 def test_diffusers_ddim_timesteps_follow_the_scheduler(sd15, ours):
     sched = sd15[1].scheduler
     sched.set_timesteps(STEPS)

@@ -200,3 +200,13 @@ def test_finite_chains_are_bit_identical_with_and_without_the_status(name):
     np.testing.assert_array_equal(np.asarray(x0), np.asarray(plain))
     assert int(status.first_bad) == -1
     samplers.check_finite(np.asarray(x0), name, status)
+
+
+def test_a_zero_step_chain_reports_no_step():
+    """edm_heun with one noise level runs an empty scan plus its final step: the status must
+    build (an empty ``levels`` array) and blame nothing for a finite chain."""
+    sched = make_schedule(linear_beta_schedule(100))
+    x0, status = samplers.run_with_status(
+        "edm_heun", lambda x, t: jnp.zeros_like(x), sched, jnp.ones((2, 4)),
+        jax.random.PRNGKey(0), samplers.make_options(num_steps=1))
+    assert np.all(np.isfinite(x0)) and int(status.first_bad) == -1

@@ -276,6 +276,21 @@ def test_three_stages_through_the_cli_then_a_prompt_grid(tmp_path):
         assert 0 <= cell["faithfulness"] <= 1 and 0 <= cell["clip_score"] <= 100
         assert cell["fashion_fd"] >= 0
     assert (tmp_path / "sweep" / "t2i_guidance.png").exists()
+    _run("scripts/t2i_quality_vs_nfe.py", f"--workdir={runs / 't2i'}",
+         f"--out={tmp_path / 'nfe'}", "--samplers=ddim,edm_heun", "--nfe=2,3", "--per_class=1",
+         "--batch=10", f"--fashion_dir={data_dir}")
+    nfe = json.load(open(tmp_path / "nfe" / "t2i_quality_vs_nfe.json"))
+    assert [(c["steps"], c["nfe"]) for c in nfe["solvers"]["ddim"]] == [(2, 2), (3, 3)]
+    assert [(c["steps"], c["nfe"]) for c in nfe["solvers"]["edm_heun"]] == [(1, 1), (2, 3)]
+    for cell in nfe["solvers"]["ddim"] + nfe["solvers"]["edm_heun"]:
+        assert 0 <= cell["faithfulness"] <= 1 and 0 <= cell["clip_score"] <= 100
+        assert cell["fashion_fd"] >= 0
+    bad = subprocess.run([sys.executable, "scripts/t2i_quality_vs_nfe.py",
+                          f"--workdir={runs / 't2i'}", f"--out={tmp_path / 'nfe'}",
+                          "--samplers=rk45", "--per_class=1", "--batch=10",
+                          f"--fashion_dir={data_dir}"], cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode != 0 and "unknown 'rk45'" in bad.stderr
     item = np.zeros((32, 32), np.uint8)
     item[6:26, 8:24] = 200
     Image.fromarray(item).save(tmp_path / "item.png")

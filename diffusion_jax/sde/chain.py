@@ -94,7 +94,7 @@ def scan(body, init, xs, *, levels=None, level_name="", state_of=lambda carry: c
         last_bad = (first_bad < 0) & ~_all_finite(state_of(carry))
         first_bad = jnp.where(last_bad, num_steps - 1, first_bad)
         nan = jnp.float32(jnp.nan)
-        if levels is None:
+        if levels is None or num_steps == 0:  # no steps (e.g. a 1-level Heun grid): no level
             level, last_level, level_name = nan, nan, ""
         else:
             levels = jnp.asarray(levels, jnp.float32)
