@@ -28,6 +28,13 @@ def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
         ValueError: the workdir is not a ``latent_diffusion`` run.
         FileNotFoundError: a workdir or the tokenizer is missing.
     """
+    return load_pipeline_and_config(workdir, step)[0]
+
+
+def load_pipeline_and_config(workdir: str, step: int | None = None):
+    """``(pipeline, config)`` of a ``latent_diffusion`` workdir: :func:`load_pipeline` and the
+    run's stored config (e.g. for ``config.latent.clip_workdir``), read once. Raises as
+    :func:`load_pipeline`."""
     loaded = loading.load(workdir=workdir, step=step)
     config = loaded.config
     objective = objectives.objective_of(config)
@@ -41,4 +48,4 @@ def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
         os.path.join(config.latent.clip_workdir, objectives.TOKENIZER_SUBDIR))
     options = samplers.options_from_config(config)
     return pipelines.Pipeline(loaded.model, vae, text_encoder, tok, loaded.schedule, options,
-                              None, int(config.data.image_size))
+                              None, int(config.data.image_size)), config

@@ -35,16 +35,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from diffusion_jax import (captions, checkpoint, data, fashion_metric, metrics_clip,  # noqa: E402
+from diffusion_jax import (captions, data, fashion_metric, metrics_clip,  # noqa: E402
                            pipelines, plotting, stage_pipeline)
 
 
 def main():
     args = _parse()
     try:
-        pipe = stage_pipeline.load_pipeline(args.workdir)
-        config = checkpoint.load_config(
-            checkpoint.make_manager(args.workdir, create=False, async_checkpointing=False))
+        pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
         clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
         scales = [float(s) for s in args.scales.split(",")]
     except (ValueError, FileNotFoundError) as err:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from diffusion_jax import (captions, checkpoint, fashion_metric, metrics_clip, pipelines,
+from diffusion_jax import (captions, fashion_metric, metrics_clip, pipelines,
                            stage_pipeline)
 
 STEPS_FOR_NFE = {"ddim": lambda n: n, "dpm_solver_pp": lambda n: n,
@@ -36,9 +36,7 @@ STEPS_FOR_NFE = {"ddim": lambda n: n, "dpm_solver_pp": lambda n: n,
 def main():
     args = _parse()
     try:
-        pipe = stage_pipeline.load_pipeline(args.workdir)
-        config = checkpoint.load_config(
-            checkpoint.make_manager(args.workdir, create=False, async_checkpointing=False))
+        pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
         clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"t2i_quality_vs_nfe.py: error: {err}")
