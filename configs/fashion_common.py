@@ -29,6 +29,7 @@ def get_config(objective: str, variant: str):
     config.optim.warmup_steps = 100
     config.optim.schedule = "cosine"
     config.optim.ema_decays = (0.999,)
+    config.optim.ema_warmup = True  # runs of 1-3k steps: without it the EMA keeps init weights
     config.train.batch_size = 64
     config.train.log_every = 100
     config.train.eval_every = 0

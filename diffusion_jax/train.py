@@ -198,7 +198,10 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
     equals the gradient of the mean loss over the whole batch. Then::
 
         params <- params + tx.update(grads)            (clip, Adam / AdamW, lr schedule)
-        ema_d  <- d * ema_d + (1 - d) * params          for each d in optim.ema_decays
+        ema_d  <- d_n * ema_d + (1 - d_n) * params      for each d in optim.ema_decays
+
+    where ``d_n = d``, or with ``optim.ema_warmup`` ``d_n = min(d, (1 + n) / (10 + n))`` at
+    step ``n`` (0 for the first update; `ema_decay_at`).
 
     Randomness: ``key = fold_in(rng, step)``; micro-batch ``i`` uses ``fold_in(key, i)``,
     split into timestep/noise, dropout, label-dropout and SR-augmentation keys.
@@ -223,6 +226,7 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     lr_fn = make_lr_schedule(config)
     decays = tuple(config.optim.ema_decays)
+    warmup = bool(config.optim.get("ema_warmup", False))
     num_micro = config.train.grad_accum_steps
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -230,7 +234,8 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
         grads, loss, aux = _accumulate_grads(grad_fn, state.params, batch, key, num_micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = tuple(ema_update(e, params, d) for e, d in zip(state.ema_params, decays))
+        ema = tuple(ema_update(e, params, ema_decay_at(d, state.step, warmup))
+                    for e, d in zip(state.ema_params, decays))
         if is_diffusion:  # aux = (per_example [k, B / k], t [k, B / k])
             extra = quartile_metrics(aux[0].reshape(-1), aux[1].reshape(-1),
                                      schedule.num_timesteps)
@@ -249,6 +254,16 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh,
     return jax.jit(
         train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def ema_decay_at(decay: float, step, warmup: bool):
+    """The decay used by the update at step ``step`` (0-based): ``decay``, or with
+    ``warmup`` ``min(decay, (1 + step) / (10 + step))`` (0.1 at step 0), the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``."""
+    if not warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def ema_update(ema: nnx.State, params: nnx.State, decay: float) -> nnx.State:

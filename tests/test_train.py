@@ -180,3 +180,30 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), good)
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2", "4"] or sorted(
         os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_ema_decay_at_warms_up_then_holds_the_decay():
+    np.testing.assert_allclose(train.ema_decay_at(0.999, 0, True), 0.1)
+    np.testing.assert_allclose(train.ema_decay_at(0.999, 90, True), 91 / 100, rtol=1e-6)
+    np.testing.assert_allclose(train.ema_decay_at(0.9, 10 ** 6, True), 0.9, rtol=1e-6)
+    assert train.ema_decay_at(0.999, 0, False) == 0.999
+
+
+def test_ema_warmup_step_mixes_params_with_warmed_up_decay():
+    config = micro_config()
+    config.optim.ema_decays, config.optim.ema_warmup = (0.999,), True
+    mesh, state, step_fn, _ = _setup(config)
+    batch = sharding.shard_batch(_digit_batch(config), mesh)
+    params = [jax.device_get(state.params)]
+    ema = jax.device_get(state.ema_params[0])
+    for n in range(3):  # hand-computed EMA with d_n = (1 + n) / (10 + n)
+        state, _ = step_fn(state, batch)
+        params.append(jax.device_get(state.params))
+        d = (1 + n) / (10 + n)
+        ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, ema, params[-1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.ema_params[0]), ema)
+    # Without warm-up, 0.999 would keep ~99.7 % of the initial weights after three steps.
+    moved = jax.tree.map(lambda e, p0, p3: np.abs(e - p0).sum() / max(np.abs(p3 - p0).sum(), 1e-12),
+                         ema, params[0], params[-1])
+    assert min(jax.tree.leaves(moved)) > 0.5
