@@ -77,9 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.weight_decay = 0.0  # decoupled weight decay (adamw only)
     optim.grad_clip = 1.0  # clip gradients to this global norm; 0 = no clipping
     optim.ema_decays = (0.9999,)  # one EMA of the parameters per decay; the first samples
-    # EMA warm-up: at step n each decay is min(d, (1 + n) / (10 + n)), so a short run's EMA
-    # is not dominated by its random initialisation (0.999 ** 1000 = 0.37 of it otherwise).
-    optim.ema_warmup = False
+    # A short run's EMA is otherwise dominated by its init (0.999 ** 1000 = 0.37 of it).
+    optim.ema_warmup = False  # True: each decay is min(d, (1 + n) / (10 + n)) at step n
 
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 128  # global batch size (all devices, all hosts)
