@@ -128,8 +128,10 @@ class FashionMetric:
         """Scores ``images`` ([N, S, S, C], see `to_inputs`) prompted with class ``labels`` [N].
 
         Returns:
-            ``{"num_samples", "fashion_fd", "class_histogram"}`` plus ``"faithfulness"`` when
-            ``labels`` are given.
+            ``{"num_samples", "fashion_fd", "class_histogram"}`` plus, when ``labels`` are
+            given, ``"faithfulness"`` (share classified as the prompted class) and
+            ``"faithfulness_by_class"`` (that share per prompted class, ``None`` for a class
+            with no images).
         """
         x = to_inputs(images)
         feats = self.classifier.features(x)
@@ -144,6 +146,9 @@ class FashionMetric:
                 raise ValueError(f"labels must be [{len(x)}] ints in [0, {NUM_CLASSES}), got "
                                  f"shape {labels.shape}")
             result["faithfulness"] = float(np.mean(pred == labels))
+            result["faithfulness_by_class"] = [
+                float(np.mean(pred[labels == k] == k)) if np.any(labels == k) else None
+                for k in range(NUM_CLASSES)]
         return result
 
     def reference(self, side: int = SIDE) -> dict:
@@ -153,6 +158,7 @@ class FashionMetric:
                                                             for im in self.test_x])
         result = self(images, self.test_y)
         result["reference_accuracy"] = result.pop("faithfulness")
+        result["reference_accuracy_by_class"] = result.pop("faithfulness_by_class")
         return result
 
 

@@ -16,7 +16,8 @@ stages, and scores them:
   images (:func:`diffusion_jax.metrics_clip.clip_fd`).
 * ``clip_score``: 100 cos(E_I, E_T("a photo of <class>")) clipped at 0, averaged, with the CLIP
   stage trained here (``latent.clip_workdir`` of the workdir).
-* ``faithfulness``: the share of images the ridge classifier assigns to the prompted class.
+* ``faithfulness``: the share of images the ridge classifier assigns to the prompted class
+  (also per class: ``faithfulness_by_class``, and a second table in the .md file).
 
 The same numbers for the same count of real test images (via 32x32, the model's resolution)
 are the reference: faithfulness there is the classifier's test accuracy. Writes
@@ -59,7 +60,9 @@ def main():
                            "(diffusion_jax/fashion_metric.py); clip_fd: our CLIP's image "
                            "embeddings", scales={})
     ref = metric.reference(config.data.image_size)
-    result["real"] = dict(faithfulness=ref["reference_accuracy"], fashion_fd=ref["fashion_fd"],
+    result["real"] = dict(faithfulness=ref["reference_accuracy"],
+                          faithfulness_by_class=ref["reference_accuracy_by_class"],
+                          fashion_fd=ref["fashion_fd"],
                           clip_score=metrics_clip.clip_score(
                               clip_model, tokenizer, real, [prompts[k] for k in real_labels]),
                           clip_fd=0.0, num_images=num)
@@ -74,6 +77,7 @@ def main():
         cell = dict(faithfulness=scores["faithfulness"], fashion_fd=scores["fashion_fd"],
                     clip_score=metrics_clip.clip_score(clip_model, tokenizer, images, texts),
                     clip_fd=metrics_clip.clip_fd(clip_model, images, real),
+                    faithfulness_by_class=scores["faithfulness_by_class"],
                     class_histogram=scores["class_histogram"],
                     seconds=round(time.time() - start, 1))
         result["scales"][str(s)] = cell
@@ -147,6 +151,14 @@ def _markdown(result):
                      f"{c['clip_score']:.2f} | {c['clip_fd']:.3f} |")
     lines.append(f"| real test images | {real['faithfulness']:.3f} | {real['fashion_fd']:.2f} | "
                  f"{real['clip_score']:.2f} | 0 |")
+    names = captions.FASHION_MNIST_CLASSES
+    lines += ["", "Faithfulness by prompted class (share the classifier assigns to it):", "",
+              "| guidance scale | " + " | ".join(names) + " |",
+              "| --- |" + " --- |" * len(names)]
+    rows = [(s, c["faithfulness_by_class"]) for s, c in result["scales"].items()]
+    for s, by_class in rows + [("real test images", real["faithfulness_by_class"])]:
+        lines.append(f"| {s} | " + " | ".join("-" if a is None else f"{a:.2f}"
+                                              for a in by_class) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -85,6 +85,15 @@ def test_faithfulness_counts_prompted_class(folder):
     assert pred.sum() == 100
     wrong = (metric.test_y[:100] + 1) % 10
     assert metric(images, wrong)["faithfulness"] < 0.1
+    # Per class: the prompted class's share, matching a hand count; absent classes are None.
+    labels = metric.test_y[:100].copy()
+    pred = metric.classifier.features(fm.to_inputs(images))[:, -10:].argmax(1)
+    labels[labels == 3] = 4
+    got = metric(images, labels)
+    for k in range(10):
+        expect = None if k == 3 else float(np.mean(pred[labels == k] == k))
+        assert got["faithfulness_by_class"][k] == expect, k
+    assert got["faithfulness"] == pytest.approx(np.mean(pred == labels))
     with pytest.raises(ValueError, match="labels"):
         metric(images, np.full(100, 10))
     with pytest.raises(ValueError, match="images"):
