@@ -239,8 +239,9 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
         ``x_0 [B, ...]``.
 
     Raises:
-        ValueError: unknown sampler, an unsupported ``t_start`` / ``step_hook``, or a bad
-            ``x_start`` (integer dtype, rank < 1).
+        ValueError: unknown sampler, an unsupported ``t_start`` / ``step_hook``, a bad
+            ``x_start`` (integer dtype, rank < 1), or a denoiser whose output does not have
+            the shape of its input (checked at trace time for every registered sampler).
 
     Example:
         >>> options = options_from_config(config, num_steps=25)
@@ -248,7 +249,9 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
     """
     check_sampler(name, t_start=t_start is not None, step_hook=step_hook is not None)
     _check_x(x_start, "x_start")
-    return SAMPLERS[name].fn(denoise, schedule, x_start, key, options, t_start=t_start,
+    # One shape check for every entry: a wrong batch or rank must not broadcast silently.
+    checked = lambda x, t: _call_denoiser(denoise, x, t)
+    return SAMPLERS[name].fn(checked, schedule, x_start, key, options, t_start=t_start,
                              step_hook=step_hook)
 
 

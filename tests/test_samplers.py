@@ -634,9 +634,10 @@ def test_integer_or_rank0_start_is_rejected(x, match):
 
 @pytest.mark.parametrize("bad", [lambda x, t: x[:1], lambda x, t: x[..., None],
                                  lambda x, t: jnp.zeros(x.shape[1:])])
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "langevin"])
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
 def test_denoiser_of_the_wrong_shape_fails_at_trace_time(bad, name):
-    """Wrong batch or rank would broadcast silently; it is an error under jit too."""
+    """Wrong batch or rank would broadcast silently; it is an error under jit too, for every
+    registered sampler (edm_heun, dpm_solver_pp, pc and probability_flow broadcast it once)."""
     x = jnp.zeros((4, 3))
     run = jax.jit(lambda x: samplers.run(name, bad, SMALL_SCHED, x, jax.random.PRNGKey(0),
                                          samplers.make_options(num_steps=3)))
