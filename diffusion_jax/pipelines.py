@@ -10,8 +10,9 @@ A latent diffusion model (Rombach et al., 2022) runs the sampler over autoencode
     z_0       = sampler(eps_hat, schedule, z_T)                      any registered sampler
     x_0       = vae.decode(z_0 / scaling_factor)                     [B, H, W, 3] in [-1, 1]
 
-``s`` is the Stable Diffusion guidance scale (``s = 1``: the conditional model; this is the
-project's weight ``w = s - 1`` of :mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
+``s`` is the Stable Diffusion guidance scale (``s <= 1``: the conditional model alone, one
+UNet call, as in diffusers; this is the project's weight ``w = s - 1`` of
+:mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
 of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps images to
 scaled latents and ``decode`` back, so the samplers and the applications
 (:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion, DiffusionCLIP) run
@@ -168,8 +169,8 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
             ``fold_in(key, 1)``.
         negative_prompts: ``None`` (the empty prompt), one string, or B strings: the
             unconditional half of guidance.
-        guidance_scale: ``s`` (Stable Diffusion convention, ``s = 1`` no guidance), or ``None``
-            for the conditional model alone (half the UNet work).
+        guidance_scale: ``s`` (Stable Diffusion convention); ``s <= 1`` or ``None`` run the
+            conditional model alone (no guidance, half the UNet work), as diffusers does.
         sampler: a registered sampler name.
         num_steps, eta: sampler settings (``eta=None``: ``pipe.options.eta``).
         height, width: image size in pixels, multiples of ``f`` (default ``pipe.sample_size``).
@@ -401,7 +402,7 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
     arrays = {k: jax.device_put(pad(v), split) for k, v in arrays.items()}
     graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
     state = jax.device_put(state, sharding.replicated(mesh))
-    scale = None if guidance_scale is None else jnp.float32(guidance_scale - 1.0)
+    scale = _guidance_weight(guidance_scale)
     out, status = _program(graphdef, state, pipe.schedule, options, scale, ids, null_ids, arrays,
                            key, task=task, sampler=sampler, static=static)
     return np.asarray(jax.device_get(out))[:batch], status
@@ -467,6 +468,22 @@ def _finish(images, sampler, output, status=None):
     converts to ``output`` (``uint8``, else float32)."""
     samplers.check_finite(images, sampler, status)
     return image_io.to_uint8(images) if output == "uint8" else images.astype(np.float32)
+
+
+def _guidance_weight(guidance_scale):
+    """The weight ``w = s - 1`` of :func:`~diffusion_jax.denoisers.build_denoiser` for the SD
+    scale ``s``; ``None`` (the conditional model alone) for ``s <= 1`` or ``None``, as diffusers
+    does (``do_classifier_free_guidance = s > 1``; SD-Turbo samples at ``s = 0``).
+
+    Raises:
+        ValueError: for a non-finite ``s``.
+    """
+    if guidance_scale is None:
+        return None
+    scale = float(guidance_scale)  # a host value: the call is outside the jitted program
+    if not np.isfinite(scale):
+        raise ValueError(f"guidance_scale must be finite, got {scale}.")
+    return None if scale <= 1.0 else jnp.float32(scale - 1.0)
 
 
 def _check_output(output):

@@ -142,6 +142,23 @@ def test_guidance_scale_is_traced_not_recompiled(ours):
     assert np.abs(first - second).max() > 1e-2  # the scale does change the images
 
 
+def test_guidance_scale_at_most_one_is_the_conditional_model_as_in_diffusers(sd15, ours):
+    """diffusers runs ``s <= 1`` without guidance (SD-Turbo samples at ``s = 0``); ``s = 0``
+    must not become the unconditional model nor ``0 < s < 1`` extrapolate from the prompt."""
+    latents = _latents()
+    conditional = _ours_01(ours, latents, guidance_scale=None)
+    for scale in (0.0, 0.5, 1.0):
+        np.testing.assert_array_equal(_ours_01(ours, latents, guidance_scale=scale), conditional)
+    with torch.no_grad():
+        expected = sd15[1](prompt=PROMPTS, latents=torch.from_numpy(latents), height=SIZE,
+                           width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
+                           output_type="np").images
+    np.testing.assert_allclose(conditional, expected, atol=PARITY_TOL, rtol=0)
+    assert np.abs(_ours_01(ours, latents, guidance_scale=1.5) - conditional).max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        _ours_01(ours, latents, guidance_scale=float("nan"))
+
+
 def test_text_to_image_in_batches_equals_one_call_and_compiles_one_batch_size(ours):
     prompts = ["a photo of a cat", "hello", "a dog"]
     latents = _latents(batch=3, seed=4).transpose(0, 2, 3, 1)
