@@ -1,5 +1,8 @@
 """A tiny random diffusers StableDiffusionPipeline through convert_pipeline / load_pipeline."""
 import json
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import pytest
 from flax import nnx
 
 from sd_fixtures import CLIP_SMALL, TOL, UNET_LINEAR, VAE_SMALL, nchw, perturb, run, write_vocab
+from training_fixtures import REPO
 
 from diffusion_jax.convert import pipeline, scheduler, unet_cond
 
@@ -119,3 +123,83 @@ def test_index_errors_name_the_component(saved, tmp_path):
         (bad / "model_index.json").write_text(json.dumps({**index, **change}))
         with pytest.raises(ValueError, match=message):
             pipeline.load_pipeline(bad)
+
+
+def _tree_digest(root):
+    """{relative path: bytes} of every file under ``root``."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _copy_source(saved, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(saved[0], src)
+    return src
+
+
+def test_convert_refuses_in_place_and_nested_outputs_before_writing(saved, tmp_path, capsys):
+    src = _copy_source(saved, tmp_path)
+    before = _tree_digest(src)
+    (tmp_path / "link").symlink_to(src)
+    for out, message in ((src, "is the source directory"), (tmp_path / "link", "is the source"),
+                         (src / "converted", "inside --src"), (tmp_path, "contains --src")):
+        with pytest.raises(SystemExit) as exc:
+            pipeline.main(["--src", str(src), "--out", str(out)])
+        assert exc.value.code not in (0, None)
+        assert message in str(exc.value.code) and str(exc.value.code).count("\n") == 0
+        assert _tree_digest(src) == before, out
+    assert not (src / "converted").exists()
+
+
+def test_a_failed_conversion_leaves_no_output_and_replaces_an_old_one_whole(
+        saved, converted, tmp_path, monkeypatch):
+    save = pipeline.common.save_component
+
+    def failing(directory, model, record):
+        if directory.endswith("vae"):
+            raise OSError("disk full")
+        save(directory, model, record)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline.common, "save_component", failing)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.convert_pipeline(saved[0], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no out, no temp dir
+    shutil.copytree(converted, out)                           # an earlier conversion stays
+    before = _tree_digest(out)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.convert_pipeline(saved[0], out)
+    assert _tree_digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(pipeline.common, "save_component", save)
+    pipeline.convert_pipeline(saved[0], out)                 # replaced by a complete one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert pipeline.load_pipeline(out).info["pipeline_class"] == "StableDiffusionPipeline"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a converted pipeline"):
+        pipeline.convert_pipeline(saved[0], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+
+def test_convert_cli_bad_sources_are_one_line_errors(saved, tmp_path):
+    """Missing index, bad JSON, random-bytes weights: one ``error:`` line naming the file."""
+    empty, bad_json, bad_weights = (tmp_path / n for n in ("empty", "bad_json", "bad_weights"))
+    empty.mkdir()
+    shutil.copytree(saved[0], bad_json)
+    (bad_json / "model_index.json").write_text('{"unet": ["diffusers"')
+    shutil.copytree(saved[0], bad_weights)
+    weights = bad_weights / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(np.random.default_rng(0).bytes(4096))
+    for src, name in ((empty, "model_index.json"), (bad_json, "model_index.json"),
+                      (bad_weights, "diffusion_pytorch_model.safetensors")):
+        with pytest.raises(SystemExit) as exc:
+            pipeline.main(["--src", str(src), "--out", str(tmp_path / "out")])
+        line = str(exc.value.code)
+        assert line.startswith("convert.pipeline: error:") and name in line, line
+        assert "\n" not in line
+    assert not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "-m", "diffusion_jax.convert.pipeline", "--src",
+                           str(empty), "--out", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "model_index.json" in proc.stderr

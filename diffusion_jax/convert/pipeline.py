@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -108,34 +110,104 @@ def load_diffusers_pipeline(path: str | os.PathLike, **overrides) -> StableDiffu
 def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDiffusion:
     """Converts the diffusers pipeline at ``src`` and writes it to ``out`` (see the module doc).
 
+    Everything is written into a temporary directory beside ``out`` that is renamed to ``out``
+    only once complete, so a failure never leaves a half-written ``out``. An existing ``out``
+    is replaced only when it is empty or an earlier conversion (its index carries `FORMAT`).
+
     Returns:
         The loaded `StableDiffusion` (float32).
+
+    Raises:
+        ValueError: ``src`` and ``out`` are the same directory or one lies inside the other,
+            or ``out`` holds something other than a converted pipeline; nothing is written.
+        FileNotFoundError, ValueError: from `load_diffusers_pipeline`.
     """
+    src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
+    _check_out(src, out)
     sd = load_diffusers_pipeline(src)
-    out = os.path.abspath(os.fspath(out))
-    os.makedirs(out, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder"):
-        common.save_component(os.path.join(out, name), getattr(sd, name), sd.info[name])
-    sd.tokenizer.save(os.path.join(out, "tokenizer"))
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    shutil.copyfile(os.path.join(os.fspath(src), "scheduler", SCHEDULER_FILE),
-                    os.path.join(out, "scheduler", SCHEDULER_FILE))
-    with open(os.path.join(out, INDEX_FILE), "w") as f:
-        json.dump({"format": FORMAT, "pipeline_class": sd.info["pipeline_class"],
-                   "source": os.path.abspath(os.fspath(src))}, f, indent=2)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        for name in ("unet", "vae", "text_encoder"):
+            common.save_component(os.path.join(tmp, name), getattr(sd, name), sd.info[name])
+        sd.tokenizer.save(os.path.join(tmp, "tokenizer"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        shutil.copyfile(os.path.join(src, "scheduler", SCHEDULER_FILE),
+                        os.path.join(tmp, "scheduler", SCHEDULER_FILE))
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"format": FORMAT, "pipeline_class": sd.info["pipeline_class"],
+                       "source": src}, f, indent=2)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return sd
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``--src SD_DIR --out OUT_DIR``."""
+    """Command-line entry point: ``--src SD_DIR --out OUT_DIR``.
+
+    A bad source or output path ends with one line ``convert.pipeline: error: ...`` on stderr
+    and exit status 1.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="diffusers SD pipeline directory")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
-    sd = convert_pipeline(args.src, args.out)
+    try:
+        sd = convert_pipeline(args.src, args.out)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        sys.exit(f"convert.pipeline: error: {e}")
     kwargs = sd.info["unet"]["kwargs"]
     print(f"wrote {args.out}: unet {kwargs['block_out_channels']} x{kwargs['layers_per_block']}, "
           f"prediction {sd.scheduler.pred_type}, tokenizer length {sd.tokenizer.max_length}")
+
+
+def _check_out(src: str, out: str) -> None:
+    """Refuses an ``out`` that is ``src``, inside it or around it (after resolving links), or
+    an existing directory that is neither empty nor an earlier conversion."""
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_src == real_out:
+        raise ValueError(f"--out {out} is the source directory --src {src}; converting in place "
+                         "would overwrite the source: choose a new directory")
+    for inner, outer, what in ((real_out, real_src, "inside --src"),
+                               (real_src, real_out, "contains --src")):
+        if os.path.commonpath([inner, outer]) == outer:
+            raise ValueError(f"--out {out} {what} {src}; choose a directory outside the source")
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise ValueError(f"--out {out} exists and is not a directory")
+        if os.listdir(out) and not _is_converted(out):
+            raise ValueError(f"--out {out} exists and is not a converted pipeline (no "
+                             f"{INDEX_FILE} with format {FORMAT!r}); choose a new or empty "
+                             "directory")
+
+
+def _is_converted(path: str) -> bool:
+    """Whether ``path`` holds a pipeline written by `convert_pipeline`."""
+    try:
+        return common.read_json(os.path.join(path, INDEX_FILE), "index").get("format") == FORMAT
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _replace_dir(new: str, out: str) -> None:
+    """Renames the complete directory ``new`` to ``out``; an existing ``out`` (checked by
+    `_check_out`) is first renamed aside and deleted only after the swap."""
+    old = None
+    if os.path.lexists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _assemble(path, unet, vae_, text_enc, pipeline_class) -> StableDiffusion:
