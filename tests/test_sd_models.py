@@ -5,6 +5,7 @@ saved with ``save_pretrained``, converted by ``diffusion_jax.convert`` and compa
 max |ours - theirs| <= 1e-4.
 """
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -154,13 +155,22 @@ def test_tokenizer_matches_transformers(pad, tmp_path):
     want = np.asarray(ref(PROMPTS, padding="max_length", max_length=12,
                           truncation=True).input_ids)
     ours = load_tokenizer(tmp_path / "vm")
-    np.testing.assert_array_equal(ours(PROMPTS), want)
+    with pytest.warns(UserWarning, match=r"2 prompt\(s\) longer than the text encoder's 12 "
+                                         r"tokens were truncated to fit: prompt 2 .*, 4 \('hello"):
+        np.testing.assert_array_equal(ours(PROMPTS), want)
     assert ours.pad_token_id == ref.pad_token_id and ours.eos_token_id == ref.eos_token_id
     assert want[-1, -1] == ref.eos_token_id  # truncation keeps the end-of-text token
     ref.save_pretrained(tmp_path / "json")  # transformers writes tokenizer.json only
     np.testing.assert_array_equal(load_tokenizer(tmp_path / "json")(PROMPTS), want)
     ours.save(tmp_path / "ours")
     np.testing.assert_array_equal(load_tokenizer(tmp_path / "ours")(PROMPTS), want)
+
+
+def test_tokenizer_warns_only_when_it_truncates(tmp_path):
+    write_vocab(tmp_path / "vm", {"model_max_length": 12})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_tokenizer(tmp_path / "vm")(PROMPTS[:2] + PROMPTS[3:4])  # these fit: no warning
 
 
 def test_tokenizer_errors_name_the_file(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,9 +45,20 @@ class CLIPTokenizer:
         backend.enable_padding(length=max_length, pad_id=self.pad_token_id, pad_token=pad_token)
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """``prompts`` (B strings) -> ``[B, max_length]`` int32 ids (BOS, tokens, EOS, padding)."""
+        """``prompts`` (B strings) -> ``[B, max_length]`` int32 ids (BOS, tokens, EOS, padding).
+
+        A prompt longer than ``max_length`` tokens is truncated (as diffusers does) with one
+        ``UserWarning`` naming the prompts cut.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return np.asarray([e.ids for e in self.backend.encode_batch(prompts)], np.int32)
+        encodings = self.backend.encode_batch(prompts)
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
+        if cut:
+            shown = ", ".join(f"{i} ({prompts[i][:40]!r}{'...' if len(prompts[i]) > 40 else ''})"
+                              for i in cut[:3])
+            warnings.warn(f"{len(cut)} prompt(s) longer than the text encoder's {self.max_length} "
+                          f"tokens were truncated to fit: prompt {shown}.", stacklevel=2)
+        return np.asarray([e.ids for e in encodings], np.int32)
 
     def attention_mask(self, prompts: str | Sequence[str]) -> np.ndarray:
         """``[B, max_length]`` int32: 1 on BOS/tokens/EOS, 0 on padding."""
