@@ -6,7 +6,9 @@ the way past a broken latest checkpoint). A config that changes what the stored 
 is refused.
 
 SIGTERM / SIGINT save a checkpoint after the current step and exit with 143 / 130; a second
-signal exits at once. Errors end with a one-line message and exit status 1.
+signal exits at once. A second run on a workdir that is being trained stops at once, naming
+the holder of ``WORKDIR/train.lock``. Errors (a busy workdir, bad config, data or stage
+workdirs, a refused resume) end with a one-line message and exit status 1.
 """
 
 import os
@@ -15,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoint, compilation_cache, resume, train
+from diffusion_jax import checkpoint, compilation_cache, resume, train, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.",
                                           lock_config=True)
@@ -41,8 +43,14 @@ def main(argv):
     except checkpoint.CheckpointSaveError as e:
         print(f"FATAL CheckpointSaveError: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # pylint: disable=protected-access  a stuck writer thread must not block exit
-    except (resume.ResumeError, FloatingPointError) as e:
-        sys.exit(f"FATAL {type(e).__name__}: {e}")
+    except (resume.ResumeError, FloatingPointError, workdir_lock.WorkdirLockedError,
+            ValueError, FileNotFoundError) as e:  # bad config, data or stage workdirs
+        sys.exit(f"FATAL {type(e).__name__}: {_one_line(e)}")
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined by '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _parse_flags(argv):

@@ -13,6 +13,7 @@ The same jitted step, with explicit in/out shardings from the rules table in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses,
-                           objectives, resume, schedules, sharding)
+                           objectives, resume, schedules, sharding, workdir_lock)
 from diffusion_jax.models import unet
 from diffusion_jax.sde import parameterization
 
@@ -328,24 +329,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoint.CheckpointSaveError: a checkpoint could not be written or did not commit
             within ``train.checkpoint_timeout_s``.
         ValueError: inconsistent config (intervals, batch size vs. devices, accumulation, mesh).
+        workdir_lock.WorkdirLockedError: another run is training in ``workdir`` (process 0
+            holds ``WORKDIR/train.lock`` while training; see `diffusion_jax.workdir_lock`).
     """
     _check_intervals(config.train)
     _maybe_initialize_distributed(config.distributed)
-    config = objectives.prepare_config(config, workdir)
-    with _StopSignals() as stop:
-        run = _setup(config, workdir, resume_step)
-        timeout_s = config.train.checkpoint_timeout_s
-        try:
-            state = _train_loop(config, workdir, run, stop)
-        except BaseException:
-            _close_after_error(run.manager, timeout_s)
-            raise
-        checkpoint.close(run.manager, timeout_s)
-    results = objectives.final_evaluation(config, run.graphdef,
-                                          generate.sampling_params(state), workdir)
+    with _workdir_lock(workdir):
+        config = objectives.prepare_config(config, workdir)
+        with _StopSignals() as stop:
+            run = _setup(config, workdir, resume_step)
+            timeout_s = config.train.checkpoint_timeout_s
+            try:
+                state = _train_loop(config, workdir, run, stop)
+            except BaseException:
+                _close_after_error(run.manager, timeout_s)
+                raise
+            checkpoint.close(run.manager, timeout_s)
+        results = objectives.final_evaluation(config, run.graphdef,
+                                              generate.sampling_params(state), workdir)
     if results is not None:
         _log(f"Final evaluation ({objectives.EVAL_FILE}): {results}")
     return state
+
+
+def _workdir_lock(workdir: str):
+    """`workdir_lock.hold` on process 0 (the other processes of a multi-host run share its
+    workdir and are started with it); a no-op context elsewhere."""
+    if jax.process_index() == 0:
+        return workdir_lock.hold(workdir)
+    return contextlib.nullcontext()
 
 
 class _Run(NamedTuple):

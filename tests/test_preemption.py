@@ -73,6 +73,7 @@ def test_signal_saves_the_step_and_resume_is_exact(tmp_path, monkeypatch, refere
                                                             rf"checkpoint 3") as info:
             train.train_and_evaluate(_config(6), workdir)
     assert info.value.exit_code == 128 + signum and info.value.step == 3
+    assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released by the stop
     assert [signal.getsignal(s) for s in train.STOP_SIGNALS] == handlers  # restored
     manager = checkpoint.make_manager(workdir, create=False)
     assert manager.all_steps() == [3]  # checkpoint_every = 100: only the signalled step
@@ -80,6 +81,7 @@ def test_signal_saves_the_step_and_resume_is_exact(tmp_path, monkeypatch, refere
         _config(6), train.make_optimizer(_config(6)), train.sharding.make_mesh(_config(6).mesh))
     assert checkpoint.restore(manager, abstract)[1] == {"next_index": 3}  # the data position
     state = jax.device_get(train.train_and_evaluate(_config(6), workdir))
+    assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released at the end
     jax.tree.map(np.testing.assert_array_equal, state, reference)
 
 
