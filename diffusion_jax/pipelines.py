@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -403,16 +404,33 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
     graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
     state = jax.device_put(state, sharding.replicated(mesh))
     scale = _guidance_weight(guidance_scale)
-    out, status = _program(graphdef, state, pipe.schedule, options, scale, ids, null_ids, arrays,
-                           key, task=task, sampler=sampler, static=static)
+    out, status = _program(graphdef, state, options, scale, ids, null_ids, arrays, key,
+                           schedule=_StaticSchedule(pipe.schedule), task=task, sampler=sampler,
+                           static=static)
     return np.asarray(jax.device_get(out))[:batch], status
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "task", "sampler", "static"))
-def _program(graphdef, state, schedule, options, scale, ids, null_ids, arrays, key, *, task,
+class _StaticSchedule:
+    """A schedule as a static argument of :func:`_program`, hashed by its betas: samplers that
+    derive Python values from it (``pc``'s step check and part-way start) see it concrete."""
+
+    def __init__(self, schedule: schedules.DiscreteSchedule):
+        self.schedule = schedule
+        self._key = hashlib.sha256(np.asarray(schedule.betas, np.float32).tobytes()).hexdigest()
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticSchedule) and other._key == self._key
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "task", "sampler", "static"))
+def _program(graphdef, state, options, scale, ids, null_ids, arrays, key, *, schedule, task,
              sampler, static):
     """One compiled run: text encoding once, the chain over latents, decoding; also the
     chain's status (where it first went non-finite), ``None`` for a task without one."""
+    schedule = schedule.schedule
     unet, vae, text_encoder = nnx.merge(graphdef, state)
     text = text_encoder(ids).last_hidden_state                           # [B, L, D]
     null = text_encoder(null_ids).last_hidden_state                      # [1 or B, L, D]

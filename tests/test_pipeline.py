@@ -18,7 +18,7 @@ from PIL import Image
 from sd_fixtures import save_tiny_pipeline
 from training_fixtures import REPO, subprocess_env
 
-from diffusion_jax import pipelines, sharding
+from diffusion_jax import pipelines, samplers, sharding
 from diffusion_jax.convert import pipeline as convert_pipeline
 
 torch = pytest.importorskip("torch")
@@ -157,6 +157,23 @@ def test_guidance_scale_at_most_one_is_the_conditional_model_as_in_diffusers(sd1
     assert np.abs(_ours_01(ours, latents, guidance_scale=1.5) - conditional).max() > 1e-3
     with pytest.raises(ValueError, match="guidance_scale must be finite"):
         _ours_01(ours, latents, guidance_scale=float("nan"))
+
+
+def test_pc_runs_in_the_pipeline_and_equals_the_registry_call(ours):
+    """pc derives Python values from the schedule (its step check): the pipeline's jitted
+    program once raised ConcretizationTypeError for it on every text-to-image model."""
+    latents = _latents(batch=1).transpose(0, 2, 3, 1)
+    key = jax.random.key(3)
+    got = pipelines.text_to_image(ours, PROMPTS[:1], key, guidance_scale=None, sampler="pc",
+                                  num_steps=20, latents=latents, output="latents")
+    text = ours.text_encoder(jnp.asarray(ours.tokenizer(PROMPTS[:1]))).last_hidden_state
+    options = pipelines.sampler_options(ours, sampler="pc", num_steps=20)
+    want = samplers.run("pc", lambda z, t: ours.unet(z, t, {"text": text}), ours.schedule,
+                        jnp.asarray(latents), jax.random.fold_in(key, 1), options)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)  # jit vs eager rounding
+    with pytest.raises(ValueError, match="pc .* needs num_steps > beta_max"):
+        pipelines.text_to_image(ours, PROMPTS[:1], key, sampler="pc", num_steps=3)
 
 
 def test_text_to_image_in_batches_equals_one_call_and_compiles_one_batch_size(ours):
