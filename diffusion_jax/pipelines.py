@@ -148,11 +148,28 @@ def latent_factor(vae) -> int:
     return 2 ** (len(vae.encoder.down_blocks) - 1)
 
 
-def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None):
-    """``pipe.options`` with ``num_steps`` / ``eta`` set (``None``: keep), and for DDIM the
-    pipeline's explicit timesteps (:attr:`Pipeline.ddim_timesteps`)."""
+def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
+                    overrides=None):
+    """``pipe.options`` with ``num_steps`` / ``eta`` set (``None``: keep) and the
+    :class:`~diffusion_jax.samplers.SamplerOptions` fields of ``overrides`` (a dict; ``None``
+    values are kept as ``None``), and for DDIM the pipeline's explicit timesteps
+    (:attr:`Pipeline.ddim_timesteps`).
+
+    Raises:
+        ValueError: an override of ``pred_type`` or ``timesteps`` (the checkpoint's), an
+            unknown field or an invalid value.
+    """
     options = pipe.options
+    overrides = dict(overrides or {})
+    fixed = sorted(set(overrides) & {"pred_type", "timesteps"})
+    if fixed:
+        raise ValueError(f"sampler option(s) {fixed} come from the checkpoint (its scheduler "
+                         "config) and cannot be overridden.")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(samplers.SamplerOptions)})
+    if unknown:
+        raise ValueError(f"Unknown sampler option(s) {unknown}.")
     fields = {k: v for k, v in dict(num_steps=num_steps, eta=eta).items() if v is not None}
+    fields.update(overrides)
     if sampler == "ddim" and pipe.ddim_timesteps is not None:
         fields["timesteps"] = pipe.ddim_timesteps(num_steps or options.num_steps)
     return samplers.make_options(**{**dataclasses.asdict(options), **fields})
@@ -160,7 +177,7 @@ def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None)
 
 def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
                   sampler="ddim", num_steps=50, eta=None, height=None, width=None,
-                  latents=None, mesh=None, output="uint8"):
+                  latents=None, mesh=None, output="uint8", option_overrides=None):
     """Images for ``prompts`` (see the module docstring for the equations).
 
     Args:
@@ -180,6 +197,8 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
         mesh: device mesh to split the batch over (default: a 1-device mesh).
         output: ``"uint8"`` (``[B, H, W, 3]`` uint8), ``"float"`` (float32 in [-1, 1]) or
             ``"latents"`` (the final float32 latents ``[B, H/f, W/f, C_z]``, not decoded).
+        option_overrides: other :class:`~diffusion_jax.samplers.SamplerOptions` fields
+            (``{"order": 3}``, ``{"churn": 40.0}``, ...) for :func:`sampler_options`.
 
     Returns:
         ``[B, H, W, C]`` images (or latents).
@@ -195,7 +214,8 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
         latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
-    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
+    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta,
+                              overrides=option_overrides)
     images, status = _run(pipe, "sample", sampler, options, prompts, negative_prompts,
                           guidance_scale, {"x": latents}, jax.random.fold_in(key, 1), mesh,
                           (("decode", _check_output(output) != "latents"),))
@@ -246,7 +266,7 @@ def img2img(pipe: Pipeline, images, prompts, key, *, strength=0.8, **kwargs):
         prompts, key: as :func:`text_to_image` (B prompts, or one for every image).
         strength: noise fraction in (0, 1] (1: the image is forgotten).
         **kwargs: ``negative_prompts``, ``guidance_scale``, ``sampler``, ``num_steps``,
-            ``eta``, ``mesh``, ``output`` of :func:`text_to_image`.
+            ``eta``, ``mesh``, ``output``, ``option_overrides`` of :func:`text_to_image`.
 
     Returns:
         ``[B, H, W, 3]`` images.
@@ -365,7 +385,7 @@ def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, i
 
 def _application(pipe, task, images, prompts, key, static, arrays, *, negative_prompts=None,
                  guidance_scale=7.5, sampler="ddim", num_steps=50, eta=None, mesh=None,
-                 output="uint8"):
+                 output="uint8", option_overrides=None):
     """Runs an image-to-image ``task`` (the shared part of :func:`img2img` / :func:`inpaint`)."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
@@ -373,7 +393,8 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
     latent_shape(pipe, images.shape[0], images.shape[1], images.shape[2])
     samplers.check_sampler(sampler, t_start=task == "img2img", step_hook=task == "inpaint")
     prompts = _prompts(prompts, images.shape[0], "prompts")
-    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta)
+    options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta,
+                              overrides=option_overrides)
     static += (("decode", _check_output(output) != "latents"),)
     out, status = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
                        {"x": images, **arrays}, key, mesh, static)
@@ -392,6 +413,7 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
     if null_ids.shape[0] not in (1, batch):
         raise ValueError(f"negative_prompts has {null_ids.shape[0]} entries; expected 1 or "
                          f"{batch} (one per prompt).")
+    _check_terminal_snr(pipe.schedule, sampler, options)
     mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
                                       jax.devices()[:1])
     n_pad = -(-batch // mesh.size) * mesh.size
@@ -408,6 +430,26 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
                            schedule=_StaticSchedule(pipe.schedule), task=task, sampler=sampler,
                            static=static)
     return np.asarray(jax.device_get(out))[:batch], status
+
+
+def _check_terminal_snr(schedule, sampler, options):
+    """A zero-terminal-SNR schedule (``alpha_bar_{T-1} = 0``, diffusers'
+    ``rescale_betas_zero_snr``) starts from pure noise, where only an x0 / v prediction is
+    defined and the noise level ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` is infinite:
+    ddpm and ddim handle it; the sigma-grid solvers need ``sigma_max``."""
+    if float(schedule.alphas_cumprod[-1]) > 0.0:
+        return
+    if options.pred_type in ("eps", "score"):
+        raise ValueError(f"This schedule has zero terminal SNR (alpha_bar_{{T-1}} = 0), where an "
+                         f"{options.pred_type} prediction cannot give x0; it needs a v- or "
+                         "x0-predicting model (prediction_type v_prediction or sample).")
+    capped = sampler in ("edm_heun", "dpm_solver_pp", "probability_flow") and \
+        options.sigma_max is not None
+    if sampler not in ("ddpm", "ddim") and not capped:
+        raise ValueError(f"sampler {sampler!r} cannot start at the infinite noise level of a "
+                         "zero-terminal-SNR schedule (alpha_bar_{T-1} = 0); use ddim or ddpm, or "
+                         "edm_heun / dpm_solver_pp / probability_flow with the sampler option "
+                         "sigma_max (e.g. 80).")
 
 
 class _StaticSchedule:

@@ -191,24 +191,30 @@ def make_schedule(betas):
     ``alpha_bar`` is close to 1 (small t).
 
     Args:
-        betas: ``[T]`` with ``T >= 2`` and each ``beta_t`` in ``(0, 1]``.
+        betas: ``[T]`` with ``T >= 2``, each ``beta_t`` in ``(0, 1)`` except the last, which
+            may be 1: a zero-terminal-SNR schedule (``alpha_bar_{T-1} = 0``, ``log_snr =
+            -inf`` there), sampled from pure noise by x0- or v-predicting models with ddpm /
+            ddim (``x0 = -v`` at that step).
 
     Returns:
         A :class:`DiscreteSchedule` of ``[T]`` float32 arrays.
 
     Raises:
         ValueError: if ``betas`` is not one-dimensional with at least two entries, or (when
-            its values are known, i.e. outside ``jax.jit``) some beta is NaN or outside (0, 1).
+            its values are known, i.e. outside ``jax.jit``) some beta is NaN or outside (0, 1)
+            (the last outside (0, 1]).
     """
     betas = jnp.asarray(betas, jnp.float32)
     if betas.ndim != 1 or betas.shape[0] < 2:
         raise ValueError(f"betas must have shape [T] with T >= 2, got shape {betas.shape}.")
     if not isinstance(betas, jax.core.Tracer):
         values = np.asarray(betas)
-        bad = np.flatnonzero(~((values > 0.0) & (values < 1.0)))  # NaN fails both tests
+        ok = (values > 0.0) & (values < 1.0)  # NaN fails both tests
+        ok[-1] |= values[-1] == 1.0            # zero terminal SNR (Lin et al., 2023)
+        bad = np.flatnonzero(~ok)
         if bad.size:
-            raise ValueError(f"betas must lie in (0, 1); betas[{bad[0]}] = {values[bad[0]]} "
-                             f"({bad.size} bad entries).")
+            raise ValueError(f"betas must lie in (0, 1), the last in (0, 1]; betas[{bad[0]}] = "
+                             f"{values[bad[0]]} ({bad.size} bad entries).")
     log_alphas = jnp.log1p(-betas)
     log_alphas_cumprod = jnp.cumsum(log_alphas)
     alphas_cumprod = jnp.exp(log_alphas_cumprod)

@@ -115,3 +115,34 @@ def test_sampler_option_flag_parsing():
     with pytest.raises(ValueError, match="order expects a value of type int"):
         cli.parse_sampler_options(["order=two"])
     assert jnp.isinf(samplers.make_options(**cli.parse_sampler_options(["s_tmax=inf"])).s_tmax)
+
+
+def _sample_flags(*argv):
+    from absl import flags
+    fv = flags.FlagValues()
+    cli.define_flags(fv)
+    fv(["run_sample.py", *argv])
+    return fv
+
+
+def test_sampler_option_flags_merge_with_steps_and_eta_and_never_set_the_prediction_type():
+    """``eta=`` / ``num_steps=`` once raised TypeError; ``pred_type=v`` silently changed what
+    a trained model's output was read as; ``clip_x0=none`` kept the config's clipping."""
+    config = micro_config()
+    options = cli.sampler_options(_sample_flags("--sampler_option=eta=0.5",
+                                                "--sampler_option=num_steps=5"), config)
+    assert (options.eta, options.num_steps) == (0.5, 5)
+    options = cli.sampler_options(_sample_flags("--steps=4", "--eta=0.25"), config)
+    assert (options.eta, options.num_steps) == (0.25, 4)
+    assert config.sample.clip_x0
+    assert cli.sampler_options(_sample_flags("--sampler_option=clip_x0=none"),
+                               config).clip_x0 is None
+    assert cli.sampler_options(_sample_flags("--sampler_option=clip_x0=-2,2"),
+                               config).clip_x0 == (-2.0, 2.0)
+    for argv, match in ((["--sampler_option=pred_type=v"], "the checkpoint decides"),
+                        (["--sampler_option=timesteps=1"], "use --steps"),
+                        (["--steps=4", "--sampler_option=num_steps=5"], "set the same thing"),
+                        (["--eta=0.1", "--sampler_option=eta=0.5"], "set the same thing"),
+                        (["--sampler_option=clip_x0=wide"], "clip_x0 expects")):
+        with pytest.raises(ValueError, match=match):
+            cli.sampler_options(_sample_flags(*argv), config)

@@ -254,9 +254,11 @@ def run_sd_from_flags(fv, pipe, out_dir):
     """
     n, task = fv.num_samples, fv.task
     prompts = [fv.prompt] * n
+    overrides = sampler_overrides(fv)
     kwargs = dict(negative_prompts=fv.negative_prompt,
                   guidance_scale=7.5 if fv.guidance_scale is None else fv.guidance_scale,
-                  sampler=fv.sampler or "ddim", num_steps=fv.steps or 50, eta=fv.eta,
+                  sampler=fv.sampler or "ddim", num_steps=overrides.pop("num_steps", 50),
+                  eta=overrides.pop("eta", None), option_overrides=overrides,
                   mesh=_data_mesh(), output="float")
     key = jax.random.key(fv.seed)
     if task == "sample":
@@ -352,15 +354,47 @@ def _data_mesh():
 
 
 def sampler_options(fv, config):
-    """The run's :class:`~diffusion_jax.samplers.SamplerOptions`: config + flags, built once."""
-    return samplers.options_from_config(config, num_steps=fv.steps, eta=fv.eta,
-                                        **parse_sampler_options(fv.sampler_option))
+    """The run's :class:`~diffusion_jax.samplers.SamplerOptions`: config + flags, built once.
+
+    ``--steps`` / ``--eta`` and ``--sampler_option=num_steps=`` / ``eta=`` are the same setting
+    (giving both is an error); an option set to ``none`` is ``None``, not the config's value.
+
+    Raises:
+        ValueError: from :func:`sampler_overrides`, or an invalid value.
+    """
+    base = samplers.options_from_config(config)
+    return samplers.make_options(**{**dataclasses.asdict(base), **sampler_overrides(fv)})
+
+
+def sampler_overrides(fv):
+    """The :class:`~diffusion_jax.samplers.SamplerOptions` fields the flags set: ``--steps``,
+    ``--eta`` and every ``--sampler_option`` (:func:`parse_sampler_options`).
+
+    Raises:
+        ValueError: a setting given twice (``--steps`` and ``num_steps=``), or one the
+            checkpoint decides (``pred_type``: a model predicts what it was trained to;
+            ``timesteps``).
+    """
+    parsed = parse_sampler_options(fv.sampler_option)
+    if "pred_type" in parsed:
+        raise ValueError("--sampler_option=pred_type=... cannot be set: the checkpoint decides "
+                         "it (a model predicts what it was trained to predict).")
+    if "timesteps" in parsed:
+        raise ValueError("--sampler_option=timesteps=... cannot be set: use --steps (a "
+                         "Stable Diffusion checkpoint's DDIM steps follow its scheduler).")
+    for field, flag in (("num_steps", "steps"), ("eta", "eta")):
+        if fv[flag].value is not None:
+            if field in parsed:
+                raise ValueError(f"--{flag} and --sampler_option={field}=... set the same "
+                                 "thing; pass one.")
+            parsed[field] = fv[flag].value
+    return parsed
 
 
 def parse_sampler_options(items):
     """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
     converted to the type of the :class:`~diffusion_jax.samplers.SamplerOptions` field's default
-    (``none`` -> ``None``).
+    (``none`` -> ``None``; ``clip_x0``: ``true``, ``false`` or ``LO,HI``).
 
     Raises:
         ValueError: for an item without ``=``, an unknown field or an unconvertible value.
@@ -376,6 +410,9 @@ def parse_sampler_options(items):
         if text.lower() == "none":
             parsed[name] = None
             continue
+        if name == "clip_x0":
+            parsed[name] = _parse_clip(item, text)
+            continue
         kind = (float if name in ("dynamic_threshold", "sigma_max")
                 else str if default is None else type(default))
         if kind is bool:
@@ -389,6 +426,18 @@ def parse_sampler_options(items):
             raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
                              f"{kind.__name__}.") from err
     return parsed
+
+
+def _parse_clip(item, text):
+    """``clip_x0``: ``true`` (``(-1, 1)``), ``false`` / ``none`` (no clipping) or ``LO,HI``."""
+    if text.lower() in ("true", "false"):
+        return True if text.lower() == "true" else None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--sampler_option={item!r}: clip_x0 expects true, false, none or "
+                         "LO,HI.") from err
+    return (lo, hi)
 
 
 def run_task_from_flags(fv, model, sched, config, out_dir):
