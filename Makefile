@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 # Fashion-MNIST as gzipped IDX files, from Debian's dataset-fashion-mnist package.
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+# Headless browser of the web-app tests (Debian's chromium, driven by Playwright).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv demo demo-t2i test test-fast bench clean fashion-data
+.PHONY: venv demo demo-t2i app test test-fast bench clean fashion-data chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[test,parity]"
+	$(PY) -m pip install -q -e ".[test,parity,app]"
 	# Reference Inception for the FID parity test; --no-deps because it would pull torchvision.
 	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
@@ -50,7 +52,24 @@ $(FASHION_DIR)/train-images-idx3-ubyte.gz:
 		exit 1; \
 	fi
 
-test: venv
+# The web app on http://127.0.0.1:7860: the demo-t2i model if built, else the digits demo.
+# Other models: make app APP_ARGS="--checkpoint=SD_DIR" (or --workdir=DIR, --port=N).
+app: venv
+	$(PY) -m diffusion_jax.app $(APP_ARGS)
+
+# Installs Debian's chromium with apt when missing (needs root); otherwise the browser tests
+# of the web app are skipped.
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is missing from $(CHROMIUM): the web-app browser tests will be" \
+			"skipped; 'sudo apt-get install chromium' runs them." >&2; \
+	fi
+
+test: venv chromium
 	$(PY) -m pytest -n 2 -q --durations=15
 
 test-fast: venv

@@ -1,0 +1,96 @@
+"""Command line of the web app: load a model, build the page, serve it.
+
+    python -m diffusion_jax.app --checkpoint=SD_DIR | --workdir=DIR [--host 127.0.0.1 --port 7860]
+
+Without ``--checkpoint`` / ``--workdir`` it serves the ``make demo-t2i`` model
+(``demo_t2i/t2i``) if it exists, else the ``make demo`` digits model (``demo/workdir``), else
+says which make target builds one and exits with status 2. It binds to 127.0.0.1 unless
+``--host`` says otherwise (another address prints a warning), and never opens a share link
+or sends analytics.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+# Before gradio is imported: no telemetry or version check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+DEFAULT_WORKDIRS = (("demo_t2i/t2i", "make demo-t2i"), ("demo/workdir", "make demo"))
+LOCALHOST = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command-line flags (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.app",
+                                     description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="Stable Diffusion directory (model_index.json).")
+    source.add_argument("--workdir", help="training workdir (text-to-image or pixel model).")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default local).")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860).")
+    parser.add_argument("--out", default=None,
+                        help="folder for the generated PNGs (default: a new temp folder).")
+    return parser.parse_args(argv)
+
+
+def default_source(root: str = ".") -> str | None:
+    """The first demo workdir that exists under ``root``, or ``None``."""
+    for workdir, _ in DEFAULT_WORKDIRS:
+        if os.path.isdir(os.path.join(root, workdir)):
+            return os.path.join(root, workdir)
+    return None
+
+
+def host_warning(host: str) -> str | None:
+    """A warning for a non-local bind address, else ``None``."""
+    if host in LOCALHOST:
+        return None
+    return (f"WARNING: serving on {host}: anyone who can reach this machine on that address "
+            "can use the model (there is no login). Use --host 127.0.0.1 to keep it local.")
+
+
+def launch(demo, host: str, port: int, *, block: bool = True):
+    """Serves ``demo`` with the queue on (one generation at a time), offline-safe settings."""
+    from diffusion_jax.app import ui  # pylint: disable=g-import-not-at-top
+
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                       ssr_mode=False, pwa=False, mcp_server=False, quiet=not block,
+                       prevent_thread_lock=not block, show_error=True, theme=ui.theme(),
+                       footer_links=[])
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    workdir, checkpoint = args.workdir, args.checkpoint
+    if workdir is None and checkpoint is None:
+        workdir = default_source()
+        if workdir is None:
+            targets = " or ".join(f"'{target}' (writes {path})"
+                                  for path, target in DEFAULT_WORKDIRS)
+            print(f"No model to serve: pass --checkpoint=DIR or --workdir=DIR, or build a demo "
+                  f"model first with {targets}.", file=sys.stderr)
+            return 2
+        print(f"Serving {workdir}")
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
+    from diffusion_jax.app import engine, ui  # pylint: disable=g-import-not-at-top
+
+    try:
+        model = engine.load_engine(checkpoint_dir=checkpoint, workdir=workdir, step=args.step)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m diffusion_jax.app: error: {err}", file=sys.stderr)
+        return 1
+    out_dir = args.out or tempfile.mkdtemp(prefix="diffusion_jax_app_")
+    launch(ui.build(model, out_dir), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""What each button of the web app does, as plain functions testable without a browser.
+
+Every handler takes the values of the page's controls, checks them (an :class:`InputError`
+names the control and what it expects), builds an :class:`~diffusion_jax.app.engine.Request`,
+runs it while reporting progress, and writes each image as a PNG with its parameters
+(:mod:`diffusion_jax.app.metadata`). They return gallery items ``(path, caption)`` and a
+short Markdown note; the page (:mod:`diffusion_jax.app.ui`) turns errors into messages.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import secrets
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from diffusion_jax import samplers
+from diffusion_jax.app import metadata
+from diffusion_jax.app.engine import SAMPLER_FIELDS, TEXT, Engine, Request
+from diffusion_jax.applications.cli import parse_sampler_options
+
+MAX_STEPS = 1000
+MAX_SEED = 2 ** 31 - 1
+# report(counter, compiling): called a few times a second while a chain runs.
+Reporter = Callable[[object, bool], None]
+
+
+class InputError(ValueError):
+    """A control of the page holds a value the model cannot run (message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The controls shared by every generating tab (raw values from the page)."""
+    sampler: str = "ddim"
+    options_text: str = ""
+    steps: float = 20
+    guidance: float = 7.5
+    eta: float = 0.0
+    seed: float = 0
+    random_seed: bool = False
+    batch_size: float = 1
+
+
+def text_to_image(engine: Engine, out_dir: str, prompt: str, negative_prompt: str,
+                  settings: Settings, height, width, report: Reporter | None = None):
+    """Text-to-image. Returns ``(items, note)`` (see the module docstring)."""
+    request = _request(engine, settings, "text_to_image", prompt=_prompt(prompt),
+                       negative_prompt=negative_prompt or "",
+                       height=_size(engine, "height", height), width=_size(engine, "width",
+                                                                           width))
+    return _generate(engine, out_dir, request, report)
+
+
+def image_to_image(engine: Engine, out_dir: str, image, prompt: str, negative_prompt: str,
+                   strength: float, settings: Settings, report: Reporter | None = None):
+    """SDEdit / img2img of an uploaded ``image [H, W, 3]`` uint8. Returns ``(items, note)``."""
+    image = _input_image(engine, image)
+    if not 0.0 < float(strength) <= 1.0:
+        raise InputError(f"Strength must lie in (0, 1], got {strength}.")
+    request = _request(engine, settings, "img2img", prompt=_prompt(prompt),
+                       negative_prompt=negative_prompt or "", strength=float(strength),
+                       height=image.shape[0], width=image.shape[1])
+    return _generate(engine, out_dir, request, report, image=image)
+
+
+def inpaint(engine: Engine, out_dir: str, editor: dict | None, mask_upload, prompt: str,
+            negative_prompt: str, settings: Settings, report: Reporter | None = None):
+    """Inpainting of the editor's background where the brush painted (or where an uploaded
+    mask is white). Returns ``(items, note)``.
+
+    Args:
+        editor: the image editor's value ``{"background", "layers", "composite"}`` (numpy).
+        mask_upload: optional ``[H, W(, C)]`` mask image (white = regenerate), used instead
+            of the brush strokes.
+    """
+    editor = editor or {}
+    image = _input_image(engine, editor.get("background"))
+    mask = mask_from_upload(mask_upload) if mask_upload is not None \
+        else mask_from_layers(editor.get("layers") or [], image.shape[:2])
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"The mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is "
+                         f"{image.shape[1]}x{image.shape[0]}: they must be the same size.")
+    if not mask.any():
+        raise InputError("The mask is empty: paint over the region to regenerate.")
+    request = _request(engine, settings, "inpaint", prompt=_prompt(prompt),
+                       negative_prompt=negative_prompt or "", height=image.shape[0],
+                       width=image.shape[1])
+    return _generate(engine, out_dir, request, report, image=image, mask=mask)
+
+
+def sample(engine: Engine, out_dir: str, class_name: str | None, settings: Settings,
+           report: Reporter | None = None):
+    """Class-conditional or unconditional sampling of a pixel model. Returns ``(items, note)``."""
+    request = _request(engine, settings, "sample", class_label=_class_label(engine, class_name))
+    return _generate(engine, out_dir, request, report)
+
+
+def compare(engine: Engine, out_dir: str, prompt: str, class_name: str | None,
+            settings: Settings, runs, report: Reporter | None = None):
+    """The same seed and prompt (or class) through 2-4 samplers, one image each.
+
+    Args:
+        runs: ``[(sampler or None, steps), ...]``; rows without a sampler are skipped.
+
+    Returns:
+        ``(items, note)``: one image per run captioned with its NFE and wall time, and a
+        Markdown table of them.
+    """
+    chosen = [(name, steps) for name, steps in runs if name]
+    if not 2 <= len(chosen) <= 4:
+        raise InputError(f"Choose 2 to 4 samplers to compare, got {len(chosen)}.")
+    settings = dataclasses.replace(settings, batch_size=1)
+    if engine.kind == TEXT:
+        base = dict(task="text_to_image", prompt=_prompt(prompt))
+    else:
+        base = dict(task="sample", class_label=_class_label(engine, class_name))
+    requests = [_request(engine, dataclasses.replace(settings, sampler=name, steps=steps),
+                         **base) for name, steps in chosen]
+    if settings.random_seed:  # one seed for every run
+        requests = [dataclasses.replace(r, seed=requests[0].seed) for r in requests]
+    items, rows = [], ["| sampler | steps | NFE | wall time |", "|---|---|---|---|"]
+    for request in requests:
+        compiling = not engine.is_compiled(request)
+        start = time.perf_counter()
+        images = _run(engine, request, report)
+        wall = time.perf_counter() - start
+        nfe = engine.evaluations(request)
+        note = " (incl. compile)" if compiling else ""
+        caption = f"{request.sampler} · {request.steps} steps · NFE {nfe} · {wall:.2f} s{note}"
+        items += _write(engine, out_dir, request, images, caption)
+        rows.append(f"| {request.sampler} | {request.steps} | {nfe} | {wall:.2f} s{note} |")
+    return items, f"Seed {requests[0].seed}.\n\n" + "\n".join(rows)
+
+
+def read_parameters(path: str | None) -> dict:
+    """The settings stored in a PNG made by the app, as control values.
+
+    Returns:
+        The :class:`Request` fields plus ``options_text`` (``name=value, ...``) and
+        ``checkpoint``.
+
+    Raises:
+        InputError: no file, not a PNG, or no parameters of this app in it.
+    """
+    if not path:
+        raise InputError("Select an image in the gallery or upload a PNG made by this app.")
+    try:
+        params = metadata.read_params(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(str(err)) from None
+    options = params.get("sampler_options") or {}
+    params["options_text"] = ", ".join(f"{k}={v}" for k, v in options.items())
+    return params
+
+
+def sampler_help(name: str) -> str:
+    """One line naming the options the sampler ``name`` reads (for the page)."""
+    fields = SAMPLER_FIELDS.get(name)
+    if not fields:
+        return f"`{name}`: no options besides steps."
+    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
+    shown = ", ".join(f"{f}={defaults[f]}" for f in fields)
+    return f"`{name}` options (name=value, comma-separated; defaults): {shown}"
+
+
+def mask_from_layers(layers, shape) -> np.ndarray:
+    """``[H, W]`` bool hole: any pixel a brush layer painted (alpha > 0).
+
+    Args:
+        layers: the editor's layers, each ``[H, W, 4]`` RGBA (or ``[H, W, 3]``: non-black).
+        shape: ``(H, W)`` of the image (the result when there are no layers).
+    """
+    mask = np.zeros(shape, bool)
+    for layer in layers:
+        layer = np.asarray(layer)
+        painted = layer[..., 3] > 0 if layer.shape[-1] == 4 else layer.max(axis=-1) > 0
+        if painted.shape != mask.shape:
+            return painted  # the caller reports the size mismatch
+        mask |= painted
+    return mask
+
+
+def mask_from_upload(upload) -> np.ndarray:
+    """``[H, W]`` bool hole from an uploaded mask image: white (> 127) = regenerate."""
+    upload = np.asarray(upload)
+    if upload.ndim == 3:
+        upload = upload[..., :3].mean(axis=-1)
+    return upload > 127
+
+
+def _generate(engine, out_dir, request, report, image=None, mask=None):
+    """Runs ``request`` and writes its PNGs; returns ``(items, note)``."""
+    images = _run(engine, request, report, image, mask)
+    items = _write(engine, out_dir, request, images, None)
+    note = (f"Seed {request.seed} · {request.sampler} · {request.steps} steps · "
+            f"{images.shape[2]}x{images.shape[1]} px")
+    return items, note
+
+
+def _run(engine, request, report, image=None, mask=None) -> np.ndarray:
+    """``engine.generate`` in a worker thread, calling ``report`` while it runs; settings
+    errors become :class:`InputError`."""
+    compiling = not engine.is_compiled(request)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(engine.generate, request, image, mask)
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if report is not None:
+                    report(engine.counter, compiling)
+            except ValueError as err:
+                raise InputError(str(err)) from None
+
+
+def _write(engine, out_dir, request, images, caption):
+    """Saves each image as a PNG with the request's parameters; returns gallery items."""
+    os.makedirs(out_dir, exist_ok=True)
+    params = dataclasses.asdict(request)
+    params["sampler_options"] = dict(request.sampler_options)
+    params["checkpoint"] = engine.source
+    items = []
+    for i, image in enumerate(images):
+        path = os.path.join(out_dir, f"{request.task}_{request.seed}_{i}_"
+                                     f"{uuid.uuid4().hex[:8]}.png")
+        metadata.save_png(path, image, {**params, "index": i})
+        items.append((path, caption or f"seed {request.seed} · image {i + 1}"))
+    return items
+
+
+def _request(engine, settings, task, **fields) -> Request:
+    """A checked :class:`Request` from the shared controls and the tab's own fields."""
+    if settings.sampler not in engine.samplers_for(task):
+        raise InputError(f"Sampler {settings.sampler!r} cannot run {task}; choose one of "
+                         f"{engine.samplers_for(task)}.")
+    steps = _integer("Steps", settings.steps, 1, MAX_STEPS)
+    batch = _integer("Batch size", settings.batch_size, 1, 16)
+    seed = secrets.randbelow(MAX_SEED + 1) if settings.random_seed \
+        else _integer("Seed", settings.seed, 0, MAX_SEED)
+    guidance = float(settings.guidance)
+    if not np.isfinite(guidance) or guidance < 0:
+        raise InputError(f"Guidance scale must be >= 0, got {settings.guidance}.")
+    items = [s.strip() for s in (settings.options_text or "").replace("\n", ",").split(",")]
+    try:
+        options = parse_sampler_options([s for s in items if s])
+    except ValueError as err:
+        raise InputError(f"Sampler options: {err}") from None
+    request = Request(task=task, sampler=settings.sampler, steps=steps, guidance=guidance,
+                      eta=float(settings.eta), seed=seed, batch_size=batch,
+                      sampler_options=tuple(sorted(options.items())), **fields)
+    try:
+        engine.evaluations(request)  # validates every sampler option
+    except ValueError as err:
+        raise InputError(f"Sampler options: {err}") from None
+    return request
+
+
+def _integer(name, value, low, high) -> int:
+    if value is None or not float(value).is_integer() or not low <= value <= high:
+        raise InputError(f"{name} must be a whole number in [{low}, {high}], got {value}.")
+    return int(value)
+
+
+def _prompt(prompt) -> str:
+    if not prompt or not prompt.strip():
+        raise InputError("The prompt is empty: describe the image to generate.")
+    return prompt
+
+
+def _size(engine, name, value) -> int:
+    value = engine.default_size if value in (None, "") else value
+    multiple = engine.size_multiple
+    if not float(value).is_integer() or value < multiple or value % multiple:
+        raise InputError(f"{name.capitalize()} {value} is not a multiple of {multiple} (the "
+                         f"autoencoder's and UNet's downsampling); try "
+                         f"{max(multiple, int(value) // multiple * multiple)}.")
+    return int(value)
+
+
+def _input_image(engine, image) -> np.ndarray:
+    """The uploaded image as uint8 ``[H, W, 3]`` of allowed sizes."""
+    if image is None:
+        raise InputError("Upload an image first.")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
+        raise InputError(f"The upload is not an RGB image (array of shape {image.shape}).")
+    for name, value in (("height", image.shape[0]), ("width", image.shape[1])):
+        if value % engine.size_multiple:
+            raise InputError(f"The image {name} {value} is not a multiple of "
+                             f"{engine.size_multiple}; crop or resize it.")
+    return image[..., :3]
+
+
+def _class_label(engine, class_name) -> int | None:
+    if not engine.num_classes:
+        return None
+    if class_name not in engine.class_names:
+        raise InputError(f"Pick a class: one of {list(engine.class_names)}.")
+    return engine.class_names.index(class_name)

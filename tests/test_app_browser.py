@@ -1,0 +1,217 @@
+"""Web app in a real browser: Debian's headless Chromium driven by Playwright.
+
+The server runs in this process (on a free 127.0.0.1 port) with the tiny random pipeline of
+app_fixtures.py, so the test can compare the page's PNGs with the library and count the
+compiled programs. Screenshots of the tabs go to a temporary folder, or to
+``$APP_SCREENSHOTS`` (``APP_SCREENSHOTS=docs/figures`` refreshes the README's figures).
+"""
+import io
+import os
+import shutil
+import socket
+import time
+
+import jax
+import numpy as np
+import pytest
+from app_fixtures import write_tiny_sd
+from PIL import Image
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from diffusion_jax import pipelines  # noqa: E402
+from diffusion_jax.app import __main__ as app_main  # noqa: E402
+from diffusion_jax.app import engine as engine_lib  # noqa: E402
+from diffusion_jax.app import ui  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 120_000
+STEPS = 4
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``(url, engine)`` of a running app serving the tiny pipeline."""
+    root = tmp_path_factory.mktemp("app")
+    engine = engine_lib.load_engine(checkpoint_dir=str(write_tiny_sd(root / "tiny_sd")))
+    demo = ui.build(engine, str(root / "out"))
+    port = _free_port()
+    app_main.launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}/", engine
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (make test installs it).")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = os.environ.get("APP_SCREENSHOTS") or str(tmp_path_factory.mktemp("shots"))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    outside = []
+    page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:")
+            else outside.append(r.url))
+    page.goto(url, wait_until="load")
+    page.locator("#text_to_image_generate").wait_for(timeout=TIMEOUT_MS)
+    page.outside_requests = outside
+    return page
+
+
+def _shown(page, task, old=None):
+    """The first image of the tab's gallery once it differs from ``old``: ``(src, png)``."""
+    image = page.locator(f"#{task}_gallery img").first
+    image.wait_for(timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while image.get_attribute("src") == old and time.monotonic() < deadline:
+        time.sleep(0.1)
+    src = image.get_attribute("src")
+    return src, Image.open(io.BytesIO(page.request.get(src).body()))
+
+
+def _fill_text_to_image(page, prompt):
+    page.locator("#text_to_image_prompt textarea").fill(prompt)
+    page.locator("#text_to_image_steps input").fill(str(STEPS))
+    page.locator("#text_to_image_seed input").fill("7")
+
+
+def test_generate_equals_the_library_reuses_the_program_and_restores_parameters(
+        server, browser, shots):
+    url, engine = server
+    page = _open(browser, url)
+    _fill_text_to_image(page, "a photo of a cat")
+    page.locator("#text_to_image_generate").click()
+    src, png = _shown(page, "text_to_image")
+    plain = pipelines.load(engine.source)
+    expected = pipelines.text_to_image(plain, ["a photo of a cat"], jax.random.key(7),
+                                       num_steps=STEPS, guidance_scale=7.5)[0]
+    np.testing.assert_array_equal(np.asarray(png), expected)  # bitwise, after PNG
+    assert '"prompt": "a photo of a cat"' in png.text["parameters"]
+    assert (png.text["seed"], png.text["steps"], png.text["sampler"]) == ("7", "4", "ddim")
+    compiled = engine.compile_count()
+    # Move the guidance slider (keyboard on the range input), regenerate: no compile.
+    slider = page.locator("#text_to_image_guidance input[type=range]")
+    slider.focus()
+    for _ in range(5):
+        slider.press("ArrowLeft")
+    assert page.locator("#text_to_image_guidance input[type=number]").input_value() == "7"
+    page.locator("#text_to_image_generate").click()
+    _, again = _shown(page, "text_to_image", old=src)
+    assert '"guidance": 7.0' in again.text["parameters"]
+    assert np.abs(np.asarray(again, int) - expected).max() > 0
+    assert engine.compile_count() == compiled
+    # Reuse parameters: select the image, change the prompt, restore it.
+    page.locator("#text_to_image_gallery img").first.click()
+    page.locator("#text_to_image_prompt textarea").fill("something else")
+    page.locator("#text_to_image_seed input").fill("99")
+    page.locator("#text_to_image_reuse").click()
+    page.wait_for_function("document.querySelector('#text_to_image_prompt textarea').value"
+                           " === 'a photo of a cat'", timeout=TIMEOUT_MS)
+    assert page.locator("#text_to_image_seed input").input_value() == "7"
+    page.screenshot(path=os.path.join(shots, "app_text_to_image.png"), full_page=True)
+    assert page.outside_requests == []  # nothing fetched from the internet
+    page.close()
+
+
+def test_bad_input_shows_a_message_and_the_next_request_works(server, browser):
+    url, _ = server
+    page = _open(browser, url)
+    _fill_text_to_image(page, "   ")
+    page.locator("#text_to_image_generate").click()
+    page.get_by_text("The prompt is empty").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#text_to_image_prompt textarea").fill("a cat")
+    page.locator("#text_to_image_height input").fill("30")
+    page.locator("#text_to_image_generate").click()
+    page.get_by_text("Height 30 is not a multiple of 4").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#text_to_image_height input").fill("32")
+    page.locator("#text_to_image_generate").click()
+    _, png = _shown(page, "text_to_image")
+    assert png.size == (32, 32)
+    page.close()
+
+
+def test_two_sessions_generating_at_once_both_get_their_images(server, browser):
+    url, _ = server
+    pages = [_open(browser, url) for _ in range(2)]
+    for i, page in enumerate(pages):
+        _fill_text_to_image(page, f"a cat number {i}")
+    for page in pages:
+        page.locator("#text_to_image_generate").click()
+    for i, page in enumerate(pages):
+        _, png = _shown(page, "text_to_image")
+        assert f'"prompt": "a cat number {i}"' in png.text["parameters"]
+        page.close()
+
+
+def test_inpainting_a_drawn_mask_changes_only_the_painted_region(server, browser, shots,
+                                                                 tmp_path):
+    url, _ = server
+    y, x = np.mgrid[0:64, 0:64]
+    source = np.stack([x * 4, y * 4, 255 - (x + y) * 2], -1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "input.png")
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Inpainting").click()
+    editor = page.locator("#inpaint_editor")
+    editor.locator("input[type=file]").first.set_input_files(str(tmp_path / "input.png"))
+    canvas = editor.locator("canvas").first
+    page.wait_for_timeout(1000)
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx + 90, cy - 100)
+    page.mouse.down()
+    for k in range(21):  # a vertical stroke over the right part of the image
+        page.mouse.move(cx + 90, cy - 100 + 10 * k)
+    page.mouse.up()
+    page.locator("#inpaint_prompt textarea").fill("a cat")
+    page.locator("#inpaint_steps input").fill(str(STEPS))
+    page.locator("#inpaint_generate").click()
+    _, png = _shown(page, "inpaint")
+    changed = np.abs(np.asarray(png, int) - source).max(axis=-1) > 0     # [64, 64]
+    columns = np.nonzero(changed.any(axis=0))[0]
+    assert changed.sum() > 100  # the stroke was regenerated
+    assert columns.min() > 32   # nothing left of the stroke changed (known pixels pasted)
+    page.screenshot(path=os.path.join(shots, "app_inpaint.png"), full_page=True)
+    page.close()
+
+
+def test_screenshots_of_the_other_tabs(server, browser, shots, tmp_path):
+    url, _ = server
+    page = _open(browser, url)
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "gray.png")
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#img2img_image input[type=file]").set_input_files(str(tmp_path / "gray.png"))
+    page.locator("#img2img_prompt textarea").fill("a photo of a cat")
+    page.wait_for_timeout(500)
+    page.screenshot(path=os.path.join(shots, "app_img2img.png"), full_page=True)
+    page.get_by_role("tab", name="Compare samplers").click()
+    page.locator("#compare_prompt textarea").fill("a photo of a cat")
+    for i, steps in enumerate((STEPS, 3, 3)):
+        page.locator(f"#compare_steps_{i} input").fill(str(steps))
+    page.locator("#compare_generate").click()
+    page.locator("#compare_note table").wait_for(timeout=TIMEOUT_MS)
+    assert page.locator("#compare_gallery img").count() >= 3
+    page.screenshot(path=os.path.join(shots, "app_compare.png"), full_page=True)
+    page.close()
