@@ -176,6 +176,35 @@ def test_pc_runs_in_the_pipeline_and_equals_the_registry_call(ours):
         pipelines.text_to_image(ours, PROMPTS[:1], key, sampler="pc", num_steps=3)
 
 
+def test_zero_terminal_snr_scheduler_samples_like_diffusers(tmp_path_factory):
+    """rescale_betas_zero_snr gives beta_{T-1} = 1 (alpha_bar = 0): once refused by
+    make_schedule after a successful conversion; DDIM with v-prediction starts at x0 = -v."""
+    path, pipe = _converted(tmp_path_factory, dict(V_TRAILING, rescale_betas_zero_snr=True))
+    zero = pipelines.load(path)
+    assert float(zero.schedule.alphas_cumprod[-1]) == 0.0
+    latents = _latents(seed=2)
+    np.testing.assert_allclose(_ours_01(zero, latents, guidance_scale=7.5),
+                               _diffusers_images(pipe, latents), atol=PARITY_TOL, rtol=0)
+    with pytest.raises(ValueError, match="zero-terminal-SNR .* sigma_max"):
+        pipelines.text_to_image(zero, PROMPTS, jax.random.key(0), sampler="dpm_solver_pp",
+                                num_steps=STEPS)
+    eps_model = zero._replace(options=dataclasses.replace(zero.options, pred_type="eps"))
+    with pytest.raises(ValueError, match="zero terminal SNR .* eps prediction cannot"):
+        pipelines.text_to_image(eps_model, PROMPTS, jax.random.key(0), num_steps=STEPS)
+
+
+def test_sampler_option_overrides_reach_the_sampler_and_never_the_prediction_type(ours):
+    latents = _latents(batch=1).transpose(0, 2, 3, 1)
+    run = lambda **kw: pipelines.text_to_image(ours, PROMPTS[:1], jax.random.key(0),
+                                               sampler="dpm_solver_pp", num_steps=STEPS,
+                                               latents=latents, output="latents", **kw)
+    assert np.abs(run(option_overrides={"order": 1}) - run()).max() > 1e-3  # 1st vs 2nd order
+    for overrides, match in (({"pred_type": "v"}, "come from the checkpoint"),
+                             ({"chrun": 1.0}, "Unknown sampler option")):
+        with pytest.raises(ValueError, match=match):
+            run(option_overrides=overrides)
+
+
 def test_text_to_image_in_batches_equals_one_call_and_compiles_one_batch_size(ours):
     prompts = ["a photo of a cat", "hello", "a dog"]
     latents = _latents(batch=3, seed=4).transpose(0, 2, 3, 1)
