@@ -74,6 +74,7 @@ def main(argv):
         raise app.UsageError("--config applies to --checkpoint only; --workdir uses its own.")
     compilation_cache.enable(_JIT_CACHE.value)
     try:
+        cli.check_out_dir(_OUT.value)
         if _is_sd_pipeline(_CHECKPOINT.value):
             _sample_sd()
             return

@@ -150,6 +150,17 @@ def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
     assert (options.num_steps, options.eta) == (7, tiny.get_config().sample.eta)
 
 
+def test_out_dir_is_checked_before_any_work_and_nothing_is_created(tmp_path):
+    from diffusion_jax.applications import cli
+    (tmp_path / "file").write_text("x")
+    for out, match in ((tmp_path / "file", "is a file; it must be a directory"),
+                       (tmp_path / "file" / "sub", "cannot be created: .*file is a file")):
+        with pytest.raises(ValueError, match=match):
+            cli.check_out_dir(str(out))
+    cli.check_out_dir(str(tmp_path / "new" / "deeper"))
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow
 def test_run_sample_bad_input_exits_1_with_one_line(tmp_path):
     """On a 10-class model: an out-of-range label (sample and invert), a wrong-size input

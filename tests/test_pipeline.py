@@ -357,6 +357,9 @@ def test_cli_text_to_image_matches_the_library_and_rejects_bad_flags(sd15, ours,
     for flags, message in ((["--height=30"], "multiple of"),
                            (["--strength=0.5"], "--strength"),
                            (["--task=img2img"], "--input"),
-                           (["--task=diffusionclip"], "needs --source_text")):
+                           (["--task=diffusionclip"], "needs --source_text"),
+                           (["--guidance_scale=nan"], "--guidance_scale must be finite"),
+                           (["--sampler_option=pred_type=v"], "the checkpoint decides"),
+                           ([f"--out={out}/samples.png/x"], "cannot be created")):
         proc = _run_sample(f"--checkpoint={sd15[0]}", f"--out={out}", "--prompt=x", *flags)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]

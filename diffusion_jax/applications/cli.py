@@ -36,6 +36,7 @@ default 20)::
         --clip_workdir=demo_t2i/clip
 """
 import dataclasses
+import math
 import os
 
 import jax
@@ -329,8 +330,27 @@ def _check_diffusionclip(fv):
                          f"and {fv.id_weight}.")
 
 
+def check_out_dir(path):
+    """Fail before any work when outputs could not be written to ``path`` (it is a file, or
+    its nearest existing ancestor is not a writable directory); creates nothing.
+
+    Raises:
+        ValueError: naming ``path`` and the problem.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out={path} is a file; it must be a directory (or not exist yet).")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out={path} cannot be created: {parent} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={path} cannot be written: no write permission on {parent}.")
+
+
 def _check_common(fv):
-    """Checks shared by every kind of checkpoint: flags of other tasks, counts."""
+    """Checks shared by every kind of checkpoint: flags of other tasks, counts, a finite
+    guidance scale."""
     for name, users in TASK_FLAGS.items():
         if fv[name].present and fv.task not in users:
             raise ValueError(f"--{name} is not used by --task={fv.task} (it applies to "
@@ -339,6 +359,8 @@ def _check_common(fv):
         raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
     if fv.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {fv.num_samples}.")
+    if fv.guidance_scale is not None and not math.isfinite(fv.guidance_scale):
+        raise ValueError(f"--guidance_scale must be finite, got {fv.guidance_scale}.")
 
 
 def _sd_mask(fv, size):
