@@ -358,8 +358,36 @@ def test_cli_text_to_image_matches_the_library_and_rejects_bad_flags(sd15, ours,
                            (["--strength=0.5"], "--strength"),
                            (["--task=img2img"], "--input"),
                            (["--task=diffusionclip"], "needs --source_text"),
-                           (["--guidance_scale=nan"], "--guidance_scale must be finite"),
-                           (["--sampler_option=pred_type=v"], "the checkpoint decides"),
                            ([f"--out={out}/samples.png/x"], "cannot be created")):
         proc = _run_sample(f"--checkpoint={sd15[0]}", f"--out={out}", "--prompt=x", *flags)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sd_flag_checks_name_the_flag(ours):
+    """In-process probes of run_sample.py's checks for an SD checkpoint (the CLI test above
+    runs the real script for a few)."""
+    from absl import flags
+    from diffusion_jax.applications import cli
+
+    def check(*argv):
+        fv = flags.FlagValues()
+        cli.define_flags(fv)
+        fv(["run_sample.py", "--prompt=x", *argv])
+        cli.check_sd_flags(fv, ours)
+        return cli.sampler_overrides(fv)
+
+    assert check("--steps=3", "--sampler_option=order=1") == {"num_steps": 3, "order": 1}
+    check("--height=32", "--width=64")  # non-square sampling is fine
+    for argv, match in ((["--height=0"], "--height=0 must be a positive multiple of 4"),
+                        (["--width=30"], "--width=30 must be"),
+                        (["--guidance_scale=nan"], "--guidance_scale must be finite"),
+                        (["--guidance_scale=-1"], "--guidance_scale must be >= 0"),
+                        (["--sampler_option=pred_type=v"], "the checkpoint decides"),
+                        (["--num_samples=0"], "--num_samples must be >= 1"),
+                        (["--class_label=1"], "--class_label does not apply"),
+                        (["--task=img2img", "--input=x.png", "--strength=0"], "--strength"),
+                        (["--task=img2img", "--input=x.png", "--strength=1.5"], "--strength"),
+                        (["--task=inpaint", "--sampler=langevin", "--input=x.png"],
+                         "has no per-step hook")):
+        with pytest.raises(ValueError, match=match):
+            check(*argv)

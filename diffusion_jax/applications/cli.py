@@ -227,7 +227,7 @@ def check_sd_flags(fv, pipe):
         raise ValueError("--prompt is required for a Stable Diffusion checkpoint.")
     if fv.guidance_scale is not None and fv.guidance_scale < 0:
         raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
-    height, width = fv.height or pipe.sample_size, fv.width or pipe.sample_size
+    height, width = (pipe.sample_size if v is None else v for v in (fv.height, fv.width))
     try:
         pipelines.latent_shape(pipe, 1, height, width)
     except ValueError as err:
@@ -272,7 +272,7 @@ def run_sd_from_flags(fv, pipe, out_dir):
                      prompt=np.asarray(fv.prompt))
             print(f"Wrote {n} samples to {out_dir}/samples.png and samples.npz")
         return {"images": images}
-    size = fv.height or pipe.sample_size
+    size = pipe.sample_size if fv.height is None else fv.height
     channels = pipe.vae.encoder.conv_in.in_features
     images = np.repeat(image_io.read_image(fv.input, size, channels,
                                            resize=fv.resize_input)[None], n, axis=0)
