@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models import layers
+from diffusion_jax.models.attention import AttentionBlock
 from diffusion_jax.models.layers import Dtype
 
 # The Stable Diffusion 1.x / 2.x VAE (83,653,863 parameters).
@@ -143,7 +144,7 @@ class MidBlock(nnx.Module):
     def __init__(self, ch: int, groups: int, attention: bool, **kw):
         self.resnets = nnx.List([ResnetBlock(ch, ch, groups, **kw) for _ in range(2)])
         self.attentions = nnx.List(
-            [layers.AttentionBlock(ch, 1, num_groups=groups, eps=_EPS, **kw)] if attention else [])
+            [AttentionBlock(ch, 1, num_groups=groups, eps=_EPS, **kw)] if attention else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.resnets[0](x)

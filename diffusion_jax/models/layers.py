@@ -2,8 +2,8 @@
 
 Every block takes and returns NHWC activations ``[B, H, W, C]``. Parameters are
 created in ``param_dtype`` (float32) and cast to the compute ``dtype`` (e.g.
-bfloat16) when applied; group-norm statistics and the attention softmax are
-always computed in float32.
+bfloat16) when applied; group-norm statistics are always computed in float32. The
+attention block lives in ``attention.py`` beside the other attention layers.
 
 Every parameter carries logical axis names in its ``out_sharding`` metadata (see
 ``LOGICAL_AXIS_NAMES``), so one rules table can map them to mesh axes, e.g.::
@@ -186,39 +186,6 @@ class ResBlock(nnx.Module):
         h = self.conv2(h)
         skip = x if self.skip is None else self.skip(x)
         return skip + h
-
-
-class AttentionBlock(nnx.Module):
-    """Multi-head self-attention over the H*W positions with a residual connection.
-
-    ``u = norm(x)`` reshaped to ``[B, HW, C]``; ``q, k, v = u W_q, u W_k, u W_v`` split into
-    ``num_heads`` heads of width ``d = C / num_heads``;
-    ``out = x + proj_out(softmax(q k^T / sqrt(d)) v)`` (softmax in float32).
-
-    Shapes: ``x: [B, H, W, C] -> [B, H, W, C]``.
-    """
-
-    def __init__(self, channels: int, num_heads: int, *, num_groups: int, eps: float,
-                 dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        if num_heads < 1 or channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count {channels}")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.num_heads = num_heads
-        self.norm = group_norm(channels, num_groups, eps, **kw)
-        self.q = dense(channels, channels, axes=("embed", "heads"), **kw)
-        self.k = dense(channels, channels, axes=("embed", "heads"), **kw)
-        self.v = dense(channels, channels, axes=("embed", "heads"), **kw)
-        self.proj_out = dense(channels, channels, axes=("heads", "embed"), zero_init=True, **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, hgt, wid, c = x.shape
-        u = self.norm(x).reshape(b, hgt * wid, c)
-        split = lambda a: a.reshape(b, hgt * wid, self.num_heads, c // self.num_heads)  # [B, T, N, d]
-        q, k, v = split(self.q(u)), split(self.k(u)), split(self.v(u))
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits / math.sqrt(c // self.num_heads), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknd->bqnd", weights, v).reshape(b, hgt * wid, c)
-        return x + self.proj_out(out).reshape(b, hgt, wid, c)
 
 
 class Downsample(nnx.Module):

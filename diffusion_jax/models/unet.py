@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import attention, layers
 from diffusion_jax.models.layers import LOGICAL_AXIS_NAMES
 
 __all__ = ["DTYPES", "LAYOUTS", "LOGICAL_AXIS_NAMES", "UNet", "count_params", "layout_kwargs",
@@ -156,7 +156,7 @@ class UNet(nnx.Module):
                 if ch % num_head_channels:
                     raise ValueError(f"num_head_channels={num_head_channels} must divide the width {ch}")
                 heads = ch // num_head_channels
-            return layers.AttentionBlock(ch, heads, num_groups=num_groups, eps=norm_eps, **kw)
+            return attention.AttentionBlock(ch, heads, num_groups=num_groups, eps=norm_eps, **kw)
 
         self.time_embed = layers.TimeEmbedding(base_channels, emb_dim, **kw)
         self.class_embed = nnx.Embed(
