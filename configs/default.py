@@ -174,6 +174,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.latent = latent = ml_collections.ConfigDict()  # objective "latent_diffusion"
     latent.autoencoder_workdir = ""  # workdir of the "autoencoder" stage (frozen)
     latent.clip_workdir = ""  # workdir of the "clip" stage (frozen text encoder + tokenizer)
+    latent.autoencoder_step = 0  # pinned autoencoder step; 0 = its latest at the first start
+    latent.autoencoder_sha256 = ""  # its parameters' sha256, recorded at the first start
+    latent.clip_step = 0  # pinned clip step; 0 = its latest at the first start
+    latent.clip_sha256 = ""  # its parameters' sha256, recorded at the first start
     latent.scale_factor = 0.0  # latent scale; 0 = 1 / std of the training latents (measured once)
     latent.scale_num_images = 2048  # training images the scale factor is measured on
     latent.caption_drop_prob = 0.1  # captions replaced by the empty prompt (for CFG)

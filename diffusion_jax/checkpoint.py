@@ -28,6 +28,9 @@ import orbax.checkpoint as ocp
 from diffusion_jax import config_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# files that mark a directory of converted weights (run_sample.py --checkpoint), not a workdir
+_CHECKPOINT_MARKERS = (("model_index.json", "a Stable Diffusion pipeline directory"),
+                       ("unet.json", "a converted diffusers UNet checkpoint"))
 
 
 # manager -> the step of its newest save, so a failed commit can be named
@@ -50,10 +53,15 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
             directory raises.
 
     Raises:
-        FileNotFoundError: ``create=False`` and ``WORKDIR/checkpoints`` does not exist.
+        FileNotFoundError: ``create=False`` and ``WORKDIR/checkpoints`` does not exist (a
+            Stable Diffusion or converted UNet directory is named as such).
     """
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     if not create and not os.path.isdir(directory):
+        for marker, what in _CHECKPOINT_MARKERS:
+            if os.path.isfile(os.path.join(workdir, marker)):
+                raise FileNotFoundError(f"{workdir} is {what} ({marker}), not a training "
+                                        "workdir: pass it as --checkpoint")
         raise FileNotFoundError(
             f"no checkpoint directory {directory!r}: is {workdir!r} a training workdir?")
     options = ocp.CheckpointManagerOptions(

@@ -10,16 +10,21 @@ then take ``denoisers.build_denoiser(loaded.model, cond)`` and ``loaded.schedule
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from diffusion_jax import checkpoint, generate, schedules, sharding, train
+from diffusion_jax import checkpoint, generate, objectives, schedules, sharding, train
 from diffusion_jax.schedules import DiscreteSchedule
+
+SAMPLED = ("diffusion", "latent_diffusion")
+"""The ``train.objective`` kinds whose workdirs hold a model to sample (`load`'s default)."""
 
 
 class Loaded(NamedTuple):
@@ -38,7 +43,7 @@ class Loaded(NamedTuple):
 
 def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
          step: int | None = None, config: ml_collections.ConfigDict | None = None,
-         mesh=None) -> Loaded:
+         mesh=None, kinds: tuple[str, ...] = SAMPLED) -> Loaded:
     """Loads a model for sampling from exactly one of ``workdir`` and ``checkpoint_path``.
 
     * ``workdir``: the config stored with the checkpoint; the params are the first EMA of
@@ -53,13 +58,16 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
         step: checkpoint step of ``workdir`` (default: the latest).
         config: settings of a converted checkpoint (not allowed with ``workdir``).
         mesh: device mesh the params are placed on (default: all devices, data-parallel).
+        kinds: the ``train.objective`` values a ``workdir`` may hold (default `SAMPLED`;
+            e.g. ``("autoencoder",)`` for a text-to-image stage).
 
     Returns:
         :class:`Loaded`.
 
     Raises:
         ValueError: if not exactly one source is given, or ``config`` is given with ``workdir``
-            or missing with ``checkpoint_path``.
+            or missing with ``checkpoint_path``, or the workdir holds a run of another kind
+            (the message names the kind found and the kinds expected).
         FileNotFoundError: if the workdir has no checkpoint or the path does not exist.
     """
     if (workdir is None) == (checkpoint_path is None):
@@ -69,7 +77,7 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
     if workdir is not None:
         if config is not None:
             raise ValueError("config applies to a converted checkpoint only; a workdir uses its own.")
-        graphdef, params, config = _load_workdir(workdir, step, mesh)
+        graphdef, params, config = _load_workdir(workdir, step, mesh, kinds)
     else:
         if config is None:
             raise ValueError("A converted checkpoint needs config (its diffusion and sampling "
@@ -78,10 +86,36 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
     return Loaded(graphdef, params, config, schedules.schedule_from_config(config.diffusion))
 
 
-def _load_workdir(workdir, step, mesh):
+def params_digest(params) -> str:
+    """sha256 (hex) of a parameter pytree: for each leaf, in the order of its sorted path
+    (``jax.tree_util.keystr``), the path, dtype, shape and the array's bytes (C order).
+
+    Equal for equal parameters however they were loaded or sharded; used to pin the frozen
+    stages of a text-to-image run (`diffusion_jax.objectives.load_frozen_stage`).
+    """
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    digest = hashlib.sha256()
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        if isinstance(leaf, jax.Array) and leaf.is_fully_replicated:
+            leaf = leaf.addressable_data(0)  # also when other processes hold the other copies
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _load_workdir(workdir, step, mesh, kinds):
     """``(graphdef, params, config)`` of a training workdir: first EMA of ``step``."""
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
     config = checkpoint.load_config(manager, step)
+    found = objectives.objective_of(config)
+    if found not in kinds:
+        stage = (" (a stage of a text-to-image model: sample the 'latent_diffusion' run "
+                 "trained on it)" if found in objectives.FROZEN_STAGES and kinds == SAMPLED else "")
+        raise ValueError(f"{workdir} holds a {found!r} run (config.train.objective){stage}; "
+                         f"expected {' or '.join(map(repr, kinds))}.")
     graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)
     state, _ = checkpoint.restore(manager, abstract, step)
     return graphdef, generate.sampling_params(state), config

@@ -103,7 +103,7 @@ def load_clip(path: str):
         raise FileNotFoundError(f"CLIP workdir {path!r} has no {TOKENIZER_SUBDIR}/ directory; "
                                 "train one with configs/fashion_clip.py first")
     from diffusion_jax import loading
-    model = loading.load(workdir=path).model
+    model = loading.load(workdir=path, kinds=("clip",)).model
     if not isinstance(model, clip.CLIPModel):
         raise ValueError(f"workdir {path!r} holds a {type(model).__name__}, not a CLIPModel "
                          "(expected a configs/fashion_clip.py run)")

@@ -19,7 +19,12 @@ separately (Rombach et al., 2022; Radford et al., 2021):
   text encoder's token states; captions are replaced by the empty prompt with probability
   ``latent.caption_drop_prob`` (for classifier-free guidance). ``scale = 1 / std(z)``
   measured once on training latents (as SD chose 0.18215) and stored in the config and in
-  ``WORKDIR/latent_scale.json``.
+  ``WORKDIR/latent_scale.json``. The frozen stages are pinned: the step and a sha256 of the
+  parameters of each (`loading.params_digest`) are recorded at the first start in
+  ``WORKDIR/frozen_stages.json`` and in the config (``latent.autoencoder_step`` /
+  ``_sha256``, ``latent.clip_step`` / ``_sha256``); resuming and sampling load exactly those
+  steps (`load_frozen_stage`) and refuse when one is gone or its content changed, so training
+  a stage further never silently changes a trained text-to-image model.
 
 An `Objective` gives the model builder, the loss, a host-side batch transform (captions are
 strings, tokenised before the batch is sharded) and a final evaluation on the test split.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from typing import Callable, NamedTuple
 
 import jax
@@ -44,6 +50,8 @@ from diffusion_jax.models import tokenizer as clip_tokenizer
 OBJECTIVES = ("diffusion", "autoencoder", "clip", "latent_diffusion")
 TOKENIZER_SUBDIR = "tokenizer"
 SCALE_FILE = "latent_scale.json"
+STAGES_FILE = "frozen_stages.json"
+FROZEN_STAGES = ("autoencoder", "clip")  # objective = the name of its latent.* fields
 EVAL_FILE = "eval.json"
 
 
@@ -131,10 +139,47 @@ def final_evaluation(config, graphdef, params, workdir: str) -> dict[str, float]
     return results
 
 
-def load_stage(workdir: str):
-    """The first-EMA model of a finished stage: `diffusion_jax.loading.Loaded`."""
+def load_stage(workdir: str, objective: str, step: int | None = None):
+    """The first-EMA model of a finished ``objective`` stage (step ``step``, default the
+    latest): `diffusion_jax.loading.Loaded`.
+
+    Raises:
+        ValueError: ``workdir`` holds a run of another objective.
+    """
     from diffusion_jax import loading  # loading builds models through train, which imports us
-    return loading.load(workdir=workdir)
+    return loading.load(workdir=workdir, step=step, kinds=(objective,))
+
+
+def load_frozen_stage(config, objective: str):
+    """The frozen ``objective`` stage (``"autoencoder"`` or ``"clip"``) of a
+    ``latent_diffusion`` config at its pinned step, checked against the recorded sha256.
+
+    A config without a pin (a run from before stages were pinned) loads the stage's latest
+    step, with a warning.
+
+    Raises:
+        FileNotFoundError: the pinned step is gone (names it and the steps found).
+        ValueError: the pinned step's parameters differ from the recorded ones (names the
+            recorded and the found step and sha256).
+    """
+    from diffusion_jax import loading  # pylint: disable=g-import-not-at-top
+    lat = config.latent
+    directory = lat[f"{objective}_workdir"]
+    step, digest = lat.get(f"{objective}_step", 0), lat.get(f"{objective}_sha256", "")
+    if not step:
+        print(f"Warning: this text-to-image run records no step of its {objective} stage (it "
+              f"predates pinning); using the latest checkpoint of {directory}, which may not "
+              "be the one it was trained with.", file=sys.stderr, flush=True)
+        return load_stage(directory, objective)
+    _check_pinned_step(directory, objective, step, digest)
+    loaded = load_stage(directory, objective, step)
+    found = loading.params_digest(loaded.params)
+    if found != digest:
+        raise ValueError(
+            f"the {objective} stage changed: this text-to-image run was trained with step "
+            f"{step} of {directory} (sha256 {digest}), but step {step} there now has sha256 "
+            f"{found}; restore that checkpoint or train the text-to-image stage again.")
+    return loaded
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -315,8 +360,8 @@ def _build_latent_unet(config, rngs):
 def _latent_loss_fn(graphdef, schedule, config):
     """The denoising loss on scaled latents of the frozen autoencoder, conditioned on the
     frozen text encoder's states ``[b, L, D]``; aux ``(per_example, t)``."""
-    vae = load_stage(config.latent.autoencoder_workdir).model
-    text_model = load_stage(config.latent.clip_workdir).model.text_model
+    vae = load_frozen_stage(config, "autoencoder").model
+    text_model = load_frozen_stage(config, "clip").model.text_model
     scale, diff = config.latent.scale_factor, config.diffusion
 
     def loss_fn(params, batch, key):
@@ -349,8 +394,10 @@ def _prepare_latent(config, workdir):
     for name in ("autoencoder_workdir", "clip_workdir"):
         if not lat[name]:
             raise ValueError(f"latent.{name} must name the workdir of that trained stage.")
-    ae_cfg = _stage_config(lat.autoencoder_workdir, "autoencoder")
-    clip_cfg = _stage_config(lat.clip_workdir, "clip")
+        lat[name] = os.path.abspath(lat[name])
+    _pin_frozen_stages(config, workdir)
+    ae_cfg = _stage_config(lat.autoencoder_workdir, "autoencoder", lat.autoencoder_step)
+    clip_cfg = _stage_config(lat.clip_workdir, "clip", lat.clip_step)
     for field in ("image_size", "num_channels"):
         if ae_cfg.data[field] != config.data[field]:
             raise ValueError(f"data.{field}={config.data[field]} differs from the autoencoder "
@@ -358,10 +405,84 @@ def _prepare_latent(config, workdir):
     _resolve(lat, "latent_channels", ae_cfg.autoencoder.latent_channels)
     _resolve(lat, "cross_attention_dim", clip_cfg.clip.hidden_size)
     _resolve(config.captions, "max_length", clip_cfg.captions.max_length)
-    lat.autoencoder_workdir = os.path.abspath(lat.autoencoder_workdir)
-    lat.clip_workdir = os.path.abspath(lat.clip_workdir)
     if lat.scale_factor <= 0:
         lat.scale_factor = _stored_scale_factor(config, workdir)
+
+
+def _pin_frozen_stages(config, workdir):
+    """Sets ``latent.<stage>_step`` / ``_sha256`` from ``WORKDIR/frozen_stages.json`` and checks
+    those steps exist. Until the run has a checkpoint, each stage is pinned afresh to
+    ``latent.<stage>_step`` (0: its latest step) and the file (re)written (host 0). A workdir
+    with checkpoints but no file (trained before pinning) is pinned to the stages' latest steps
+    from now on, with a warning."""
+    from diffusion_jax import loading  # pylint: disable=g-import-not-at-top
+    lat, path = config.latent, os.path.join(workdir, STAGES_FILE)
+    trained = _latest_step(workdir, missing_ok=True) is not None
+    if trained and os.path.isfile(path):
+        record = _read_stages_record(path)
+    else:
+        record = {}
+        for objective in FROZEN_STAGES:
+            directory = lat[f"{objective}_workdir"]
+            step = lat[f"{objective}_step"] or _latest_step(directory)
+            _stage_config(directory, objective, step)  # the right kind, before building it
+            digest = loading.params_digest(load_stage(directory, objective, step).params)
+            record[objective] = dict(workdir=directory, step=int(step), sha256=digest)
+        if trained:
+            print(f"Warning: {workdir} has checkpoints but no {STAGES_FILE} (trained before "
+                  "frozen stages were pinned): pinning the stages' current steps from now on "
+                  f"({_describe_record(record)}); they may differ from those it was trained "
+                  "with.", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=2)
+    for objective in FROZEN_STAGES:  # their content is checked when loaded (load_frozen_stage)
+        _resolve(lat, f"{objective}_step", record[objective]["step"])
+        _resolve(lat, f"{objective}_sha256", record[objective]["sha256"])
+        _check_pinned_step(lat[f"{objective}_workdir"], objective, lat[f"{objective}_step"],
+                           lat[f"{objective}_sha256"])
+
+
+def _read_stages_record(path):
+    with open(path) as f:
+        record = json.load(f)
+    for objective in FROZEN_STAGES:
+        if not isinstance(record.get(objective), dict) or not {"step", "sha256"} <= set(
+                record[objective]):
+            raise ValueError(f"{path} has no step and sha256 of the {objective} stage.")
+    return record
+
+
+def _describe_record(record):
+    return ", ".join(f"{name} step {r['step']} sha256 {r['sha256'][:12]}"
+                     for name, r in record.items())
+
+
+def _latest_step(workdir, missing_ok=False):
+    """The newest checkpoint step of ``workdir`` (None with ``missing_ok`` when there is none).
+
+    Raises:
+        FileNotFoundError: no checkpoint.
+    """
+    if missing_ok and not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)):
+        return None
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    steps = manager.all_steps()
+    if not steps and not missing_ok:
+        raise FileNotFoundError(f"no checkpoint found in {str(manager.directory)!r}.")
+    return max(steps) if steps else None
+
+
+def _check_pinned_step(directory, objective, step, digest):
+    """FileNotFoundError naming the pinned and the found steps when ``step`` is gone."""
+    manager = checkpoint.make_manager(directory, create=False, async_checkpointing=False)
+    steps = sorted(manager.all_steps())
+    if step not in steps:
+        raise FileNotFoundError(
+            f"the {objective} stage this text-to-image run was trained with, step {step} of "
+            f"{directory} (sha256 {digest}), is gone (steps found: {steps or 'none'}); "
+            f"restore that checkpoint or train the text-to-image stage again.")
 
 
 def _stored_scale_factor(config, workdir):
@@ -369,7 +490,7 @@ def _stored_scale_factor(config, workdir):
     when the file does not exist."""
     path = os.path.join(workdir, SCALE_FILE)
     if not os.path.isfile(path):
-        vae = load_stage(config.latent.autoencoder_workdir).model
+        vae = load_frozen_stage(config, "autoencoder").model
         images = next(data.make_train_iterator(
             config.data, batch_size=config.latent.scale_num_images, seed=config.seed))["image"]
         factor, std = measure_scale_factor(vae, images, jax.random.key(config.seed))
@@ -407,10 +528,11 @@ def _template_split(config):
                                     seed=config.captions.template_seed)
 
 
-def _stage_config(workdir, objective):
-    """The stored config of a stage workdir, checked to be of ``objective``."""
+def _stage_config(workdir, objective, step=None):
+    """The stored config of a stage workdir (step ``step``, default the latest), checked to be
+    of ``objective``."""
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
-    stored = checkpoint.load_config(manager)
+    stored = checkpoint.load_config(manager, step)
     if objective_of(stored) != objective:
         raise ValueError(f"{workdir} holds a {objective_of(stored)!r} run; expected "
                          f"train.objective={objective!r}.")

@@ -33,6 +33,10 @@ SAFE_TO_CHANGE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpointing", "train.checkpoint_timeout_s",
     "train.grad_accum_steps",
+    # frozen-stage pins: absent in runs from before pinning; checked against
+    # WORKDIR/frozen_stages.json by objectives.prepare_config
+    "latent.autoencoder_step", "latent.autoencoder_sha256", "latent.clip_step",
+    "latent.clip_sha256",
     "sample.", "classifier.", "mesh.", "distributed.",
 )
 """Config fields (or ``section.`` prefixes) that may differ from the stored config on resume."""

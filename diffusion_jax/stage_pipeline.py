@@ -8,10 +8,12 @@ checkpoint gives, so :func:`diffusion_jax.pipelines.text_to_image` runs both::
     images = pipelines.text_to_image(pipe, ["an ankle boot"] * 4, key, guidance_scale=3.0)
 
 Parts: the UNet (first EMA of the workdir), the autoencoder (first EMA of
-``latent.autoencoder_workdir``, its ``scaling_factor`` set to the stored
-``latent.scale_factor``), the CLIP text tower (first EMA of ``latent.clip_workdir``) and the
-caption tokenizer in ``<clip workdir>/tokenizer``; the schedule, prediction type and DDIM
-spacing from the config.
+``latent.autoencoder_workdir`` at the step the run was trained with, its ``scaling_factor``
+set to the stored ``latent.scale_factor``), the CLIP text tower (first EMA of
+``latent.clip_workdir`` at its pinned step) and the caption tokenizer in
+``<clip workdir>/tokenizer``; the schedule, prediction type and DDIM spacing from the config.
+A stage whose pinned step is gone or whose parameters changed since is refused
+(`objectives.load_frozen_stage`).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
     """The pipeline of a ``latent_diffusion`` workdir (see the module docstring).
 
     Raises:
-        ValueError: the workdir is not a ``latent_diffusion`` run.
-        FileNotFoundError: a workdir or the tokenizer is missing.
+        ValueError: the workdir is not a ``latent_diffusion`` run, or a frozen stage's
+            parameters differ from those it was trained with.
+        FileNotFoundError: a workdir, a pinned stage step or the tokenizer is missing.
     """
     return load_pipeline_and_config(workdir, step)[0]
 
@@ -35,15 +38,11 @@ def load_pipeline_and_config(workdir: str, step: int | None = None):
     """``(pipeline, config)`` of a ``latent_diffusion`` workdir: :func:`load_pipeline` and the
     run's stored config (e.g. for ``config.latent.clip_workdir``), read once. Raises as
     :func:`load_pipeline`."""
-    loaded = loading.load(workdir=workdir, step=step)
+    loaded = loading.load(workdir=workdir, step=step, kinds=("latent_diffusion",))
     config = loaded.config
-    objective = objectives.objective_of(config)
-    if objective != "latent_diffusion":
-        raise ValueError(f"{workdir} holds a {objective!r} run; text-to-image needs a "
-                         f"'latent_diffusion' workdir (configs/fashion_t2i.py).")
-    vae = objectives.load_stage(config.latent.autoencoder_workdir).model
+    vae = objectives.load_frozen_stage(config, "autoencoder").model
     vae.scaling_factor = float(config.latent.scale_factor)
-    text_encoder = objectives.load_stage(config.latent.clip_workdir).model.text_model
+    text_encoder = objectives.load_frozen_stage(config, "clip").model.text_model
     tok = clip_tokenizer.load_tokenizer(
         os.path.join(config.latent.clip_workdir, objectives.TOKENIZER_SUBDIR))
     options = samplers.options_from_config(config)

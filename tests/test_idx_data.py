@@ -219,3 +219,22 @@ def test_debian_fashion_mnist_package():
         assert images.shape == (n, 28, 28) and images.dtype == np.uint8
         np.testing.assert_array_equal(np.bincount(labels), [n // 10] * 10)
     assert 0 < images.mean() < 128 and images.max() == 255
+
+
+def test_run_train_reports_bad_idx_data_in_one_line(tmp_path):
+    """A folder whose only IDX file is a corrupt gzip: FATAL naming it, exit 1, no traceback."""
+    import subprocess
+    import sys
+    from training_fixtures import REPO, subprocess_env
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(_idx_bytes(_mnist_like(4, 0)[0]))[:40])
+    _write(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(4, np.uint8))
+    proc = subprocess.run(
+        [sys.executable, "run_train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+         "--config.data.source=idx", f"--config.data.folder={tmp_path}"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and fatal[0].startswith("FATAL ValueError: IDX file "), proc.stderr
+    assert str(bad) in fatal[0] and "corrupt or truncated gzip" in fatal[0]
+    assert not (tmp_path / "w" / "train.lock").exists()
