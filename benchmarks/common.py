@@ -24,6 +24,14 @@ RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 # project's ~1 M-parameter 16x16 network for CPU smoke runs.
 MODELS = ("ddpm_cifar10", "tiny")
 
+# diffusers' UNet2DConditionModel config of the SD-1.5 UNet (859,520,964 parameters), the
+# reference for diffusion_jax.models.cond_unet.SD15_UNET.
+SD15_DIFFUSERS = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
+    cross_attention_dim=768, attention_head_dim=8)
+
 # Nominal peak FLOP/s of accelerators by (device kind prefix, dtype), dense, from vendor data sheets.
 GPU_PEAK_FLOPS = {
     ("NVIDIA H100", "bf16"): 989e12, ("NVIDIA H100", "f32"): 67e12,

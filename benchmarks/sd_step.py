@@ -48,13 +48,7 @@ from flax import nnx  # noqa: E402
 from diffusion_jax import pipelines  # noqa: E402
 from diffusion_jax.convert import unet_cond  # noqa: E402
 from diffusion_jax.models.cond_unet import CondUNet  # noqa: E402
-
-SD15_DIFFUSERS = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
-    cross_attention_dim=768, attention_head_dim=8)
-
+from benchmarks.common import SD15_DIFFUSERS  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

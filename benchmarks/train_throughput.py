@@ -130,13 +130,17 @@ def jax_setup(case):
 
 def torch_setup(case):
     """The diffusers UNet2DModel train step on one (model, batch size), warmed up; returns
-    ``(one_step, info)`` for `interleave.serve`."""
+    ``(one_step, info)`` for `interleave.serve`. ``case["torch_compile"]``: the UNet under
+    ``torch.compile`` (the first warm-up step compiles) with ``case["torch_compile_backend"]``
+    (default "inductor")."""
     torch, device = common.torch_setup(case["device"], case["threads"])
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     model = common.torch_unet(case["layout"], device)
     model.train()
+    forward = torch.compile(model, backend=case.get("torch_compile_backend", "inductor")) \
+        if case.get("torch_compile") else model
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     ema = EMAModel(model.parameters(), decay=EMA_DECAY, foreach=True)
     sched = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear")
@@ -149,7 +153,7 @@ def torch_setup(case):
         noise = torch.randn_like(x0)
         t = torch.randint(0, NUM_TIMESTEPS, (b,), device=device)
         with autocast:
-            pred = model(sched.add_noise(x0, noise, t), t).sample
+            pred = forward(sched.add_noise(x0, noise, t), t).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
     def one_step():
@@ -161,16 +165,20 @@ def torch_setup(case):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss_fn().backward()
-    opt.zero_grad(set_to_none=True)
+    flops = None
+    if not case.get("torch_compile"):  # the counter is for eager code
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss_fn().backward()
+        opt.zero_grad(set_to_none=True)
+        flops = float(counter.get_total_flops())
     warm = interleave.warm_up(one_step, case["warmup"])
     info = dict(num_params=sum(p.numel() for p in model.parameters()),
                 device_kind=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 first_step_s=round(warm[0], 4) if warm else None,
-                torch_flop_counter_fwd_bwd=float(counter.get_total_flops()),
+                torch_compile=bool(case.get("torch_compile")),
+                torch_flop_counter_fwd_bwd=flops,
                 torch_threads=torch.get_num_threads(),
                 train_step="diffusers.UNet2DModel; clip_grad_norm_, torch.optim.Adam, "
                            "diffusers EMAModel(foreach=True)")
