@@ -1,9 +1,14 @@
-"""A tiny random Stable Diffusion directory in this package's converted layout, written
-without torch (numpy-initialised NNX components), for the web-app tests."""
+"""Models for the web-app tests: a tiny random Stable Diffusion directory in this package's
+converted layout, written without torch (numpy-initialised NNX components), and a tiny
+class-conditional pixel model (configs/tiny.py, 8x8 digits) served without training."""
 import json
 
+from flax import nnx
 from sd_fixtures import numpy_init, write_vocab
 
+from configs import tiny
+from diffusion_jax import loading, schedules, train
+from diffusion_jax.app import engine
 from diffusion_jax.convert import common, pipeline, text_encoder, unet_cond, vae
 
 # One level with cross-attention, one without; one layer per block: a fast CPU compile.
@@ -39,3 +44,14 @@ def write_tiny_sd(root, seed=0):
     (root / pipeline.INDEX_FILE).write_text(json.dumps(
         {"format": pipeline.FORMAT, "pipeline_class": "StableDiffusionPipeline"}))
     return root
+
+
+def tiny_pixel_engine(source):
+    """An :class:`~diffusion_jax.app.engine.Engine` of a randomly initialised 10-class
+    ``configs/tiny.py`` UNet; ``source`` is the path recorded in its PNGs."""
+    config = tiny.get_config()
+    config.model.class_conditional = True
+    graphdef, params = nnx.split(train.build_model(config, rngs=nnx.Rngs(0)))
+    loaded = loading.Loaded(graphdef, params, config,
+                            schedules.schedule_from_config(config.diffusion))
+    return engine.Engine(engine.PIXEL, str(source), loaded=loaded)

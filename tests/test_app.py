@@ -8,14 +8,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from app_fixtures import SIZE, write_tiny_sd
+from app_fixtures import SIZE, tiny_pixel_engine, write_tiny_sd
 from flax import nnx
 from PIL import Image
-from training_fixtures import micro_config
 
 pytest.importorskip("gradio")
 
-from diffusion_jax import loading, pipelines, schedules, train  # noqa: E402
+from diffusion_jax import pipelines  # noqa: E402
 from diffusion_jax.app import __main__ as app_main  # noqa: E402
 from diffusion_jax.app import engine as engine_lib  # noqa: E402
 from diffusion_jax.app import handlers, metadata, progress  # noqa: E402
@@ -165,12 +164,7 @@ def test_progress_model_ticks_once_per_call_inside_jit_and_keeps_attributes():
 
 
 def test_pixel_model_samples_a_chosen_class_and_caches_its_program(tmp_path):
-    config = micro_config()
-    config.model.class_conditional = True
-    graphdef, params = nnx.split(train.build_model(config, rngs=nnx.Rngs(0)))
-    loaded = loading.Loaded(graphdef, params, config,
-                            schedules.schedule_from_config(config.diffusion))
-    engine = engine_lib.Engine(engine_lib.PIXEL, str(tmp_path), loaded=loaded)
+    engine = tiny_pixel_engine(tmp_path)
     assert engine.tasks == ("sample", "compare") and engine.class_names[3] == "3"
     settings = handlers.Settings(sampler="ddim", steps=3, guidance=2.0, seed=1, batch_size=2)
     items, _ = handlers.sample(engine, str(tmp_path), "3", settings)

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from app_fixtures import write_tiny_sd
+from app_fixtures import tiny_pixel_engine, write_tiny_sd
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -41,15 +41,21 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def _serve(engine, out_dir):
+    """Starts the app for ``engine`` on a free port; returns ``(url, demo)``."""
+    demo = ui.build(engine, out_dir)
+    port = _free_port()
+    app_main.launch(demo, "127.0.0.1", port, block=False)
+    return f"http://127.0.0.1:{port}/", demo
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``(url, engine)`` of a running app serving the tiny pipeline."""
     root = tmp_path_factory.mktemp("app")
     engine = engine_lib.load_engine(checkpoint_dir=str(write_tiny_sd(root / "tiny_sd")))
-    demo = ui.build(engine, str(root / "out"))
-    port = _free_port()
-    app_main.launch(demo, "127.0.0.1", port, block=False)
-    yield f"http://127.0.0.1:{port}/", engine
+    url, demo = _serve(engine, str(root / "out"))
+    yield url, engine
     demo.close()
 
 
@@ -70,13 +76,13 @@ def shots(tmp_path_factory):
     return folder
 
 
-def _open(browser, url):
+def _open(browser, url, button="#text_to_image_generate"):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     outside = []
     page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:")
             else outside.append(r.url))
     page.goto(url, wait_until="load")
-    page.locator("#text_to_image_generate").wait_for(timeout=TIMEOUT_MS)
+    page.locator(button).wait_for(timeout=TIMEOUT_MS)
     page.outside_requests = outside
     return page
 
@@ -136,9 +142,13 @@ def test_generate_equals_the_library_reuses_the_program_and_restores_parameters(
     page.close()
 
 
-def test_bad_input_shows_a_message_and_the_next_request_works(server, browser):
+def test_bad_input_shows_a_message_and_the_next_request_works(server, browser, tmp_path):
     url, _ = server
     page = _open(browser, url)
+    (tmp_path / "notes.txt").write_text("not an image")
+    page.locator("#text_to_image_reuse_file input[type=file]").set_input_files(
+        str(tmp_path / "notes.txt"))
+    page.get_by_text("notes.txt is not an image").first.wait_for(timeout=TIMEOUT_MS)
     _fill_text_to_image(page, "   ")
     page.locator("#text_to_image_generate").click()
     page.get_by_text("The prompt is empty").first.wait_for(timeout=TIMEOUT_MS)
@@ -215,3 +225,21 @@ def test_screenshots_of_the_other_tabs(server, browser, shots, tmp_path):
     assert page.locator("#compare_gallery img").count() >= 3
     page.screenshot(path=os.path.join(shots, "app_compare.png"), full_page=True)
     page.close()
+
+
+def test_class_sampling_tab_of_a_pixel_model(browser, shots, tmp_path):
+    engine = tiny_pixel_engine(tmp_path / "pixel_model")
+    url, demo = _serve(engine, str(tmp_path / "out"))
+    try:
+        page = _open(browser, url, "#sample_generate")
+        assert page.get_by_role("tab", name="Text to image").count() == 0  # not offered
+        page.locator("#sample_class input").click()
+        page.get_by_role("option", name="3", exact=True).click()
+        page.locator("#sample_steps input").fill("3")
+        page.locator("#sample_generate").click()
+        _, png = _shown(page, "sample")
+        assert png.size == (8, 8) and '"class_label": 3' in png.text["parameters"]
+        page.screenshot(path=os.path.join(shots, "app_sample.png"), full_page=True)
+        page.close()
+    finally:
+        demo.close()

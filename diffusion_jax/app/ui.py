@@ -172,17 +172,24 @@ def _reuse_row(engine, task, paths, gallery, outputs, to_values):
                           elem_id=f"{task}_reuse")
         upload = gr.File(label="…or drop a PNG made here", height=90,
                          elem_id=f"{task}_reuse_file")
-    restore = _guarded(lambda path: _restore(engine, path, to_values))
-    reuse.click(restore, selected, outputs, queue=False)
-    upload.upload(restore, upload, outputs, queue=False)
+    restore = lambda path: _restore(engine, path, to_values, len(outputs))
+    # Queued (so an error shows as a message) but never behind a generation.
+    reuse.click(restore, selected, outputs, concurrency_limit=None)
+    upload.upload(restore, upload, outputs, concurrency_limit=None)
 
 
 def _selected_path(files, evt: gr.SelectData):
     return files[evt.index] if 0 <= evt.index < len(files) else None
 
 
-def _restore(engine, path, to_values):
-    params = handlers.read_parameters(path)
+def _restore(engine, path, to_values, num_outputs):
+    """New control values from the PNG at ``path``; a file without parameters leaves the
+    controls as they are and says why (a warning, not an error on every control)."""
+    try:
+        params = handlers.read_parameters(path)
+    except handlers.InputError as err:
+        gr.Warning(str(err))
+        return [gr.skip()] * num_outputs
     if params.get("checkpoint") and params["checkpoint"] != engine.source:
         gr.Warning(f"This image was made with {params['checkpoint']}; the app serves "
                    f"{engine.source}: the same settings may give another image.")
