@@ -99,6 +99,9 @@ HOLE[:, SIZE // 2:] = True
      "Steps must be a whole number in [1, 1000], got 0"),
     (lambda e, d: handlers.text_to_image(e, d, "a cat", "", dataclasses.replace(
         SETTINGS, options_text="churn=lots"), None, None), "churn expects a value of type float"),
+    (lambda e, d: handlers.text_to_image(e, d, "a cat", "", dataclasses.replace(
+        SETTINGS, options_text="order=2, pred_type=x0"), None, None),
+     "['pred_type'] cannot be set here"),
     (lambda e, d: handlers.inpaint(e, d, _editor(GOOD, HOLE), np.zeros((16, 16), np.uint8),
                                    "a cat", "", SETTINGS), "mask is 16x16 pixels but the image "
                                                            "is 32x32"),
@@ -124,10 +127,13 @@ def test_bad_inputs_name_the_problem_before_any_compile(engine, tmp_path, call, 
 
 def test_parameters_are_read_only_from_this_apps_pngs(tmp_path):
     image = np.zeros((4, 4, 3), np.uint8)
+    options = handlers._sampler_options("churn=1.0, clip_x0=-1,1\norder=3")
+    assert options == {"churn": 1.0, "clip_x0": (-1.0, 1.0), "order": 3}
     png = metadata.save_png(str(tmp_path / "a.png"), image, {"prompt": "x", "seed": 3,
-                                                            "sampler_options": {"churn": 1.0}})
+                                                            "sampler_options": options})
     params = handlers.read_parameters(png)
-    assert params["seed"] == 3 and params["options_text"] == "churn=1.0"
+    assert params["seed"] == 3
+    assert handlers._sampler_options(params["options_text"]) == options  # round trip
     assert Image.open(png).text["prompt"] == "x"  # also readable as plain PNG text
     Image.fromarray(image).save(tmp_path / "plain.png")
     Image.fromarray(image).save(tmp_path / "a.jpg")

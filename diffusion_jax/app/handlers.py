@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import re
 import secrets
 import time
 import uuid
@@ -24,6 +25,10 @@ from diffusion_jax.app.engine import SAMPLER_FIELDS, TEXT, Engine, Request
 from diffusion_jax.applications.cli import parse_sampler_options
 
 MAX_STEPS = 1000
+# Sampler options the text box refuses, and why.
+RESERVED_OPTIONS = {"num_steps": "use Steps", "eta": "use the eta slider",
+                    "pred_type": "the checkpoint decides what its model predicts",
+                    "timesteps": "the checkpoint's scheduler decides them"}
 MAX_SEED = 2 ** 31 - 1
 # report(counter, compiling): called a few times a second while a chain runs.
 Reporter = Callable[[object, bool], None]
@@ -154,7 +159,8 @@ def read_parameters(path: str | None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         raise InputError(str(err)) from None
     options = params.get("sampler_options") or {}
-    params["options_text"] = ", ".join(f"{k}={v}" for k, v in options.items())
+    params["options_text"] = ", ".join(
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
     return params
 
 
@@ -245,11 +251,7 @@ def _request(engine, settings, task, **fields) -> Request:
     guidance = float(settings.guidance)
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"Guidance scale must be >= 0, got {settings.guidance}.")
-    items = [s.strip() for s in (settings.options_text or "").replace("\n", ",").split(",")]
-    try:
-        options = parse_sampler_options([s for s in items if s])
-    except ValueError as err:
-        raise InputError(f"Sampler options: {err}") from None
+    options = _sampler_options(settings.options_text)
     request = Request(task=task, sampler=settings.sampler, steps=steps, guidance=guidance,
                       eta=float(settings.eta), seed=seed, batch_size=batch,
                       sampler_options=tuple(sorted(options.items())), **fields)
@@ -258,6 +260,26 @@ def _request(engine, settings, task, **fields) -> Request:
     except ValueError as err:
         raise InputError(f"Sampler options: {err}") from None
     return request
+
+
+def _sampler_options(text) -> dict:
+    """``"churn=10, clip_x0=-1,1"`` -> ``{"churn": 10.0, "clip_x0": (-1.0, 1.0)}``: items are
+    separated by newlines or by commas that start a new ``name=``.
+
+    Raises:
+        InputError: an unparsable item, or a setting with its own control or fixed by the
+            checkpoint (:data:`RESERVED_OPTIONS`).
+    """
+    items = [item.strip() for item in re.split(r"\n|,\s*(?=[A-Za-z_]\w*\s*=)", text or "")]
+    try:
+        options = parse_sampler_options([item.replace(" ", "") for item in items if item])
+    except ValueError as err:
+        raise InputError(f"Sampler options: {err}") from None
+    reserved = sorted(set(options) & set(RESERVED_OPTIONS))
+    if reserved:
+        raise InputError(f"Sampler options: {reserved} cannot be set here "
+                         f"({'; '.join(RESERVED_OPTIONS[name] for name in reserved)}).")
+    return options
 
 
 def _integer(name, value, low, high) -> int:
