@@ -3,6 +3,7 @@ converted layout, written without torch (numpy-initialised NNX components), and 
 class-conditional pixel model (configs/tiny.py, 8x8 digits) served without training."""
 import json
 
+import training_fixtures  # noqa: F401  (the tests' shared persistent compilation cache)
 from flax import nnx
 from sd_fixtures import numpy_init, write_vocab
 

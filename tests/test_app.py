@@ -12,12 +12,12 @@ from app_fixtures import SIZE, tiny_pixel_engine, write_tiny_sd
 from flax import nnx
 from PIL import Image
 
-pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")
 
 from diffusion_jax import pipelines  # noqa: E402
 from diffusion_jax.app import __main__ as app_main  # noqa: E402
 from diffusion_jax.app import engine as engine_lib  # noqa: E402
-from diffusion_jax.app import handlers, metadata, progress  # noqa: E402
+from diffusion_jax.app import handlers, metadata, progress, ui  # noqa: E402
 
 STEPS = 4
 SETTINGS = handlers.Settings(sampler="ddim", steps=STEPS, guidance=7.5, seed=5, batch_size=1)
@@ -193,3 +193,13 @@ def test_command_line_without_a_model_names_the_make_targets(tmp_path, monkeypat
     assert "WARNING" in app_main.host_warning("0.0.0.0")
     (tmp_path / "demo" / "workdir").mkdir(parents=True)
     assert app_main.default_source(str(tmp_path)).endswith("demo/workdir")
+
+
+def test_a_failing_handler_becomes_a_page_message_not_a_crash():
+    def broken():
+        raise RuntimeError("device lost")
+
+    with pytest.raises(gr.Error, match="Internal error \\(RuntimeError: device lost\\)"):
+        ui._guarded(broken)()
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        ui._guarded(lambda: handlers._prompt(""))()

@@ -1,7 +1,7 @@
 """The Gradio page: one tab per task the loaded model supports, wired to :mod:`.handlers`.
 
-Tabs: *Text to image*, *Image to image*, *Inpainting* (text-to-image models), *Sample*
-(class-conditional or unconditional pixel models) and *Compare samplers* (both). Every
+Tabs: *Text to image*, *Image to image*, *Inpainting* (text-to-image models), *Class
+sampling* or *Unconditional sampling* (pixel models) and *Compare samplers* (both). Every
 generating button runs through one queue (``concurrency_id="device"``, limit 1), so the
 device runs one chain at a time and concurrent sessions wait their turn. Errors in a handler
 become a message in the page (``gr.Error``); the server keeps running.
@@ -172,7 +172,10 @@ def _reuse_row(engine, task, paths, gallery, outputs, to_values):
                           elem_id=f"{task}_reuse")
         upload = gr.File(label="…or drop a PNG made here", height=90,
                          elem_id=f"{task}_reuse_file")
-    restore = lambda path: _restore(engine, path, to_values, len(outputs))
+
+    def restore(path):
+        return _restore(engine, path, to_values, len(outputs))
+
     # Queued (so an error shows as a message) but never behind a generation.
     reuse.click(restore, selected, outputs, concurrency_limit=None)
     upload.upload(restore, upload, outputs, concurrency_limit=None)
