@@ -119,7 +119,9 @@ def test_index_errors_name_the_component(saved, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     for change, message in (({"unet": ["diffusers", "UNet2DModel"]}, "'unet'"),
-                            ({"controlnet": ["diffusers", "ControlNetModel"]}, "controlnet")):
+                            ({"controlnet": ["diffusers", "ControlNetModel"]}, "controlnet"),
+                            ({"_class_name": "StableDiffusionXLPipeline"},
+                             "_class_name='StableDiffusionXLPipeline' is not supported")):
         (bad / "model_index.json").write_text(json.dumps({**index, **change}))
         with pytest.raises(ValueError, match=message):
             pipeline.load_pipeline(bad)

@@ -142,6 +142,8 @@ def test_zero_snr_rescale_ends_at_zero_and_keeps_first():
     (dict(variance_type="learned_range"), "variance_type"),
     (dict(my_new_option=1), "my_new_option"),
     (dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
+    (dict(_class_name="FooScheduler"), "_class_name='FooScheduler' is not a supported"),
+    (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "flow-matching scheduler"),
 ])
 def test_unsupported_fields_are_named(config, field):
     with pytest.raises(ValueError, match=field):
@@ -158,6 +160,10 @@ def test_configs_of_the_schedulers_sd_pipelines_ship_with_are_read(name):
     settings = sc.scheduler_settings(dict(ref.config))
     np.testing.assert_allclose(settings.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-5)
     assert settings.pred_type == "v"
+
+
+def test_supported_scheduler_classes_exist_in_diffusers():
+    assert [name for name in sc.SCHEDULER_CLASSES if not hasattr(diffusers, name)] == []
 
 
 def test_num_steps_out_of_range():

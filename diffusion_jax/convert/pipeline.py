@@ -42,6 +42,9 @@ SCHEDULER_FILE = "scheduler_config.json"
 _EXPECTED = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
              "text_encoder": ("transformers", "CLIPTextModel"),
              "tokenizer": ("transformers", "CLIPTokenizer")}
+# Pipeline classes made of exactly these components (SD 1.x / 2.x; inpainting checkpoints have
+# a 9-channel UNet, SDXL a second text encoder: neither is one of these).
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 # Components a text-to-image run does not need (left unconverted).
 _UNUSED = {"safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"}
 
@@ -223,7 +226,12 @@ def _assemble(path, unet, vae_, text_enc, pipeline_class) -> StableDiffusion:
 
 
 def _check_index(index: dict[str, Any], path: str) -> None:
-    """Every component we need is present with the class we convert; unknown extras raise."""
+    """A supported pipeline class; every component we need is present with the class we
+    convert; unknown extras raise."""
+    cls = index.get("_class_name", PIPELINE_CLASSES[0])
+    if cls not in PIPELINE_CLASSES:
+        raise ValueError(f"{path}/{INDEX_FILE}: _class_name={cls!r} is not supported; expected "
+                         f"one of {list(PIPELINE_CLASSES)} (Stable Diffusion 1.x / 2.x)")
     for name, (library, cls) in _EXPECTED.items():
         entry = index.get(name)
         if not entry or list(entry) != [library, cls]:

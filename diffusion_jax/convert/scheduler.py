@@ -59,6 +59,17 @@ _FIXED = {"thresholding": (False, None), "use_dynamic_shifting": (False, None),
           "shift_terminal": (None,), "use_flow_sigmas": (False, None)}
 
 
+# diffusers scheduler classes whose config describes a DDPM-style beta schedule: any of them
+# defines the same diffusion (their own sampling loop is replaced by this project's samplers).
+SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                     "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+                     "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+                     "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
+
+
 class SchedulerSettings(NamedTuple):
     """The diffusion a converted checkpoint was trained with.
 
@@ -100,9 +111,16 @@ def scheduler_settings(config: dict[str, Any]) -> SchedulerSettings:
     linear 1e-4..0.02, epsilon, clip_sample True, set_alpha_to_one True, leading, offset 0).
 
     Raises:
-        ValueError: an unknown field, an unsupported value (thresholding, learned variances,
-            flow-matching shifts, an unknown schedule / prediction type / spacing), naming it.
+        ValueError: an unknown scheduler class or field, an unsupported value (thresholding,
+            learned variances, flow-matching shifts, an unknown schedule / prediction type /
+            spacing), naming it.
     """
+    cls = config.get("_class_name", "DDIMScheduler")
+    if cls not in SCHEDULER_CLASSES:
+        hint = (" (a flow-matching scheduler: rectified-flow models are not supported yet)"
+                if "FlowMatch" in str(cls) else "")
+        raise ValueError(f"scheduler: _class_name={cls!r} is not a supported diffusers scheduler"
+                         f"{hint}; supported: {list(SCHEDULER_CLASSES)}")
     unknown = sorted(set(config) - _READ - _BOOKKEEPING - _SAMPLER_ONLY - set(_FIXED))
     if unknown:
         raise ValueError(f"scheduler: unsupported config field(s) {unknown}")
