@@ -127,8 +127,18 @@ def _load_converted(path, config, mesh):
     the model's ``unet.json``."""
     from diffusion_jax.convert import unet2d as convert_diffusers  # pylint: disable=g-import-not-at-top
     if not os.path.exists(os.path.join(path, "unet.json")):
-        raise FileNotFoundError(f"{path!r} has no unet.json; convert a diffusers checkpoint "
-                                "with diffusion_jax.convert.unet2d first.")
+        if all(os.path.isdir(os.path.join(path, part)) for part in ("unet", "vae")):
+            raise FileNotFoundError(
+                f"{path!r} looks like a Stable Diffusion pipeline directory (unet/, vae/) but "
+                "has no model_index.json; restore that file (diffusers writes it with "
+                "save_pretrained).")
+        if os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{path!r} is an unconverted diffusers UNet2DModel (config.json, no unet.json); "
+                "convert it with python -m diffusion_jax.convert.unet2d first.")
+        raise FileNotFoundError(f"{path!r} has no unet.json; --checkpoint takes a Stable "
+                                "Diffusion pipeline directory (model_index.json) or a UNet "
+                                "converted with diffusion_jax.convert.unet2d.")
     graphdef, params = nnx.split(convert_diffusers.load_converted(path))
     params = jax.device_put(params, sharding.replicated(mesh))
     with open(os.path.join(path, "unet.json")) as f:

@@ -200,3 +200,21 @@ def test_corrupt_weights_and_config_name_the_file(tmp_path, safe):
     (src / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         cd.load_diffusers_unet(src)
+
+
+def test_checkpoint_of_the_wrong_kind_says_what_it_looks_like(tmp_path):
+    """``run_sample.py --checkpoint=DIR`` for a directory that is not a converted UNet."""
+    from configs import default
+    from diffusion_jax import loading
+    for parts, match in ((("unet", "vae"), "looks like a Stable Diffusion pipeline directory"),
+                         (("config.json",), "unconverted diffusers UNet2DModel"),
+                         ((), "takes a Stable Diffusion pipeline directory")):
+        path = tmp_path / "_".join(parts or ("empty",))
+        path.mkdir()
+        for part in parts:
+            if part.endswith(".json"):
+                (path / part).write_text("{}")
+            else:
+                (path / part).mkdir()
+        with pytest.raises(FileNotFoundError, match=match):
+            loading.load(checkpoint_path=str(path), config=default.get_config())
