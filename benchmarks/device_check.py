@@ -75,15 +75,12 @@ def plan(dry_run: bool) -> list[dict]:
 
 def run_case(case: dict) -> dict:
     """One case in this process: set up, warm up, time; returns its result row."""
+    case = dict(case, threads=common.cpu_cores())
     if case["framework"] == "jax":
-        common.setup_jax_env(case["device"])
-    if case["kind"] == "train":
-        case = dict(case, threads=common.cpu_cores())
-        setup = train_throughput.jax_setup if case["framework"] == "jax" else \
-            train_throughput.torch_setup
-        step, info = setup(case)
+        setup = train_throughput.jax_setup if case["kind"] == "train" else _sd_jax
+        step, info = _with_attention_fallback(setup, case)
     else:
-        step, info = (_sd_jax if case["framework"] == "jax" else _sd_torch)(case)
+        step, info = (train_throughput.torch_setup if case["kind"] == "train" else _sd_torch)(case)
     timing = common.time_calls(step, warmup=0, iters=case["iters"])
     return dict(case, **info, step_ms=1e3 * timing["median_s"],
                 step_ms_all=[round(1e3 * t, 3) for t in timing["times_s"]],
@@ -98,16 +95,34 @@ def _run_in_process(case: dict) -> dict:
         return dict(case, error=traceback.format_exc()[-3000:])
 
 
-def _sd_jax(case):
-    """Our bf16 conditional UNet step, compiled and warmed up. If the first attempt fails
-    (cuDNN attention untested on this device), it retries once with XLA's attention and records
-    the error."""
+def _with_attention_fallback(setup, case):
+    """``setup(case)`` (which compiles and warms up) with the default attention kernels; if that
+    fails (cuDNN attention was never run on this device), once more with XLA's plain attention,
+    recording the first error."""
     common.setup_jax_env(case["device"])
+    from diffusion_jax.models import attention
+    error = None
+    for impl in ("auto", "xla"):
+        try:
+            with attention.options(implementation=impl):
+                step, info = setup(case)
+        except Exception as e:  # noqa: BLE001 -- recorded, then the plain kernel is tried
+            if impl == "xla":
+                raise
+            error = f"{type(e).__name__}: {e}"[:2000]
+            continue
+        info["attention"] = impl
+        if error:
+            info["attention_auto_error"] = error
+        return step, info
+
+
+def _sd_jax(case):
+    """Our bf16 conditional UNet step (``CondUNet``), compiled and warmed up."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from diffusion_jax.models import attention
     from diffusion_jax.models.cond_unet import SD15_UNET, CondUNet
 
     kwargs = TINY_COND if case["dry_run"] else SD15_UNET
@@ -119,24 +134,15 @@ def _sd_jax(case):
     t = jnp.full((b,), 500, jnp.int32)
     text = jax.random.normal(key, (b, case["text_len"], kwargs["cross_attention_dim"]),
                              jnp.bfloat16)
+    start = time.perf_counter()
+    compiled = jax.jit(lambda s, z, t, c: nnx.merge(graphdef, s)(z, t, {"text": c})
+                       ).lower(state, z, t, text).compile()
+    compile_s = time.perf_counter() - start
+    step = lambda: compiled(state, z, t, text).block_until_ready()  # noqa: E731
+    warm = interleave.warm_up(step, case["warmup"])
     info = dict(num_params=int(sum(x.size for x in jax.tree.leaves(state))),
-                device_kind=jax.devices()[0].device_kind)
-    for impl in ("auto", "xla"):
-        try:
-            start = time.perf_counter()
-            with attention.options(implementation=impl):
-                compiled = jax.jit(lambda s, z, t, c: nnx.merge(graphdef, s)(z, t, {"text": c})
-                                   ).lower(state, z, t, text).compile()
-            compile_s = time.perf_counter() - start
-            step = lambda: compiled(state, z, t, text).block_until_ready()  # noqa: E731
-            warm = interleave.warm_up(step, case["warmup"])
-            info.update(attention=impl, compile_s=round(compile_s, 3),
-                        first_step_s=round(warm[0], 4) if warm else None)
-            break
-        except Exception as e:  # noqa: BLE001 -- recorded, then the plain kernel is tried
-            if impl == "xla":
-                raise
-            info["attention_auto_error"] = f"{type(e).__name__}: {e}"[:2000]
+                device_kind=jax.devices()[0].device_kind, compile_s=round(compile_s, 3),
+                first_step_s=round(warm[0], 4) if warm else None)
     info["flops_per_step"], info["bytes_accessed_per_step"] = common.xla_cost(compiled)
     mem = compiled.memory_analysis()
     info["xla_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None

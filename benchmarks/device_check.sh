@@ -35,7 +35,8 @@ fi
 start=$(date +%s)
 missing=()
 for module in ml_collections grain diffusers; do
-    "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
+    "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" \
+        || missing+=("$module")
 done
 if (( ${#missing[@]} )); then
     if ! compgen -G ".whl/*.whl" >/dev/null; then
