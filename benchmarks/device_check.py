@@ -121,13 +121,20 @@ def _sd_jax(case):
     """Our bf16 conditional UNet step (``CondUNet``), compiled and warmed up."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     from diffusion_jax.models.cond_unet import SD15_UNET, CondUNet
 
     kwargs = TINY_COND if case["dry_run"] else SD15_UNET
-    model = CondUNet(**kwargs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CondUNet(
+        **kwargs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    # Random N(0, 0.02^2) parameters drawn in numpy: eager initialisers dispatch (and compile)
+    # op by op, half a minute even for the tiny UNet on a busy CPU; zeros would flatter matmuls.
+    rng = np.random.default_rng(0)
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda a: jnp.asarray(0.02 * rng.standard_normal(a.shape, np.float32), a.dtype),
+        nnx.to_pure_dict(state)))
     b, side = case["batch_size"], case["latent"]
     key = jax.random.key(1)
     z = jax.random.normal(key, (b, side, side, 4), jnp.float32)
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         common.emit_result(run_case(json.loads(args.case)))
         return 0
     device = "cpu" if args.dry_run else "gpu"
+    if args.dry_run:  # torch runs in this process: keep its OpenMP threads from spinning
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.perf_counter()
     layouts = {}
     rows = []
