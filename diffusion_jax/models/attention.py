@@ -49,9 +49,9 @@ from diffusion_jax.models.layers import Dtype
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 
 # Score-block budgets by backend. On this project's 2-core CPU (2026-12-03, T = S = 4096, 8 heads
-# of 40, loaded host) the chunked forward in blocks of 8-16 MiB ran 2-4x faster than the plain
-# path (1.4 vs 6.8 s in bf16, 0.6 vs 1.3 s in f32) and no slower at 256 tokens, so CPU chunks
-# early; elsewhere XLA's plain path is kept up to 1 GiB.
+# of 40; a loaded shared host, so no ratio is quoted) the chunked forward in blocks of 8-16 MiB
+# was faster than the plain path and no slower at 256 tokens, so CPU chunks early; elsewhere
+# XLA's plain path is kept up to 1 GiB.
 DEFAULT_BUDGET_BYTES = {"cpu": 16 * 2**20}
 _OTHER_BACKENDS_BUDGET = 2**30
 
