@@ -89,6 +89,65 @@ HOLE = np.zeros((SIZE, SIZE), bool)
 HOLE[:, SIZE // 2:] = True
 
 
+def _gradient(size):
+    """A smooth uint8 ``[size, size, 3]`` test image."""
+    y, x = np.mgrid[0:size, 0:size] * (256 // size)
+    return np.stack([x, y, 255 - (x + y) // 2], -1).astype(np.uint8)
+
+
+def test_inversion_edit_equals_the_library_and_the_source_prompt_reconstructs(engine,
+                                                                              tmp_path):
+    image = _gradient(SIZE)
+    settings = dataclasses.replace(SETTINGS, guidance=1.0)  # one decoding program for both
+    same, note = handlers.invert_edit(engine, str(tmp_path), image, "a cat", "a cat", settings)
+    # The library, as pipelines.invert's docstring says: invert, then uniform-spacing DDIM.
+    pixels = image[None].astype(np.float32) / 127.5 - 1.0
+    z_t = pipelines.invert(engine.pipe, pixels, ["a cat"], num_steps=STEPS)
+    decoded = {prompt: pipelines.text_to_image(
+        engine.pipe._replace(ddim_timesteps=None), [prompt], jax.random.key(5), latents=z_t,
+        num_steps=STEPS, sampler="ddim", guidance_scale=1.0)[0] for prompt in ("a cat", "hello")}
+    reconstruction, edit = (_read(path) for path, _ in same)
+    np.testing.assert_array_equal(reconstruction, decoded["a cat"])  # bitwise, through PNG
+    np.testing.assert_array_equal(edit, reconstruction)              # target = source
+    assert engine.counter.count == engine.counter.total == 3 * STEPS
+    params = [handlers.read_parameters(path) for path, _ in same]
+    assert [(p["task"], p["source_prompt"], p["prompt"]) for p in params] == [
+        ("invert", "a cat", "a cat")] * 2 and "DDIM inversion, 4 steps" in note
+    other, _ = handlers.invert_edit(engine, str(tmp_path), image, "a cat", "hello", settings)
+    np.testing.assert_array_equal(_read(other[0][0]), reconstruction)
+    np.testing.assert_array_equal(_read(other[1][0]), decoded["hello"])
+    assert np.abs(_read(other[1][0]).astype(int) - reconstruction).max() > 0  # edited
+
+
+def _page_ids(engine, out_dir):
+    """``elem_id`` of every component of the page built for ``engine``."""
+    return {getattr(block, "elem_id", None) for block in ui.build(engine, out_dir).blocks.values()}
+
+
+def test_capabilities_offer_inversion_to_text_models_and_diffusionclip_only_with_clip(
+        engine, sd_dir, tmp_path):
+    assert "invert" in engine.tasks and "diffusionclip" not in engine.tasks  # no image tower
+    assert engine.samplers_for("invert") == ["ddim"]
+    with_clip = engine_lib.Engine(engine_lib.TEXT, str(sd_dir), pipe=engine.pipe,
+                                  clip_workdir="runs/clip")
+    assert "diffusionclip" in with_clip.tasks
+    shown = _page_ids(engine, str(tmp_path))
+    assert "invert_generate" in shown and "diffusionclip_generate" not in shown
+    assert "diffusionclip_generate" in _page_ids(with_clip, str(tmp_path))
+    with pytest.raises(handlers.InputError, match="names a CLIP stage"):
+        handlers.diffusionclip(engine, "unused", GOOD, "a", "b", handlers.CLIPEdit())
+    with pytest.raises(ValueError, match="latent.clip_workdir"):
+        engine.clip()
+    for edit, message in ((dict(t0=0.0), r"t0 \(inversion depth\) must lie in \(0, 1\]"),
+                          (dict(finetune_steps=0), r"Fine-tuning steps must be a whole number"),
+                          (dict(learning_rate=0.0), "Learning rate must be > 0")):
+        with pytest.raises(handlers.InputError, match=message):  # before loading the CLIP
+            handlers.diffusionclip(with_clip, "unused", GOOD, "a", "b",
+                                   handlers.CLIPEdit(**edit))
+    with pytest.raises(handlers.InputError, match="target text is empty"):
+        handlers.diffusionclip(with_clip, "unused", GOOD, "a", " ", handlers.CLIPEdit())
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda e, d: handlers.text_to_image(e, d, "  ", "", SETTINGS, None, None),
      "prompt is empty"),
@@ -111,6 +170,15 @@ HOLE[:, SIZE // 2:] = True
      "Upload an image"),
     (lambda e, d: handlers.image_to_image(e, d, GOOD[:30], "a cat", "", 0.5, SETTINGS),
      "height 30 is not a multiple of 4"),
+    (lambda e, d: handlers.invert_edit(e, d, None, "a cat", "a dog", SETTINGS),
+     "Upload an image"),
+    (lambda e, d: handlers.invert_edit(e, d, GOOD, "", "a dog", SETTINGS),
+     "source prompt is empty"),
+    (lambda e, d: handlers.invert_edit(e, d, GOOD, "a cat", " ", SETTINGS),
+     "target prompt is empty"),
+    (lambda e, d: handlers.invert_edit(e, d, GOOD, "a cat", "a dog",
+                                       dataclasses.replace(SETTINGS, steps=0)),
+     "Steps must be a whole number in [1, 1000], got 0"),
     (lambda e, d: handlers.compare(e, d, "a cat", None, SETTINGS, [("ddim", 4)]),
      "Choose 2 to 4 samplers"),
     (lambda e, d: handlers.image_to_image(e, d, GOOD, "a cat", "", 0.5,

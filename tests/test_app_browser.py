@@ -224,6 +224,18 @@ def test_screenshots_of_the_other_tabs(server, browser, shots, tmp_path):
     page.locator("#compare_note table").wait_for(timeout=TIMEOUT_MS)
     assert page.locator("#compare_gallery img").count() >= 3
     page.screenshot(path=os.path.join(shots, "app_compare.png"), full_page=True)
+    # Inversion edit at guidance 1 (test_app.py compiled this program into the shared cache).
+    page.get_by_role("tab", name="Inversion edit").click()
+    page.locator("#invert_image input[type=file]").set_input_files(str(tmp_path / "gray.png"))
+    page.locator("#invert_source textarea").fill("a photo of a cat")
+    page.locator("#invert_prompt textarea").fill("a photo of a dog")
+    page.locator("#invert_steps input").fill(str(STEPS))
+    page.locator("#invert_guidance input[type=number]").fill("1")
+    page.locator("#invert_guidance input[type=number]").press("Enter")
+    page.locator("#invert_generate").click()
+    page.locator("#invert_gallery img").nth(1).wait_for(timeout=TIMEOUT_MS)
+    page.get_by_text("edit with guidance 1").first.wait_for(timeout=TIMEOUT_MS)
+    page.screenshot(path=os.path.join(shots, "app_invert.png"), full_page=True)
     page.close()
 
 

@@ -2,7 +2,10 @@
 
 An :class:`Engine` wraps either a text-to-image :class:`~diffusion_jax.pipelines.Pipeline`
 (a Stable Diffusion directory, or a ``latent_diffusion`` workdir trained here) or a pixel-space
-model of a training workdir (class-conditional or unconditional). Its network is wrapped in
+model of a training workdir (class-conditional or unconditional). A text-to-image workdir
+trained here also names its CLIP stage (``config.latent.clip_workdir``), whose image tower
+DiffusionCLIP needs: only such a model offers that task (a Stable Diffusion directory has no
+CLIP image tower). Its network is wrapped in
 :class:`~diffusion_jax.app.progress.ProgressModel`, so every run reports its steps, and the
 same compiled programs serve every request: for text models the pipelines' own jitted program
 (prompt, seed, guidance scale and ``eta`` are its arguments); for pixel models one
@@ -23,13 +26,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import (captions, checkpoint, generate, image_io, loading, objectives,
-                           pipelines, samplers, sharding, stage_pipeline)
+from diffusion_jax import (captions, checkpoint, generate, image_io, loading, metrics_clip,
+                           objectives, pipelines, samplers, sharding, stage_pipeline)
 from diffusion_jax.app import progress
+from diffusion_jax.applications import diffusionclip
 
 TEXT, PIXEL = "text", "pixel"
 # Tabs (tasks) per kind of model.
-TEXT_TASKS = ("text_to_image", "img2img", "inpaint", "compare")
+TEXT_TASKS = ("text_to_image", "img2img", "inpaint", "invert", "compare")
 PIXEL_TASKS = ("sample", "compare")
 # Where a sampler's own options come from: the SamplerOptions fields each one reads.
 SAMPLER_FIELDS = {
@@ -48,8 +52,11 @@ class Request:
     """One generation: every setting that decides the images (stored in each PNG).
 
     Attributes:
-        task: ``text_to_image``, ``img2img``, ``inpaint`` (text models) or ``sample`` (pixel).
-        prompt, negative_prompt: text models.
+        task: ``text_to_image``, ``img2img``, ``inpaint``, ``invert``, ``diffusionclip`` (text
+            models) or ``sample`` (pixel).
+        prompt, negative_prompt: text models (``invert``, ``diffusionclip``: ``prompt`` is the
+            target text).
+        source_prompt: ``invert`` / ``diffusionclip``: the text describing the input image.
         sampler: a name in :data:`~diffusion_jax.samplers.SAMPLERS`.
         sampler_options: extra :class:`~diffusion_jax.samplers.SamplerOptions` fields.
         steps: sampler steps (>= 1).
@@ -61,10 +68,14 @@ class Request:
         height, width: pixels (text models; ``None``: the model's size).
         strength: img2img noise fraction in (0, 1].
         class_label: pixel class-conditional models (``None``: unconditional).
+        t0, decode_steps, finetune_steps, learning_rate, id_weight: ``diffusionclip``'s
+            inversion depth (fraction of T), DDIM steps of the differentiated decoding, Adam
+            steps and rate, identity L1 weight (``steps``: its inversion steps).
     """
     task: str = "text_to_image"
     prompt: str = ""
     negative_prompt: str = ""
+    source_prompt: str = ""
     sampler: str = "ddim"
     sampler_options: tuple[tuple[str, object], ...] = ()
     steps: int = 20
@@ -76,6 +87,11 @@ class Request:
     width: int | None = None
     strength: float = 0.6
     class_label: int | None = None
+    t0: float = 0.5
+    decode_steps: int = 6
+    finetune_steps: int = 10
+    learning_rate: float = 1e-4
+    id_weight: float = 0.3
 
 
 class Engine:
@@ -86,11 +102,15 @@ class Engine:
         source: the checkpoint or workdir path (recorded in every PNG).
         pipe: the text pipeline (``kind == TEXT``).
         loaded: ``(graphdef, params, config, schedule)`` of a pixel model (``kind == PIXEL``).
+        clip_workdir: the CLIP stage of a text model trained here (enables ``diffusionclip``;
+            loaded with :func:`~diffusion_jax.metrics_clip.load_clip` on first use).
     """
 
     def __init__(self, kind: str, source: str, *, pipe: pipelines.Pipeline | None = None,
-                 loaded: loading.Loaded | None = None):
+                 loaded: loading.Loaded | None = None, clip_workdir: str | None = None):
         self.kind, self.source = kind, os.path.abspath(source) if source else ""
+        self.clip_workdir = clip_workdir or None
+        self._clip = None
         self.counter = progress.StepCounter()
         self._lock = threading.Lock()
         self._seen: set = set()
@@ -106,8 +126,10 @@ class Engine:
     # ----------------------------------------------------------------------- capabilities
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tabs this model supports."""
-        return TEXT_TASKS if self.kind == TEXT else PIXEL_TASKS
+        """The tabs this model supports: ``diffusionclip`` only with a CLIP stage."""
+        if self.kind != TEXT:
+            return PIXEL_TASKS
+        return TEXT_TASKS + (("diffusionclip",) if self.clip_workdir else ())
 
     @property
     def num_timesteps(self) -> int:
@@ -151,8 +173,10 @@ class Engine:
 
     def samplers_for(self, task: str) -> list[str]:
         """Registered samplers that can run ``task`` (img2img needs a part-way start,
-        inpainting a per-step hook)."""
+        inpainting a per-step hook; inversion and DiffusionCLIP are DDIM)."""
         entries = samplers.SAMPLERS.items()
+        if task in ("invert", "diffusionclip"):
+            return ["ddim"]
         if task == "img2img":
             return [n for n, e in entries if e.supports_t_start]
         if task == "inpaint":
@@ -178,11 +202,16 @@ class Engine:
         return samplers.options_from_config(self.config, **fields)
 
     def evaluations(self, request: Request) -> int | None:
-        """Network evaluations of the run (``None``: not known in advance)."""
+        """Network evaluations of the run (``None``: not known in advance, e.g. DiffusionCLIP,
+        whose fine-tuning re-runs the network in its backward pass)."""
         total = samplers.num_evaluations(request.sampler, self.options(request),
                                          self.num_timesteps)
-        if total is not None and request.task == "img2img":
-            total = max(1, int(round(total * request.strength)))
+        if total is None or request.task == "diffusionclip":
+            return None
+        if request.task == "img2img":
+            return max(1, int(round(total * request.strength)))
+        if request.task == "invert":
+            return 3 * total  # inversion, reconstruction, edit
         return total
 
     def is_compiled(self, request: Request) -> bool:
@@ -195,11 +224,12 @@ class Engine:
 
         Args:
             request: :class:`Request`.
-            image: ``[H, W, 3]`` uint8 input of img2img / inpaint.
+            image: ``[H, W, 3]`` uint8 input of img2img / inpaint / invert / diffusionclip.
             mask: ``[H, W]`` bool hole of inpaint (True = regenerate).
 
         Returns:
-            ``[B, H, W, C]`` uint8 images.
+            ``[B, H, W, C]`` uint8 images; ``invert`` and ``diffusionclip``: ``[2B, H, W, C]``,
+            the B reconstructions then the B edits.
 
         Raises:
             ValueError: bad settings (named); FloatingPointError: a non-finite image.
@@ -221,6 +251,10 @@ class Engine:
             return pipelines.text_to_image(pipe, prompts, key, height=request.height,
                                            width=request.width, **kwargs)
         images = np.repeat(_to_float(image)[None], request.batch_size, axis=0)
+        if request.task == "invert":
+            return self._invert(request, images)
+        if request.task == "diffusionclip":
+            return self._diffusionclip(request, images)
         if request.task == "img2img":
             return pipelines.img2img(pipe, images, prompts, key, strength=request.strength,
                                      **kwargs)
@@ -228,6 +262,52 @@ class Engine:
             hole = np.asarray(mask, np.float32)[..., None]
             return pipelines.inpaint(pipe, images, hole, prompts, key, **kwargs)
         raise ValueError(f"task {request.task!r} needs a pixel model; this is text-to-image.")
+
+    def _invert(self, request, images):
+        """DDIM inversion under the source prompt (no guidance), decoded by DDIM with uniform
+        spacing from the same ``z_T``: under the source prompt without guidance (the
+        reconstruction) and under the target prompt with the request's guidance (the edit)."""
+        source = [request.source_prompt] * len(images)
+        z_t = pipelines.invert(self.pipe, images, source, num_steps=request.steps)
+        pipe = self.pipe._replace(ddim_timesteps=None)
+        outputs = [pipelines.text_to_image(pipe, prompts, jax.random.key(request.seed),
+                                           latents=z_t, num_steps=request.steps, sampler="ddim",
+                                           eta=0.0, guidance_scale=scale)
+                   for prompts, scale in ((source, 1.0),
+                                          ([request.prompt] * len(images), request.guidance))]
+        return np.concatenate(outputs)
+
+    def _diffusionclip(self, request, images):
+        """:func:`~diffusion_jax.pipelines.diffusionclip` from the source to the target text."""
+        out = pipelines.diffusionclip(
+            self.pipe, images, self.clip(), request.source_prompt, request.prompt,
+            t0=request.t0, num_inversion_steps=request.steps,
+            num_decode_steps=request.decode_steps, finetune_steps=request.finetune_steps,
+            learning_rate=request.learning_rate, id_weight=request.id_weight)
+        samplers.check_finite(np.asarray(out["output"]), "ddim")
+        return image_io.to_uint8(np.concatenate([out["reconstruction"], out["output"]]))
+
+    def clip(self):
+        """``(CLIPModel, tokenizer)`` of the CLIP stage (loaded once).
+
+        Raises:
+            ValueError: the model has no CLIP stage; FileNotFoundError: it is gone.
+        """
+        if self.clip_workdir is None:
+            raise ValueError("DiffusionCLIP needs a CLIP image tower: serve a text-to-image "
+                             "workdir trained here whose config names latent.clip_workdir.")
+        if self._clip is None:
+            self._clip = metrics_clip.load_clip(self.clip_workdir)
+        return self._clip
+
+    def edit_scores(self, request: Request, images, edited) -> dict[str, float]:
+        """CLIP scores of an edit (:func:`~diffusion_jax.applications.diffusionclip.edit_scores`,
+        averaged over the batch) of uint8 ``images`` -> ``edited`` ``[B, H, W, 3]``."""
+        with self._lock:
+            scores = diffusionclip.edit_scores(*self.clip(), _to_float(images),
+                                               _to_float(edited), request.source_prompt,
+                                               request.prompt)
+        return {name: float(np.mean(value)) for name, value in scores.items()}
 
     def _sample_pixels(self, request, key):
         if request.task != "sample":
@@ -279,7 +359,8 @@ def load_engine(*, checkpoint_dir: str | None = None, workdir: str | None = None
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
     config = checkpoint.load_config(manager, step)
     if objectives.objective_of(config) == "latent_diffusion":
-        return Engine(TEXT, workdir, pipe=stage_pipeline.load_pipeline(workdir, step=step))
+        pipe, config = stage_pipeline.load_pipeline_and_config(workdir, step=step)
+        return Engine(TEXT, workdir, pipe=pipe, clip_workdir=config.latent.get("clip_workdir"))
     if config.model.cond_image_channels > 0:
         raise ValueError(f"{workdir} holds a super-resolution model; the app serves "
                          "text-to-image and class / unconditional models.")
@@ -301,7 +382,8 @@ def class_names(config) -> tuple[str, ...]:
 
 def _static_key(request: Request):
     """The settings that select a compiled program (everything but the traced ones)."""
-    traced = ("prompt", "negative_prompt", "seed", "guidance", "eta", "class_label")
+    traced = ("prompt", "negative_prompt", "source_prompt", "seed", "guidance", "eta",
+              "class_label")
     fields = dataclasses.asdict(request)
     return tuple(sorted((k, repr(v)) for k, v in fields.items() if k not in traced))
 

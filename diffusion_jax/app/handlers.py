@@ -51,6 +51,18 @@ class Settings:
     batch_size: float = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class CLIPEdit:
+    """The DiffusionCLIP controls (raw values from the page); see
+    :func:`~diffusion_jax.applications.diffusionclip.diffusionclip_edit`."""
+    t0: float = 0.5
+    inversion_steps: float = 20
+    decode_steps: float = 6
+    finetune_steps: float = 10
+    learning_rate: float = 1e-4
+    id_weight: float = 0.3
+
+
 def text_to_image(engine: Engine, out_dir: str, prompt: str, negative_prompt: str,
                   settings: Settings, height, width, report: Reporter | None = None):
     """Text-to-image. Returns ``(items, note)`` (see the module docstring)."""
@@ -96,6 +108,74 @@ def inpaint(engine: Engine, out_dir: str, editor: dict | None, mask_upload, prom
                        negative_prompt=negative_prompt or "", height=image.shape[0],
                        width=image.shape[1])
     return _generate(engine, out_dir, request, report, image=image, mask=mask)
+
+
+def invert_edit(engine: Engine, out_dir: str, image, source_prompt: str, target_prompt: str,
+                settings: Settings, report: Reporter | None = None):
+    """DDIM inversion -> edit of an uploaded ``image [H, W, 3]`` uint8: its ``z_T`` under the
+    source prompt, decoded by DDIM under the source prompt without guidance (the
+    reconstruction) and under the target prompt with the guidance scale (the edit).
+
+    Returns:
+        ``(items, note)``: the reconstruction, then the edit. The reconstruction's PNG stores
+        ``prompt = source_prompt`` and guidance 1 (the settings that reproduce it).
+    """
+    image = _input_image(engine, image)
+    source = _text(source_prompt, "The source prompt is empty: describe the uploaded image.")
+    target = _text(target_prompt, "The target prompt is empty: describe the edited image "
+                                  "(the source prompt again reconstructs the input).")
+    settings = dataclasses.replace(settings, sampler="ddim", options_text="", eta=0.0,
+                                   random_seed=False, batch_size=1)
+    request = _request(engine, settings, "invert", prompt=target, source_prompt=source,
+                       height=image.shape[0], width=image.shape[1])
+    images = _run(engine, request, report, image)
+    reconstruction = dataclasses.replace(request, prompt=source, guidance=1.0)
+    items = (_write(engine, out_dir, reconstruction, images[:1], "reconstruction (source prompt)")
+             + _write(engine, out_dir, request, images[1:], f"edit: {target}"))
+    note = (f"DDIM inversion, {request.steps} steps · reconstruction without guidance · edit "
+            f"with guidance {request.guidance:g} · {images.shape[2]}x{images.shape[1]} px")
+    return items, note
+
+
+def diffusionclip(engine: Engine, out_dir: str, image, source_text: str, target_text: str,
+                  edit: CLIPEdit, report: Reporter | None = None):
+    """DiffusionCLIP of an uploaded ``image [H, W, 3]`` uint8 from ``source_text`` toward
+    ``target_text``: the UNet is fine-tuned so that the CLIP image direction follows the text
+    direction (:func:`~diffusion_jax.pipelines.diffusionclip`).
+
+    Returns:
+        ``(items, note)``: the reconstruction (original UNet) and the edit, and a note with the
+        edit's CLIP scores (directional similarity, identity L1, target score before / after).
+    """
+    if "diffusionclip" not in engine.tasks:
+        raise InputError("DiffusionCLIP needs a text-to-image workdir trained here whose "
+                         "config names a CLIP stage (latent.clip_workdir).")
+    image = _input_image(engine, image)
+    source = _text(source_text, "The source text is empty: describe the uploaded image.")
+    target = _text(target_text, "The target text is empty: describe the edit.")
+    t0 = float(edit.t0)
+    if not 0.0 < t0 <= 1.0:
+        raise InputError(f"t0 (inversion depth) must lie in (0, 1], got {edit.t0}.")
+    learning_rate, id_weight = float(edit.learning_rate), float(edit.id_weight)
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise InputError(f"Learning rate must be > 0, got {edit.learning_rate}.")
+    if not np.isfinite(id_weight) or id_weight < 0:
+        raise InputError(f"Identity weight must be >= 0, got {edit.id_weight}.")
+    settings = Settings(steps=edit.inversion_steps, guidance=1.0)
+    request = _request(engine, settings, "diffusionclip", prompt=target, source_prompt=source,
+                       height=image.shape[0], width=image.shape[1], t0=t0,
+                       decode_steps=_integer("Decode steps", edit.decode_steps, 1, MAX_STEPS),
+                       finetune_steps=_integer("Fine-tuning steps", edit.finetune_steps, 1,
+                                               MAX_STEPS),
+                       learning_rate=learning_rate, id_weight=id_weight)
+    images = _run(engine, request, report, image)
+    scores = engine.edit_scores(request, image[None], images[1:])
+    items = (_write(engine, out_dir, request, images[:1], "reconstruction (original UNet)")
+             + _write(engine, out_dir, request, images[1:], f"edit: {source} → {target}"))
+    note = ("| directional | identity L1 | target score: input | edit |\n|---|---|---|---|\n"
+            f"| {scores['directional']:.4f} | {scores['identity_l1']:.4f} | "
+            f"{scores['target_score_input']:.2f} | {scores['target_score_output']:.2f} |")
+    return items, note
 
 
 def sample(engine: Engine, out_dir: str, class_name: str | None, settings: Settings,
@@ -289,9 +369,14 @@ def _integer(name, value, low, high) -> int:
 
 
 def _prompt(prompt) -> str:
-    if not prompt or not prompt.strip():
-        raise InputError("The prompt is empty: describe the image to generate.")
-    return prompt
+    return _text(prompt, "The prompt is empty: describe the image to generate.")
+
+
+def _text(value, message) -> str:
+    """``value`` unless it is empty or blank (then :class:`InputError` with ``message``)."""
+    if not value or not value.strip():
+        raise InputError(message)
+    return value
 
 
 def _size(engine, name, value) -> int:

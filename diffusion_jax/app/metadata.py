@@ -1,8 +1,9 @@
 """Generation parameters stored in PNG text chunks, and read back to reproduce an image.
 
 Each PNG carries one ``parameters`` chunk (JSON of every setting, the format read back) and
-one chunk per common field (``prompt``, ``sampler``, ``steps``, ``guidance``, ``seed``,
-``checkpoint``, ...) for tools that show PNG text, e.g. ``exiftool`` or ``identify -verbose``.
+one chunk per common field (``prompt``, ``source_prompt``, ``sampler``, ``steps``, ``guidance``,
+``seed``, ``checkpoint``, ...) for tools that show PNG text, e.g. ``exiftool`` or
+``identify -verbose``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 KEY = "parameters"
 FORMAT = "diffusion_jax.app/1"
-SHOWN = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "seed", "checkpoint")
+SHOWN = ("prompt", "negative_prompt", "source_prompt", "sampler", "steps", "guidance", "seed",
+         "checkpoint")
 
 
 def save_png(path: str, image: np.ndarray, params: dict) -> str:

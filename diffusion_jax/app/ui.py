@@ -1,7 +1,8 @@
 """The Gradio page: one tab per task the loaded model supports, wired to :mod:`.handlers`.
 
-Tabs: *Text to image*, *Image to image*, *Inpainting* (text-to-image models), *Class
-sampling* or *Unconditional sampling* (pixel models) and *Compare samplers* (both). Every
+Tabs: *Text to image*, *Image to image*, *Inpainting*, *Inversion edit* (text-to-image
+models), *DiffusionCLIP* (text-to-image workdirs with a CLIP stage), *Class sampling* or
+*Unconditional sampling* (pixel models) and *Compare samplers* (both). Every
 generating button runs through one queue (``concurrency_id="device"``, limit 1), so the
 device runs one chain at a time and concurrent sessions wait their turn. Errors in a handler
 become a message in the page (``gr.Error``); the server keeps running.
@@ -48,6 +49,12 @@ def build(engine: Engine, out_dir: str) -> gr.Blocks:
             if "inpaint" in engine.tasks:
                 with gr.Tab("Inpainting", id="inpaint"):
                     _inpaint_tab(engine, out_dir)
+            if "invert" in engine.tasks:
+                with gr.Tab("Inversion edit", id="invert"):
+                    _invert_tab(engine, out_dir)
+            if "diffusionclip" in engine.tasks:
+                with gr.Tab("DiffusionCLIP", id="diffusionclip"):
+                    _diffusionclip_tab(engine, out_dir)
             with gr.Tab("Compare samplers", id="compare"):
                 _compare_tab(engine, out_dir)
     return demo
@@ -80,15 +87,18 @@ class _Controls:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
 
-def _controls(engine, task, *, batch=True, sampler=True) -> _Controls:
-    """Sampler (with its options and a help line), steps, guidance, eta, seed, batch size."""
+def _controls(engine, task, *, batch=True, sampler=True, steps=True,
+              noise=True) -> _Controls:
+    """Sampler (with its options and a help line), steps, guidance, eta, seed, batch size;
+    ``noise=False`` hides eta and the seed (a deterministic task)."""
     names = engine.samplers_for(task)
     default = engine.default_sampler if engine.default_sampler in names else names[0]
     with gr.Group():
-        with gr.Row(visible=sampler):
-            pick = gr.Dropdown(names, value=default, label="Sampler", elem_id=f"{task}_sampler")
-            steps = gr.Number(engine.default_steps, label="Steps", precision=0, minimum=0,
-                              elem_id=f"{task}_steps")
+        with gr.Row(visible=sampler or steps):
+            pick = gr.Dropdown(names, value=default, label="Sampler", visible=sampler,
+                               elem_id=f"{task}_sampler")
+            count = gr.Number(engine.default_steps, label="Steps", precision=0, minimum=0,
+                              visible=steps, elem_id=f"{task}_steps")
         options = gr.Textbox(label="Sampler options", placeholder="e.g. churn=10, order=3",
                              visible=sampler)
         hint = gr.Markdown(handlers.sampler_help(default), visible=sampler)
@@ -98,12 +108,13 @@ def _controls(engine, task, *, batch=True, sampler=True) -> _Controls:
                                  step=0.1, label="Guidance scale (1 = none)",
                                  visible=engine.kind == TEXT or engine.num_classes > 0,
                                  elem_id=f"{task}_guidance")
-            eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise)")
-        with gr.Row():
+            eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise)",
+                            visible=noise)
+        with gr.Row(visible=noise):
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id=f"{task}_seed")
             random_seed = gr.Checkbox(False, label="Random seed")
             batch_size = gr.Slider(1, 4, value=1, step=1, label="Batch size", visible=batch)
-    return _Controls(pick, options, steps, guidance, eta, seed, random_seed, batch_size)
+    return _Controls(pick, options, count, guidance, eta, seed, random_seed, batch_size)
 
 
 def _settings(values) -> handlers.Settings:
@@ -324,6 +335,66 @@ def _inpaint_tab(engine, out_dir):
                  [gallery, note, paths], **QUEUE)
 
 
+def _edit_inputs(task, source_label, target_label):
+    """Input image, source text and target text of an editing tab."""
+    image = gr.Image(label="Input image", type="numpy", image_mode="RGB",
+                     sources=["upload", "clipboard"], format="png", elem_id=f"{task}_image")
+    source = gr.Textbox(label=source_label, elem_id=f"{task}_source")
+    target = gr.Textbox(label=target_label, elem_id=f"{task}_prompt")
+    return image, source, target
+
+
+def _invert_tab(engine, out_dir):
+    task = "invert"
+    with gr.Row():
+        with gr.Column(scale=2):
+            image, source, target = _edit_inputs(
+                task, "Source prompt (describes the image)",
+                "Target prompt (the edit; the source prompt again reconstructs the image)")
+            controls = _controls(engine, task, batch=False, sampler=False, noise=False)
+            button = _generate_button(task, "Invert and edit")
+        with gr.Column(scale=3):
+            gallery, note, paths = _outputs(task)
+
+    def run(image_, source_, target_, *values, progress=gr.Progress()):
+        return _show(handlers.invert_edit(engine, out_dir, image_, source_, target_,
+                                          _settings(values), _reporter(progress)))
+
+    button.click(_guarded(run), [image, source, target] + controls.inputs(),
+                 [gallery, note, paths], **QUEUE)
+
+
+def _diffusionclip_tab(engine, out_dir):
+    task = "diffusionclip"
+    defaults = handlers.CLIPEdit()
+    with gr.Row():
+        with gr.Column(scale=2):
+            image, source, target = _edit_inputs(task, "Source text (describes the image)",
+                                                 "Target text (the edit)")
+            t0 = gr.Slider(0.05, 1.0, value=defaults.t0, step=0.05,
+                           label="t0 (inversion depth, fraction of the timesteps)")
+            with gr.Row():
+                inversion = gr.Number(defaults.inversion_steps, label="Inversion steps",
+                                      precision=0, minimum=0, elem_id=f"{task}_steps")
+                decode = gr.Number(defaults.decode_steps, label="Decode steps", precision=0,
+                                   minimum=0)
+                finetune = gr.Number(defaults.finetune_steps, label="Fine-tuning steps",
+                                     precision=0, minimum=0)
+            with gr.Row():
+                rate = gr.Number(defaults.learning_rate, label="Learning rate")
+                weight = gr.Number(defaults.id_weight, label="Identity weight")
+            button = _generate_button(task, "Edit")
+        with gr.Column(scale=3):
+            gallery, note, paths = _outputs(task)
+
+    def run(image_, source_, target_, *values, progress=gr.Progress()):
+        return _show(handlers.diffusionclip(engine, out_dir, image_, source_, target_,
+                                            handlers.CLIPEdit(*values), _reporter(progress)))
+
+    button.click(_guarded(run), [image, source, target, t0, inversion, decode, finetune, rate,
+                                 weight], [gallery, note, paths], **QUEUE)
+
+
 def _compare_tab(engine, out_dir):
     task = "compare"
     names = list(samplers.SAMPLERS)
@@ -342,7 +413,7 @@ def _compare_tab(engine, out_dir):
                     count = gr.Number(steps, label="Steps", precision=0, minimum=0,
                                       elem_id=f"{task}_steps_{i}")
                 rows += [pick, count]
-            controls = _controls(engine, task, batch=False, sampler=False)
+            controls = _controls(engine, task, batch=False, sampler=False, steps=False)
             button = _generate_button(task, "Compare")
         with gr.Column(scale=3):
             gallery, note, _ = _outputs(task)
