@@ -63,9 +63,12 @@ Adding a sampler
 ----------------
 One new file in this package (it is imported, registered and its settings composed into
 :class:`SamplerOptions` when the package loads), plus its test. For example
-``diffusion_jax/samplers/euler.py``::
+``diffusion_jax/samplers/euler.py``, Euler steps of the probability-flow ODE in sigma (the
+file ``tests/test_sampler_registry.py`` adds to a copy of the package)::
 
     import dataclasses
+
+    import jax.numpy as jnp
 
     from diffusion_jax.samplers import chain
     from diffusion_jax.samplers._checks import check_non_negative
@@ -76,24 +79,30 @@ One new file in this package (it is imported, registered and its settings compos
 
     @dataclasses.dataclass(frozen=True)
     class EulerOptions(SigmaGridOptions):          # num_steps, sigma_spacing, rho, sigma_max
-        euler_noise: float = option(0.0, "noise added per step.", check=check_non_negative,
-                                    traced=True)
+        euler_scale: float = option(1.0, "slope scale.", check=check_non_negative, traced=True)
 
 
-    @register("euler", options=EulerOptions,
-              evaluations=lambda options, num_timesteps: options.num_steps)
+    @register("euler", options=EulerOptions, supports_step_hook=False)   # NFE: num_steps
     def euler(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
         settings = read(EulerOptions, options)
         denoiser, sigmas, x = denoiser_setup(denoise, schedule, x_start, options, settings,
                                              t_start, "karras")
-        ...                                        # chain.scan over sigmas
-        return x0
+        nexts = jnp.concatenate([sigmas[1:], jnp.zeros(1)])
 
-``make_options(euler_noise=0.1)``, ``--sampler=euler --sampler_option=euler_noise=0.1`` and
-``config.sample.euler_noise`` (a key ``configs/default.py`` takes from
-:func:`config_defaults`) then work, and ``--sampler=ddim --sampler_option=euler_noise=0.1`` is
-refused (:func:`check_options`). A setting another entry already declares is reused by
-inheriting its group (as ``SigmaGridOptions`` above), never declared twice.
+        def body(x, s):
+            sigma, sigma_next = s
+            d = (x - denoiser(x, jnp.full(x.shape[:1], sigma))) / sigma
+            return x + settings.euler_scale * (sigma_next - sigma) * d, None
+
+        x, _ = chain.scan(body, x, (sigmas, nexts), levels=sigmas, level_name="sigma")
+        return x
+
+``make_options(euler_scale=0.5)``, ``--sampler=euler --sampler_option=euler_scale=0.5``,
+:func:`num_evaluations` and ``config.sample.euler_scale`` (read when a config has it; a line in
+``configs/default.py`` makes it a ``--config.sample`` flag) then work, and
+``--sampler=ddim --sampler_option=euler_scale=0.5`` is refused (:func:`check_options`). A
+setting another entry already declares is reused by inheriting its group (as
+``SigmaGridOptions`` above), never declared twice.
 
 Options are built once from ``config.sample`` (+ ``config.diffusion.pred_type``) and flags by
 :func:`options_from_config`; a flag left unset (``None``) keeps the config's value, and
