@@ -8,6 +8,8 @@ misspelt key (``--config.train.batch_sise=3``) or a value of the wrong type is a
 import ml_collections
 from ml_collections import config_dict
 
+from diffusion_jax import samplers
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The full schema with DDPM-style CIFAR-10 defaults (32x32 RGB, 35.7M-param UNet)."""
@@ -93,38 +95,41 @@ def get_config() -> ml_collections.ConfigDict:
     # "autoencoder" (config.autoencoder) | "clip" (config.clip) | "latent_diffusion" (config.latent)
     train.objective = "diffusion"  # what is trained: "diffusion" (config.model's UNet) | see above
 
+    # Sampler settings: the defaults are declared once, by the sampler that reads the setting
+    # (diffusion_jax/samplers/); config.sample repeats them as _sampler_default(...) and
+    # overrides only num_steps, clip_x0 and ddpm_variance (trained models' sampling).
     config.sample = sample = ml_collections.ConfigDict()
     sample.sampler = "ddim"  # a registered sampler, e.g. ddim, edm_heun, dpm_solver_pp, pc
     sample.num_steps = 100  # solver steps / langevin noise levels (ddpm always uses T)
-    sample.eta = 0.0  # ddim eta (0 = deterministic, 1 = DDPM-like)
+    sample.eta = _sampler_default("eta")  # ddim eta (0 = deterministic, 1 = DDPM-like)
     sample.num_samples = 64  # images in the grid written during training
     sample.clip_x0 = True  # clip the predicted x_0 to [-1, 1]
     sample.ddpm_variance = "beta"  # ddpm reverse variance: "beta" | "posterior"
-    sample.langevin_steps_each = 5  # langevin steps per noise level
-    sample.langevin_step_lr = 2e-5  # langevin step size scale (score_sde's snr-free NCSN rule)
+    sample.langevin_steps_each = _sampler_default("langevin_steps_each")  # steps per level
+    sample.langevin_step_lr = _sampler_default("langevin_step_lr")  # langevin step size scale
     # Imagen's dynamic thresholding of x0 predictions: percentile p in (0, 1], None = off
-    sample.dynamic_threshold = config_dict.placeholder(float)  # p (e.g. 0.995) or None
+    sample.dynamic_threshold = _sampler_default("dynamic_threshold")  # p (e.g. 0.995) or None
     # edm_heun / dpm_solver_pp noise grid: "karras" | "uniform" | "log"; None = karras / log
-    sample.sigma_spacing = config_dict.placeholder(str)  # None = the solver's default
-    sample.rho = 7.0  # Karras grid exponent
+    sample.sigma_spacing = _sampler_default("sigma_spacing")  # None = the solver's default
+    sample.rho = _sampler_default("rho")  # Karras grid exponent
     # edm_heun / dpm_solver_pp from the prior: start at the largest sigma_k <= sigma_max
-    sample.sigma_max = config_dict.placeholder(float)  # None = sigma_{T-1}; EDM uses 80
-    sample.churn = 0.0  # edm_heun S_churn (0 = deterministic)
-    sample.s_tmin = 0.0  # edm_heun: churn only for s_tmin <= sigma <= s_tmax
-    sample.s_tmax = float("inf")  # see s_tmin
-    sample.s_noise = 1.0  # edm_heun S_noise
-    sample.order = 2  # dpm_solver_pp multistep order: 1 | 2 | 3
-    sample.sde = "vp"  # pc / probability_flow SDE: "vp" | "subvp" | "ve"
+    sample.sigma_max = _sampler_default("sigma_max")  # None = sigma_{T-1}; EDM uses 80
+    sample.churn = _sampler_default("churn")  # edm_heun S_churn (0 = deterministic)
+    sample.s_tmin = _sampler_default("s_tmin")  # churn only for s_tmin <= sigma <= s_tmax
+    sample.s_tmax = _sampler_default("s_tmax")  # see s_tmin
+    sample.s_noise = _sampler_default("s_noise")  # edm_heun S_noise
+    sample.order = _sampler_default("order")  # dpm_solver_pp multistep order: 1 | 2 | 3
+    sample.sde = _sampler_default("sde")  # pc / probability_flow SDE: "vp" | "subvp" | "ve"
     # pc predictor: "euler_maruyama" | "reverse_diffusion" | "ancestral" | "none"
-    sample.predictor = "reverse_diffusion"  # pc predictor (see above)
-    sample.corrector = "langevin"  # pc: "langevin" | "annealed_langevin" | "none"
-    sample.snr = 0.16  # pc Langevin corrector signal-to-noise ratio
-    sample.n_corrector_steps = 1  # pc corrector updates per step
-    sample.sde_eps = 1e-3  # pc / probability_flow: integrate from t = 1 down to sde_eps
-    sample.method = "rk4"  # probability_flow: "euler" | "heun" | "rk4" | "tsit5" | "dopri5"
-    sample.rtol = 1e-5  # adaptive ODE (tsit5 / dopri5) relative tolerance
-    sample.atol = 1e-5  # adaptive ODE absolute tolerance
-    sample.max_steps = 4096  # adaptive ODE step cap
+    sample.predictor = _sampler_default("predictor")  # pc predictor (see above)
+    sample.corrector = _sampler_default("corrector")  # "langevin" | "annealed_langevin" | "none"
+    sample.snr = _sampler_default("snr")  # pc Langevin corrector signal-to-noise ratio
+    sample.n_corrector_steps = _sampler_default("n_corrector_steps")  # pc updates per step
+    sample.sde_eps = _sampler_default("sde_eps")  # pc / probability_flow: t from 1 to sde_eps
+    sample.method = _sampler_default("method")  # "euler" | "heun" | "rk4" | "tsit5" | "dopri5"
+    sample.rtol = _sampler_default("rtol")  # adaptive ODE (tsit5 / dopri5) relative tolerance
+    sample.atol = _sampler_default("atol")  # adaptive ODE absolute tolerance
+    sample.max_steps = _sampler_default("max_steps")  # adaptive ODE step cap
 
     config.sr = sr = ml_collections.ConfigDict()  # super-resolution (model.cond_image_channels > 0)
     sr.factor = 2  # high-res size / low-res size; the low-res input is the area average
@@ -206,3 +211,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.lock()
     return config
+
+
+def _sampler_default(key):
+    """The default of ``config.sample.<key>`` as the sampler reading it declares it
+    (:func:`diffusion_jax.samplers.config_defaults`); ``None`` as a typed placeholder."""
+    default, kind = samplers.config_defaults()[key]
+    return config_dict.placeholder(kind) if default is None else default

@@ -8,7 +8,7 @@
   ``diffusion.kind`` ``vp`` / ``subvp`` / ``ve`` (score of its SDE); a discrete DDPM model
   (and an EDM one, through :func:`~diffusion_jax.sde.parameterization.discrete_view`) is read
   as the score of the VP SDE matching its schedule
-  (:func:`diffusion_jax.sde.registry.sde_for_schedule`, nearest discrete step).
+  (:func:`diffusion_jax.sde.adapters.sde_for_schedule`, nearest discrete step).
 * :func:`vlb_bits_per_dim`: DDPM's variational bound (:func:`diffusion_jax.losses.bits_per_dim`,
   ``T`` network calls per example), discrete models only.
 
@@ -25,9 +25,8 @@ from flax import nnx
 
 from diffusion_jax import denoisers, losses
 from diffusion_jax.sde import parameterization
-from diffusion_jax.sde.adapters import ddpm_score
+from diffusion_jax.sde.adapters import ddpm_score, sde_for_schedule
 from diffusion_jax.sde.likelihood import dequantized_bits_per_dim, ode_log_likelihood
-from diffusion_jax.sde.registry import sde_for_schedule
 
 
 def model_score(net, config, schedule):

@@ -48,7 +48,7 @@ from diffusion_jax.applications import diffusionclip as dclip
 from diffusion_jax.applications import inpaint as inpaint_app
 from diffusion_jax.applications import inversion, sdedit
 from diffusion_jax.conditioning import area_downsample
-from diffusion_jax.sde import chain
+from diffusion_jax.samplers import chain
 
 OUTPUTS = ("uint8", "float", "latents")
 
@@ -157,7 +157,8 @@ def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
 
     Raises:
         ValueError: an override of ``pred_type`` or ``timesteps`` (the checkpoint's), an
-            unknown field or an invalid value.
+            unknown field, a field ``sampler`` does not read (refused, not ignored:
+            :func:`~diffusion_jax.samplers.check_options`) or an invalid value.
     """
     options = pipe.options
     overrides = dict(overrides or {})
@@ -168,6 +169,7 @@ def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(samplers.SamplerOptions)})
     if unknown:
         raise ValueError(f"Unknown sampler option(s) {unknown}.")
+    samplers.check_options(sampler, overrides)
     fields = {k: v for k, v in dict(num_steps=num_steps, eta=eta).items() if v is not None}
     fields.update(overrides)
     if sampler == "ddim" and pipe.ddim_timesteps is not None:
@@ -404,7 +406,7 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
 def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale, arrays, key,
          mesh, static):
     """Tokenises, pads the batch to the mesh, runs the jitted program, un-pads; returns the
-    output and the chain's :class:`~diffusion_jax.sde.chain.ChainStatus` (``None`` without a
+    output and the chain's :class:`~diffusion_jax.samplers.chain.ChainStatus` (``None`` without a
     registry chain)."""
     batch = len(prompts)
     ids = pipe.tokenizer(prompts)

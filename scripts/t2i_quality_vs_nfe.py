@@ -7,14 +7,16 @@ text-to-image model (the latent diffusion stage of `make demo-t2i`).
 For every solver and target NFE, ``per_class`` images of each prompt "a photo of <class>" are
 generated from the same latent noise with classifier-free guidance ``--guidance_scale`` (one
 NFE = one guided denoiser evaluation, i.e. one conditional + one unconditional UNet pass):
-DDIM and DPM-Solver++ (2M) get ``N`` steps, EDM's Heun ``(N + 1) // 2`` (``2 steps - 1``
-evaluations). Scores as in ``scripts/t2i_guidance_sweep.py``: prompt faithfulness and
+each solver gets the most steps whose count of evaluations, as its registry entry gives it
+(:func:`diffusion_jax.samplers.num_evaluations`), stays within ``N`` (DDIM and DPM-Solver++
+(2M): ``N`` steps; EDM's Heun: ``(N + 1) // 2``, ``2 steps - 1`` evaluations). Scores as in ``scripts/t2i_guidance_sweep.py``: prompt faithfulness and
 fashion-FD (:class:`diffusion_jax.fashion_metric.FashionMetric`: 50 pixel PCs + 10 ridge
 logits, no Inception) and the CLIP score with the workdir's own CLIP.
 
 Writes ``OUT/t2i_quality_vs_nfe.json`` and ``OUT/t2i_quality_vs_nfe.md``.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,11 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from diffusion_jax import (captions, fashion_metric, metrics_clip, pipelines,
+from diffusion_jax import (captions, fashion_metric, metrics_clip, pipelines, samplers,
                            stage_pipeline)
-
-STEPS_FOR_NFE = {"ddim": lambda n: n, "dpm_solver_pp": lambda n: n,
-                 "edm_heun": lambda n: (n + 1) // 2}
 
 
 def main():
@@ -53,7 +52,7 @@ def main():
                   solvers={})
     for sampler in args.samplers.split(","):
         for target in (int(n) for n in args.nfe.split(",")):
-            steps = STEPS_FOR_NFE[sampler](target)
+            steps, nfe = _steps_for(sampler, pipe, target)
             start = time.time()
             images = pipelines.text_to_image_in_batches(
                 pipe, texts, jax.random.key(args.seed + 1), noise, batch=args.batch,
@@ -61,7 +60,7 @@ def main():
                 output="float")
             scores = metric(images, labels)
             cell = dict(target_nfe=target, steps=steps,
-                        nfe=2 * steps - 1 if sampler == "edm_heun" else steps,
+                        nfe=nfe,
                         faithfulness=scores["faithfulness"], fashion_fd=scores["fashion_fd"],
                         clip_score=metrics_clip.clip_score(clip_model, tokenizer, images, texts),
                         seconds=round(time.time() - start, 1))
@@ -73,6 +72,24 @@ def main():
     with open(os.path.join(args.out, "t2i_quality_vs_nfe.md"), "w") as f:
         f.write(_markdown(result))
     print(_markdown(result))
+
+
+def _steps_for(sampler, pipe, target):
+    """``(steps, nfe)``: the most steps whose evaluations stay within ``target``.
+
+    Raises:
+        SystemExit: when no step count fits (e.g. ``ddpm``, or an adaptive ODE method).
+    """
+    fits = []
+    for steps in range(1, target + 1):
+        options = dataclasses.replace(pipe.options, num_steps=steps)
+        nfe = samplers.num_evaluations(sampler, options, pipe.schedule.num_timesteps)
+        if nfe is not None and nfe <= target:
+            fits.append((steps, nfe))
+    if not fits:
+        sys.exit(f"t2i_quality_vs_nfe.py: error: {sampler} cannot run within {target} "
+                 "evaluations.")
+    return fits[-1]
 
 
 def _parse():
@@ -90,10 +107,10 @@ def _parse():
     args = parser.parse_args()
     if min(args.per_class, args.batch) < 1 or args.guidance_scale < 0:
         parser.error("--per_class and --batch must be >= 1 and --guidance_scale >= 0")
-    unknown = [s for s in args.samplers.split(",") if s not in STEPS_FOR_NFE]
+    unknown = [s for s in args.samplers.split(",") if s not in samplers.SAMPLERS]
     if unknown:
         parser.error(f"--samplers: unknown {unknown[0]!r}; expected some of "
-                     f"{sorted(STEPS_FOR_NFE)}")
+                     f"{list(samplers.SAMPLERS)}")
     try:
         if min(int(n) for n in args.nfe.split(",")) < 1:
             raise ValueError

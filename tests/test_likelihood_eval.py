@@ -13,9 +13,8 @@ from flax import nnx
 from training_fixtures import REPO, micro_config, subprocess_env
 
 from diffusion_jax import data, denoisers, likelihood_eval, schedules, train
-from diffusion_jax.sde.adapters import ddpm_score
+from diffusion_jax.sde.adapters import ddpm_score, sde_for_schedule
 from diffusion_jax.sde.likelihood import dequantized_bits_per_dim, ode_log_likelihood
-from diffusion_jax.sde.registry import sde_for_schedule
 
 
 def _tiny_model():

@@ -1,5 +1,5 @@
-"""Tests for diffusion_jax.sde.adapters and diffusion_jax.sde.registry (discrete models driving
-the continuous samplers)."""
+"""Tests for diffusion_jax.sde.adapters and diffusion_jax.samplers.continuous (discrete models
+driving the continuous samplers)."""
 import types
 
 import jax
@@ -9,8 +9,9 @@ import pytest
 
 import gaussian_oracle as oracle
 from diffusion_jax.diffusion import from_x0_and_eps, q_sample
+from diffusion_jax.samplers import continuous, dpm_solver, edm, pc, probability_flow
 from diffusion_jax.schedules import linear_beta_schedule, make_schedule
-from diffusion_jax.sde import adapters, registry, sdes
+from diffusion_jax.sde import adapters, sdes
 from test_samplers import _assert_gaussian_moments
 
 SCHED = make_schedule(linear_beta_schedule(1000))
@@ -110,18 +111,18 @@ def _options(**kw):
 
 _slow = pytest.mark.slow
 REGISTRY_CASES = [
-    ("edm_heun", registry.edm_heun, _options(num_steps=40)),
-    ("dpm_solver_pp", registry.dpm_solver_pp, _options(num_steps=20)),
-    ("pc", registry.predictor_corrector, _options(num_steps=200)),
-    ("ode_rk4", registry.probability_flow, _options(num_steps=15)),
-    pytest.param("edm_heun_churn_v", registry.edm_heun,
+    ("edm_heun", edm.edm_heun, _options(num_steps=40)),
+    ("dpm_solver_pp", dpm_solver.dpm_solver_pp, _options(num_steps=20)),
+    ("pc", pc.predictor_corrector, _options(num_steps=200)),
+    ("ode_rk4", probability_flow.probability_flow, _options(num_steps=15)),
+    pytest.param("edm_heun_churn_v", edm.edm_heun,
                  _options(num_steps=40, churn=10.0, s_tmin=0.05, s_tmax=5.0, pred_type="v"),
                  marks=_slow),
-    pytest.param("dpm_solver_pp3_karras", registry.dpm_solver_pp,
+    pytest.param("dpm_solver_pp3_karras", dpm_solver.dpm_solver_pp,
                  _options(num_steps=20, order=3, sigma_spacing="karras"), marks=_slow),
-    pytest.param("pc_ve_ancestral", registry.predictor_corrector,
+    pytest.param("pc_ve_ancestral", pc.predictor_corrector,
                  _options(num_steps=200, sde="ve", predictor="ancestral"), marks=_slow),
-    pytest.param("ode_tsit5_x0", registry.probability_flow,
+    pytest.param("ode_tsit5_x0", probability_flow.probability_flow,
                  _options(num_steps=1, method="tsit5", pred_type="x0"), marks=_slow),
 ]
 
@@ -136,24 +137,24 @@ def test_registry_samplers_reproduce_gaussian_data(case, fn, options):
     _assert_gaussian_moments(x, MU, COV)
 
 
-@pytest.mark.parametrize("fn", [registry.dpm_solver_pp, registry.predictor_corrector,
-                                pytest.param(registry.edm_heun, marks=_slow),
-                                pytest.param(registry.probability_flow, marks=_slow)])
+@pytest.mark.parametrize("fn", [dpm_solver.dpm_solver_pp, pc.predictor_corrector,
+                                pytest.param(edm.edm_heun, marks=_slow),
+                                pytest.param(probability_flow.probability_flow, marks=_slow)])
 def test_registry_t_start_resumes_from_the_exact_marginal(fn):
     # SDEdit: data noised to t = 300 and resumed from there gives back the data (5 SE).
     t_start, n = 300, 2000
     x0 = oracle.gmm_sample(np.random.default_rng(1), n, [1.0], MU[None], COV[None])[0]
     x_t = q_sample(SCHED, jnp.asarray(x0), jnp.full((n,), t_start),
                    jax.random.normal(jax.random.PRNGKey(3), (n, 3)))
-    options = _options(num_steps=100 if fn is registry.predictor_corrector else 10)
+    options = _options(num_steps=100 if fn is pc.predictor_corrector else 10)
     x = jax.jit(lambda x, key: fn(_exact_model("eps"), SCHED, x, key, options,
                                   t_start=t_start))(x_t, jax.random.PRNGKey(0))
     _assert_gaussian_moments(x, MU, COV)
 
 
-@pytest.mark.parametrize("fn", [registry.dpm_solver_pp, registry.predictor_corrector,
-                                pytest.param(registry.edm_heun, marks=_slow),
-                                pytest.param(registry.probability_flow, marks=_slow)])
+@pytest.mark.parametrize("fn", [dpm_solver.dpm_solver_pp, pc.predictor_corrector,
+                                pytest.param(edm.edm_heun, marks=_slow),
+                                pytest.param(probability_flow.probability_flow, marks=_slow)])
 def test_registry_step_hook_gets_vp_scale_and_discrete_steps(fn):
     # The hook pins coordinate 0 to sqrt(abar_{t_prev}) * 0.7 (a noise-free "known pixel", in
     # VP scale) and records nothing else; after the last step (t_prev = -1) it must read 0.7,
@@ -163,7 +164,7 @@ def test_registry_step_hook_gets_vp_scale_and_discrete_steps(fn):
         return x_prev.at[:, 0].set(jnp.sqrt(abar) * 0.7)
 
     # pc needs > beta_max = 20 steps (score_sde's VP discretisation); fewer raise.
-    options = _options(num_steps=25 if fn is registry.predictor_corrector else 10)
+    options = _options(num_steps=25 if fn is pc.predictor_corrector else 10)
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
     out = jax.jit(lambda x, key: fn(_exact_model("eps"), SCHED, x, key, options,
                                     step_hook=hook))(x, jax.random.PRNGKey(0))
@@ -173,14 +174,14 @@ def test_registry_step_hook_gets_vp_scale_and_discrete_steps(fn):
 
 def test_sigma_grid_spacings():
     sigmas = np.asarray(adapters.discrete_sigmas(SCHED))
-    np.testing.assert_allclose(registry.sigma_grid(SCHED, 5, "uniform"),
+    np.testing.assert_allclose(continuous.sigma_grid(SCHED, 5, "uniform"),
                                sigmas[[999, 749, 500, 250, 0]], rtol=1e-6)
-    karras = np.asarray(registry.sigma_grid(SCHED, 8, "karras"))
+    karras = np.asarray(continuous.sigma_grid(SCHED, 8, "karras"))
     np.testing.assert_allclose(karras[[0, -1]], sigmas[[999, 0]], rtol=1e-5)
-    log = np.asarray(registry.sigma_grid(SCHED, 6, "log", t_start=400))
+    log = np.asarray(continuous.sigma_grid(SCHED, 6, "log", t_start=400))
     np.testing.assert_allclose(np.diff(np.log(log)), np.log(sigmas[0] / sigmas[400]) / 5,
                                rtol=1e-4)
-    vp = registry.sde_for_schedule(SCHED, "vp")
+    vp = adapters.sde_for_schedule(SCHED, "vp")
     np.testing.assert_allclose([vp.beta_min, vp.beta_max], [0.1, 20.0], rtol=1e-5)
 
 
@@ -188,18 +189,18 @@ def test_sigma_grid_spacings():
     (lambda: adapters.ddpm_denoiser(None, SCHED, "noise"), "pred_type"),
     (lambda: adapters.ddpm_denoiser(None, SCHED, "eps", clip_x0=(1.0, -1.0)), "clip_x0"),
     (lambda: adapters.dynamic_threshold(jnp.ones((2, 3)), 1.5), "percentile"),
-    (lambda: registry.sigma_grid(SCHED, 5, "cosine"), "sigma_spacing"),
-    (lambda: registry.sigma_grid(SCHED, 0), "num_steps"),
-    (lambda: registry.sigma_grid(SCHED, 5, t_start=1000), "t_start"),
-    (lambda: registry.sde_for_schedule(SCHED, "ode"), "sde"),
+    (lambda: continuous.sigma_grid(SCHED, 5, "cosine"), "sigma_spacing"),
+    (lambda: continuous.sigma_grid(SCHED, 0), "num_steps"),
+    (lambda: continuous.sigma_grid(SCHED, 5, t_start=1000), "t_start"),
+    (lambda: adapters.sde_for_schedule(SCHED, "ode"), "sde"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
-@pytest.mark.parametrize("fn", [registry.edm_heun, registry.dpm_solver_pp,
-                                registry.predictor_corrector, registry.probability_flow])
+@pytest.mark.parametrize("fn", [edm.edm_heun, dpm_solver.dpm_solver_pp,
+                                pc.predictor_corrector, probability_flow.probability_flow])
 def test_registry_samplers_run_on_nhwc_images(fn):
     # Per-pixel i.i.d. N(0.2, 0.3^2) "images" [B, 8, 8, 2] and their exact eps-model: the output
     # keeps the shape and its pixel mean / variance (2048 values) are within 5 SE of the data's.
@@ -209,7 +210,7 @@ def test_registry_samplers_run_on_nhwc_images(fn):
         a = SCHED.alphas_cumprod[t][:, None, None, None]
         return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mean) / (a * var + 1 - a)
 
-    options = _options(num_steps=100 if fn is registry.predictor_corrector else 20)
+    options = _options(num_steps=100 if fn is pc.predictor_corrector else 20)
     x_T = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 2))
     out = jax.jit(lambda x, key: fn(eps_model, SCHED, x, key, options))(x_T, jax.random.PRNGKey(0))
     assert out.shape == x_T.shape

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.sde.chain and the step it lets the samplers name.
+"""Tests for diffusion_jax.samplers.chain and the step it lets the samplers name.
 
 A denoiser that returns NaN once its timestep falls to a threshold makes a chain go non-finite
 at a step known in closed form (from the sampler's timestep / noise-level grid, computed here
@@ -15,7 +15,7 @@ from jax import lax
 
 from diffusion_jax import samplers
 from diffusion_jax.schedules import linear_beta_schedule, make_schedule
-from diffusion_jax.sde import chain
+from diffusion_jax.samplers import chain
 
 T = 100
 SCHED = make_schedule(linear_beta_schedule(T))

@@ -1,4 +1,4 @@
-"""Tests for the continuous samplers: diffusion_jax.sde.pc, .ode, .edm and .dpm_solver.
+"""Tests for the continuous samplers: diffusion_jax.samplers.pc, .probability_flow, .edm, .dpm_solver.
 
 Sampling checks use the exact scores / denoisers of analytic data (``gaussian_oracle``): the
 2-D three-component mixture of ``test_samplers.py`` (weights, mean and covariance within 5
@@ -15,8 +15,9 @@ import pytest
 
 import gaussian_oracle as oracle
 from diffusion_jax import samplers
+from diffusion_jax.samplers import continuous, dpm_solver, edm, pc, probability_flow
 from diffusion_jax.schedules import linear_beta_schedule, make_schedule
-from diffusion_jax.sde import adapters, dpm_solver, edm, ode, pc, registry, sdes
+from diffusion_jax.sde import adapters, sdes
 from test_samplers import GMM_MEANS, GMM_VAR, GMM_WEIGHTS, _assert_gmm_moments
 
 NUM_CHAINS = 2000
@@ -99,7 +100,7 @@ def test_more_pc_samplers_reproduce_mixture(case):
     ("vp", "rk4", 20), ("ve", "heun", 40), ("subvp", "tsit5", None)])
 def test_probability_flow_reproduces_mixture(sde_name, method, num_steps):
     sde = sdes.make_sde(sde_name)
-    sample = jax.jit(functools.partial(ode.ode_sample, _gmm_score(sde), sde, method=method,
+    sample = jax.jit(functools.partial(probability_flow.ode_sample, _gmm_score(sde), sde, method=method,
                                        num_steps=num_steps or 1))
     _assert_gmm_moments(sample(_prior(sde)))
 
@@ -170,7 +171,7 @@ def _vp_flow_error(method, num_steps):
     x_1 = jax.random.normal(jax.random.PRNGKey(1), (64, 3))
     m1, s1 = (float(v) for v in sdes.marginal_coefficients(sde, 1.0))
     target = _gaussian_flow_endpoint(np.asarray(x_1) / m1, s1 / m1)
-    out = ode.ode_sample(score, sde, x_1, method=method, num_steps=num_steps, eps=0.0,
+    out = probability_flow.ode_sample(score, sde, x_1, method=method, num_steps=num_steps, eps=0.0,
                          denoise_final=False)
     return np.abs(np.asarray(out) - target).max()
 
@@ -255,7 +256,7 @@ def test_samplers_trace_their_callable_a_fixed_number_of_times(name, traces):
         sde = sdes.VPSDE(num_scales=50)
         fn = _counted(count, _gmm_score(sde))
         run = (lambda x: pc.pc_sample(fn, sde, x, jax.random.PRNGKey(0), n_corrector_steps=2)) \
-            if name == "pc" else (lambda x: ode.ode_sample(fn, sde, x, num_steps=50))
+            if name == "pc" else (lambda x: probability_flow.ode_sample(fn, sde, x, num_steps=50))
     jax.jit(run)(x)
     assert count[0] == traces
 
@@ -299,9 +300,9 @@ def test_pc_step_hook_sees_grid_times_and_edits_persist():
                           snr=0.0), "snr"),
     (lambda: pc.pc_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), jax.random.PRNGKey(0),
                           eps=0.0), "eps"),
-    (lambda: ode.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), method="rk45"), "method"),
-    (lambda: ode.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), num_steps=0), "num_steps"),
-    (lambda: ode.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), method="tsit5",
+    (lambda: probability_flow.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), method="rk45"), "method"),
+    (lambda: probability_flow.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), num_steps=0), "num_steps"),
+    (lambda: probability_flow.ode_sample(None, sdes.VPSDE(), jnp.ones((2, 2)), method="tsit5",
                             step_hook=lambda *a: a[0]), "step_hook"),
     (lambda: edm.karras_sigmas(0), "num_steps"),
     (lambda: edm.karras_sigmas(5, 1.0, 0.5), "sigma_min"),
@@ -331,11 +332,11 @@ def _cosine_gmm_eps():
 def test_capped_top_is_the_largest_level_below_sigma_max():
     sched, _ = _cosine_gmm_eps()
     sigmas = np.asarray(adapters.discrete_sigmas(sched))
-    top = registry.capped_top(sched, 80.0)
+    top = continuous.capped_top(sched, 80.0)
     assert sigmas[top] <= 80.0 < sigmas[top + 1]
-    assert registry.capped_top(sched, 1e9) == 999
+    assert continuous.capped_top(sched, 1e9) == 999
     with pytest.raises(ValueError, match="sigma_max"):
-        registry.capped_top(sched, 0.5 * float(sigmas[0]))
+        continuous.capped_top(sched, 0.5 * float(sigmas[0]))
 
 
 def test_edm_heun_from_capped_sigma_max_reproduces_mixture_on_cosine_schedule():

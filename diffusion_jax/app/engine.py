@@ -35,16 +35,6 @@ TEXT, PIXEL = "text", "pixel"
 # Tabs (tasks) per kind of model.
 TEXT_TASKS = ("text_to_image", "img2img", "inpaint", "invert", "compare")
 PIXEL_TASKS = ("sample", "compare")
-# Where a sampler's own options come from: the SamplerOptions fields each one reads.
-SAMPLER_FIELDS = {
-    "ddpm": ("variance",),
-    "ddim": ("eta", "spacing"),
-    "langevin": ("langevin_steps_each", "langevin_step_lr"),
-    "edm_heun": ("churn", "s_tmin", "s_tmax", "s_noise", "rho", "sigma_max"),
-    "dpm_solver_pp": ("order", "rho", "sigma_max"),
-    "pc": ("sde", "predictor", "corrector", "snr", "n_corrector_steps"),
-    "probability_flow": ("sde", "method", "rtol", "atol", "max_steps"),
-}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from diffusion_jax import samplers
 from diffusion_jax.app import metadata
-from diffusion_jax.app.engine import SAMPLER_FIELDS, TEXT, Engine, Request
+from diffusion_jax.app.engine import TEXT, Engine, Request
 from diffusion_jax.applications.cli import parse_sampler_options
 
 MAX_STEPS = 1000
@@ -205,7 +205,7 @@ def compare(engine: Engine, out_dir: str, prompt: str, class_name: str | None,
     else:
         base = dict(task="sample", class_label=_class_label(engine, class_name))
     requests = [_request(engine, dataclasses.replace(settings, sampler=name, steps=steps),
-                         **base) for name, steps in chosen]
+                         compared=[n for n, _ in chosen], **base) for name, steps in chosen]
     if settings.random_seed:  # one seed for every run
         requests = [dataclasses.replace(r, seed=requests[0].seed) for r in requests]
     items, rows = [], ["| sampler | steps | NFE | wall time |", "|---|---|---|---|"]
@@ -245,12 +245,14 @@ def read_parameters(path: str | None) -> dict:
 
 
 def sampler_help(name: str) -> str:
-    """One line naming the options the sampler ``name`` reads (for the page)."""
-    fields = SAMPLER_FIELDS.get(name)
+    """One line naming the options the sampler ``name`` reads, as its registry entry declares
+    them (for the page; ``num_steps`` is the steps box, ``pred_type`` the model's)."""
+    entry = samplers.SAMPLERS.get(name)
+    fields = [] if entry is None or entry.options is None else [
+        f for f in dataclasses.fields(entry.options) if f.name != "num_steps"]
     if not fields:
         return f"`{name}`: no options besides steps."
-    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
-    shown = ", ".join(f"{f}={defaults[f]}" for f in fields)
+    shown = ", ".join(f"{f.name}={f.default}" for f in fields)
     return f"`{name}` options (name=value, comma-separated; defaults): {shown}"
 
 
@@ -319,8 +321,12 @@ def _write(engine, out_dir, request, images, caption):
     return items
 
 
-def _request(engine, settings, task, **fields) -> Request:
-    """A checked :class:`Request` from the shared controls and the tab's own fields."""
+def _request(engine, settings, task, compared=None, **fields) -> Request:
+    """A checked :class:`Request` from the shared controls and the tab's own fields.
+
+    A sampler option the sampler does not read is refused; when ``compared`` samplers share the
+    options box, each takes the options it reads and an option none of them reads is refused.
+    """
     if settings.sampler not in engine.samplers_for(task):
         raise InputError(f"Sampler {settings.sampler!r} cannot run {task}; choose one of "
                          f"{engine.samplers_for(task)}.")
@@ -332,6 +338,15 @@ def _request(engine, settings, task, **fields) -> Request:
     if not np.isfinite(guidance) or guidance < 0:
         raise InputError(f"Guidance scale must be >= 0, got {settings.guidance}.")
     options = _sampler_options(settings.options_text)
+    try:
+        if compared:  # one box for the compared samplers: each takes the options it reads
+            samplers.check_options(settings.sampler, [k for k in options if not any(
+                k in samplers.SAMPLERS[name].fields for name in compared)])
+            options = {k: v for k, v in options.items()
+                       if k in samplers.SAMPLERS[settings.sampler].fields}
+        samplers.check_options(settings.sampler, options)  # another sampler's: refused
+    except ValueError as err:
+        raise InputError(f"Sampler options: {err}") from None
     request = Request(task=task, sampler=settings.sampler, steps=steps, guidance=guidance,
                       eta=float(settings.eta), seed=seed, batch_size=batch,
                       sampler_options=tuple(sorted(options.items())), **fields)

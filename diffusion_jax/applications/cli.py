@@ -85,8 +85,9 @@ def define_flags(flag_values=None):
                          flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
     flags.DEFINE_multi_string(
-        "sampler_option", [], "NAME=VALUE of any SamplerOptions field, e.g. churn=40, order=3, "
-        "sde=ve, method=tsit5, dynamic_threshold=0.995 (repeatable; default: config.sample).",
+        "sampler_option", [], "NAME=VALUE of a SamplerOptions field the sampler reads (another "
+        "sampler's is refused), e.g. churn=40, order=3, sde=ve, method=tsit5, "
+        "dynamic_threshold=0.995 (repeatable; default: config.sample).",
         flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
@@ -156,7 +157,9 @@ def check_flags(fv, config):
         ValueError: with a one-line message naming the flag, for: a flag the task does not
             use; ``--steps`` or ``--num_samples`` below 1; a negative ``--guidance_scale``, or
             one on an unconditional model; a label outside ``[0, num_classes)``; a sampler the
-            task cannot use; ``--task=sr`` without a super-resolution model or the reverse;
+            task cannot use, or a ``--steps`` / ``--eta`` / ``--sampler_option`` setting it does
+            not read (:func:`~diffusion_jax.samplers.check_options`); ``--task=sr`` without a
+            super-resolution model or the reverse;
             ``--task=diffusionclip`` without its texts and CLIP workdir, or with step counts
             below 1, ``--clip_lr <= 0`` or ``--id_weight < 0``.
     """
@@ -194,6 +197,8 @@ def check_flags(fv, config):
                          f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
+    if task in TASK_FLAGS["sampler_option"]:
+        samplers.check_options(sampler, sampler_overrides(fv))
 
 
 def check_sd_flags(fv, pipe):
@@ -207,7 +212,8 @@ def check_sd_flags(fv, pipe):
             ``--num_samples`` below 1; a negative ``--guidance_scale``; a size that is not a
             multiple of the autoencoder's factor;
             ``--strength`` outside (0, 1]; ``--input`` missing for img2img / inpaint /
-            diffusionclip, or not square; a sampler the task cannot use.
+            diffusionclip, or not square; a sampler the task cannot use, or a sampler setting
+            it does not read.
     """
     task = fv.task
     if task not in SD_TASKS:
@@ -243,6 +249,7 @@ def check_sd_flags(fv, pipe):
     if task != "diffusionclip":
         samplers.check_sampler(fv.sampler or "ddim", t_start=task == "img2img",
                                step_hook=task == "inpaint")
+        samplers.check_options(fv.sampler or "ddim", sampler_overrides(fv))
 
 
 def run_sd_from_flags(fv, pipe, out_dir):
@@ -415,28 +422,26 @@ def sampler_overrides(fv):
 
 def parse_sampler_options(items):
     """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
-    converted to the type of the :class:`~diffusion_jax.samplers.SamplerOptions` field's default
+    converted to the type the :class:`~diffusion_jax.samplers.SamplerOptions` field declares
     (``none`` -> ``None``; ``clip_x0``: ``true``, ``false`` or ``LO,HI``).
 
     Raises:
         ValueError: for an item without ``=``, an unknown field or an unconvertible value.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(samplers.SamplerOptions)}
+    kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(samplers.SamplerOptions)}
     parsed = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or name not in defaults:
+        if not sep or name not in kinds:
             raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
-                             f"{sorted(defaults)}.")
-        default = defaults[name]
+                             f"{sorted(kinds)}.")
         if text.lower() == "none":
             parsed[name] = None
             continue
         if name == "clip_x0":
             parsed[name] = _parse_clip(item, text)
             continue
-        kind = (float if name in ("dynamic_threshold", "sigma_max")
-                else str if default is None else type(default))
+        kind = kinds[name] if kinds[name] in (bool, int, float) else str
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")

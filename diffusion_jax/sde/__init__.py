@@ -1,11 +1,12 @@
-"""Score-based SDEs and fast continuous-time solvers (pure functions; no model imports).
+"""Score-based SDE mathematics (pure functions; no model imports, no samplers).
 
-Modules: :mod:`.sdes` (VE / VP / sub-VP SDEs), :mod:`.adapters` (discrete DDPM model ->
-x0-denoiser of sigma / score of t; dynamic thresholding), :mod:`.training` (continuous DSM, EDM
-preconditioning and loss), :mod:`.pc` (predictor--corrector), :mod:`.ode` (probability-flow ODE,
-fixed-step and diffrax adaptive), :mod:`.edm` (Karras sigmas, Heun with churn),
-:mod:`.dpm_solver` (DPM-Solver++ 1/2/3M), :mod:`.likelihood` (ODE log-likelihood, dequantised
-bits/dim), :mod:`.registry` (the samplers behind the sampler registry's contract) and
+Modules: :mod:`.sdes` (VE / VP / sub-VP SDEs, their marginals and discretisation),
+:mod:`.adapters` (discrete DDPM model -> x0-denoiser of sigma / score of t; the SDE of a
+schedule; dynamic thresholding), :mod:`.training` (continuous DSM, EDM preconditioning and
+loss), :mod:`.ode` (the probability-flow drift and the fixed-step and diffrax adaptive
+integrators), :mod:`.likelihood` (ODE log-likelihood, dequantised bits/dim) and
 :mod:`.parameterization` (``diffusion.kind``: continuous-time training objectives and the
-discrete view that lets every sampler run a continuous model).
+discrete view that lets every sampler run a continuous model). The solvers built on them
+(predictor--corrector, probability-flow sampling, EDM Heun, DPM-Solver++) are entries of
+:mod:`diffusion_jax.samplers`.
 """

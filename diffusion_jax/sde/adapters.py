@@ -1,6 +1,6 @@
 """Bridges between model parameterisations: discrete DDPM models, x0-denoisers and SDE scores.
 
-The continuous samplers of this package take one of two callables:
+The continuous samplers (:mod:`diffusion_jax.samplers`) take one of two callables:
 
 * an x0-denoiser of VE noise level (Karras et al., 2022): ``D(x, sigma) ~ E[x_0 | x]`` for
   ``x = x_0 + sigma n``, with ``x: [B, ...]`` and ``sigma: [B]``;
@@ -13,13 +13,14 @@ Any SDE's ``x_t = m x_0 + s n`` is ``m (x_0 + sigma n)`` with ``sigma = s / m``,
 (:func:`score_from_denoiser`). A discrete DDPM model ``denoise(x_t, t_int)`` (``pred_type`` eps,
 x0, v or score, :class:`~diffusion_jax.schedules.DiscreteSchedule`) is a denoiser at the levels
 ``sigma_k = sqrt((1 - alpha_bar_k) / alpha_bar_k)``; :func:`ddpm_denoiser` extends it to every
-``sigma`` (see there), so a model trained in discrete time drives every continuous sampler.
+``sigma`` (see there), so a model trained in discrete time drives every continuous sampler;
+:func:`sde_for_schedule` is the SDE matching its schedule.
 """
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import PRED_TYPES, to_x0_and_eps
 from diffusion_jax.sde._util import expand, per_example
-from diffusion_jax.sde.sdes import marginal_coefficients
+from diffusion_jax.sde.sdes import VESDE, SubVPSDE, VPSDE, marginal_coefficients
 
 
 def discrete_sigmas(schedule):
@@ -149,3 +150,24 @@ def clip_bounds(clip_x0):
             f"clip_x0 must be None, True or a pair (lo, hi) with lo < hi, got {clip_x0!r}.")
     return (float(clip_x0[0]), float(clip_x0[1]))
 
+
+def sde_for_schedule(schedule, name="vp", num_scales=1000):
+    """The continuous SDE that matches a discrete schedule.
+
+    VP / sub-VP: ``beta_min = T beta_0``, ``beta_max = T beta_{T-1}`` (exact for the linear
+    schedule, whose ``beta_i`` are ``beta(t_i) / T``; for other schedules only the time
+    parameterisation differs, since the model is queried by noise level). VE: ``sigma_min`` and
+    ``sigma_max`` are the schedule's first and last
+    :func:`~diffusion_jax.sde.adapters.discrete_sigmas`.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    t = schedule.num_timesteps
+    if name in ("vp", "subvp"):
+        cls = VPSDE if name == "vp" else SubVPSDE
+        return cls(t * schedule.betas[0], t * schedule.betas[-1], int(num_scales))
+    if name == "ve":
+        sigmas = discrete_sigmas(schedule)
+        return VESDE(sigmas[0], sigmas[-1], int(num_scales))
+    raise ValueError(f"Unknown sde {name!r}; expected one of ['subvp', 've', 'vp'].")

@@ -5,7 +5,8 @@ Every SDE ``dx = f dt + g dW`` with marginals ``q_t`` shares them with the deter
     dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)                      (Song et al., 2021, eq. 13),
 
 so integrating it from a prior sample at ``t = 1`` down to ``eps`` samples the data, and
-integrating it upwards maps data to the prior (used by :mod:`diffusion_jax.sde.likelihood`).
+integrating it upwards maps data to the prior (used by :mod:`diffusion_jax.sde.likelihood`; the
+sampler is :mod:`diffusion_jax.samplers.probability_flow`).
 
 The integrators work on any pytree state ``y`` and a vector field ``fn(y, t)`` with scalar ``t``.
 Fixed-step ones are one ``lax.scan`` over a time grid; the adaptive one runs diffrax
@@ -15,9 +16,10 @@ batch shares one step size, chosen from the RMS error of all its entries.
 import diffrax
 import jax
 import jax.numpy as jnp
-from diffusion_jax.sde import chain
+from jax import lax
+
 from diffusion_jax.sde._util import check_choice, expand
-from diffusion_jax.sde.sdes import check_sde, drift_and_diffusion, marginal_coefficients
+from diffusion_jax.sde.sdes import drift_and_diffusion
 
 FIXED_METHODS = ("euler", "heun", "rk4")
 ADAPTIVE_METHODS = ("tsit5", "dopri5")
@@ -35,7 +37,7 @@ def probability_flow_drift(sde, score_fn):
     return fn
 
 
-def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None):
+def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None, *, scan=lax.scan):
     """Integrates ``dy/dt = fn(y, t)`` over the grid ``ts`` ``[S + 1]`` with ``S`` fixed steps.
 
     With ``h = t_{i+1} - t_i`` (negative when integrating backwards in time):
@@ -52,6 +54,8 @@ def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None):
         step_hook: optional ``step_hook(y, t_next, key) -> y`` after each step, with
             ``fold_in(key, i)`` for step ``i``.
         key: PRNG key for the hook.
+        scan: the loop, ``scan(body, init, xs) -> (carry, ys)`` like ``lax.scan`` (a sampler
+            passes its chain's tracked loop, :func:`diffusion_jax.samplers.chain.scan`).
 
     Returns:
         ``y`` at ``ts[-1]``.
@@ -85,13 +89,12 @@ def odeint_fixed(fn, y0, ts, method="rk4", step_hook=None, key=None):
             y_next = step_hook(y_next, t_next, jax.random.fold_in(key, i))
         return y_next, None
 
-    y, _ = chain.scan(body, y0, (jnp.arange(ts.shape[0] - 1), ts[:-1], ts[1:]),
-                      levels=ts[:-1], level_name="time")
+    y, _ = scan(body, y0, (jnp.arange(ts.shape[0] - 1), ts[:-1], ts[1:]))
     return y
 
 
 def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max_steps=4096,
-                    dt0=None, throw=True):
+                    dt0=None, throw=True, report=None):
     """Integrates ``dy/dt = fn(y, t)`` from ``t0`` to ``t1`` with diffrax and a PID controller.
 
     Args:
@@ -103,8 +106,9 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
         max_steps: static cap on accepted + rejected steps (diffrax raises past it).
         dt0: first step; default ``(t1 - t0) / 100``.
         throw: a failed solve (``max_steps`` reached, e.g. because ``fn`` returned NaN and every
-            step was rejected) raises diffrax's error; ``False``: it gives an all-NaN ``y`` and
-            is recorded as a failed piece of a sampling chain (:mod:`diffusion_jax.sde.chain`).
+            step was rejected) raises diffrax's error; ``False``: it gives an all-NaN ``y``.
+        report: with ``throw=False``, optional ``report(failed)`` called with the traced bool
+            (a sampler records it in its chain's status, :mod:`diffusion_jax.samplers.chain`).
 
     Returns:
         ``(y at t1, number of steps taken)`` (each step costs ~6 evaluations of ``fn``).
@@ -122,67 +126,6 @@ def odeint_adaptive(fn, y0, t0, t1, *, method="tsit5", rtol=1e-5, atol=1e-5, max
     if throw:
         return jax.tree.map(lambda v: v[-1], sol.ys), sol.stats["num_steps"]
     ok = sol.result == diffrax.RESULTS.successful
-    chain.record_step(num_steps=0, failed=~ok)  # diffrax's steps have no index here
+    if report is not None:
+        report(~ok)
     return jax.tree.map(lambda v: jnp.where(ok, v[-1], jnp.nan), sol.ys), sol.stats["num_steps"]
-
-
-def ode_sample(score_fn, sde, x_init, key=None, *, method="rk4", num_steps=50, eps=1e-3,
-               t_start=1.0, rtol=1e-5, atol=1e-5, max_steps=4096, denoise_final=True,
-               step_hook=None):
-    """Samples by integrating the probability-flow ODE from ``t_start`` down to ``eps``.
-
-    Fixed-step methods use the uniform grid ``linspace(t_start, eps, num_steps + 1)``; with
-    ``denoise_final`` the result is Tweedie's ``(x + s^2 score(x, eps)) / m`` at ``eps`` (one more
-    score evaluation), else ``x_eps``. Network evaluations: ``num_steps`` times 1 / 2 / 4 for
-    euler / heun / rk4; adaptive methods choose their own steps.
-
-    Args:
-        score_fn: ``score_fn(x [B, ...], t [B]) -> [B, ...]``.
-        sde: the SDE whose flow is integrated.
-        x_init: ``[B, ...]`` sample of ``q_{t_start}``.
-        key: PRNG key for ``step_hook`` (deterministic otherwise; may be ``None``).
-        method: ``euler``, ``heun``, ``rk4``, ``tsit5`` or ``dopri5``.
-        num_steps: static number of fixed steps (ignored by adaptive methods).
-        eps: final time.
-        t_start: starting time (``1`` from the prior).
-        rtol, atol, max_steps: adaptive controller settings.
-        denoise_final: apply the final Tweedie step.
-        step_hook: fixed-step methods only: ``step_hook(x, t_next, key) -> x`` after each step,
-            and with ``denoise_final`` once more after it with ``t_next = 0`` (clean data).
-
-    Returns:
-        ``[B, ...]`` samples; all NaN when the adaptive solve fails (``max_steps`` reached, e.g.
-        on a NaN in the flow), which the checked entry points report
-        (:func:`diffusion_jax.samplers.check_finite`).
-
-    Raises:
-        ValueError: for an unknown method, ``num_steps < 1``, ``eps`` / ``t_start`` out of order,
-            or a ``step_hook`` with an adaptive method.
-    """
-    check_sde(sde)
-    check_choice("method", method, METHODS)
-    if isinstance(eps, (int, float)) and isinstance(t_start, (int, float)) and not (
-            0.0 <= eps < t_start <= 1.0):
-        raise ValueError(f"need 0 <= eps < t_start <= 1, got eps={eps}, t_start={t_start}.")
-    drift = probability_flow_drift(sde, score_fn)
-    if method in FIXED_METHODS:
-        if int(num_steps) != num_steps or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-        ts = jnp.linspace(t_start, eps, int(num_steps) + 1, dtype=jnp.float32)
-        x = odeint_fixed(drift, x_init, ts, method, step_hook, key)
-    else:
-        if step_hook is not None:
-            raise ValueError(f"step_hook is not supported by the adaptive method {method!r}.")
-        x, _ = odeint_adaptive(drift, x_init, jnp.float32(t_start), jnp.float32(eps),
-                               method=method, rtol=rtol, atol=atol, max_steps=max_steps,
-                               throw=False)
-    if not denoise_final:
-        return x
-    t_b = jnp.full((x.shape[0],), eps, jnp.float32)
-    m, s = marginal_coefficients(sde, t_b)
-    x = (x + expand(s**2, x.ndim) * score_fn(x, t_b)) / expand(m, x.ndim)
-    if step_hook is not None:
-        x = step_hook(x, jnp.float32(0.0), jax.random.fold_in(key, int(num_steps)))
-    chain.record_step(level=eps, level_name="time")
-    return x
-

@@ -14,41 +14,39 @@ followed by ``sigma_N = 0``. Step ``i``:
 
 ``2N - 1`` evaluations of ``D`` in all (the last step, to ``sigma = 0``, is an Euler step whose
 result is ``D(x_hat, sigma_hat)``). ``S_churn = 0`` is the deterministic Heun sampler.
+
+The registry entry ``edm_heun`` runs it on a discrete model (:mod:`.continuous`) over Karras
+sigmas by default.
 """
+from __future__ import annotations
+
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-from diffusion_jax.sde import chain
+
+from diffusion_jax.samplers import chain
+from diffusion_jax.samplers._checks import check_non_negative, check_positive
+from diffusion_jax.samplers.continuous import (SigmaGridOptions, denoiser_setup, karras_sigmas,
+                                               vp_hook)
+from diffusion_jax.samplers.options import ThresholdOptions, option, read
+from diffusion_jax.samplers.registry import register
 from diffusion_jax.sde.adapters import thresholded
 
+__all__ = ["EDMOptions", "edm_heun", "edm_sample", "karras_sigmas"]
 
-def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM's noise levels (Karras et al., 2022, eq. 5).
 
-    ``sigma_i = (s_max^(1/rho) + i / (N - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho``.
-
-    Args:
-        num_steps: static ``N >= 1`` (``N = 1`` gives ``[sigma_max]``).
-        sigma_min, sigma_max: ``0 < sigma_min < sigma_max`` (may be traced).
-        rho: ``> 0``; larger concentrates the steps at small sigma (EDM uses 7).
-
-    Returns:
-        ``[N]`` float32, decreasing from ``sigma_max`` to ``sigma_min`` (no trailing zero).
-
-    Raises:
-        ValueError: for ``N < 1``, ``rho <= 0`` or a bad sigma range.
-    """
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-    if _concrete(sigma_min, sigma_max) and not 0 < sigma_min < sigma_max:
-        raise ValueError(f"karras_sigmas needs 0 < sigma_min < sigma_max, got sigma_min="
-                         f"{sigma_min}, sigma_max={sigma_max}.")
-    if _concrete(rho) and not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}.")
-    ramp = jnp.linspace(0.0, 1.0, int(num_steps)) if num_steps > 1 else jnp.zeros(1)
-    lo, hi = jnp.asarray(sigma_min) ** (1.0 / rho), jnp.asarray(sigma_max) ** (1.0 / rho)
-    return ((hi + ramp * (lo - hi)) ** rho).astype(jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class EDMOptions(SigmaGridOptions, ThresholdOptions):
+    """Settings of ``edm_heun``."""
+    churn: float = option(0.0, "EDM's ``S_churn`` (0: deterministic Heun).",
+                          check=check_non_negative, traced=True)
+    s_tmin: float = option(0.0, "churn only for ``s_tmin <= sigma <= s_tmax``.",
+                           check=check_non_negative, traced=True)
+    s_tmax: float = option(float("inf"), "see ``s_tmin``.", traced=True)
+    s_noise: float = option(1.0, "EDM's ``S_noise`` (scale of the churn noise).",
+                            check=check_positive, traced=True)
 
 
 def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf,
@@ -120,5 +118,20 @@ def edm_sample(denoiser, sigmas, x_init, key, *, s_churn=0.0, s_tmin=0.0, s_tmax
     return x
 
 
-def _concrete(*values):
-    return all(isinstance(v, (int, float)) for v in values)
+def _evaluations(options, num_timesteps):
+    """Two per step but the last, an Euler step: ``2 num_steps - 1``."""
+    del num_timesteps
+    return 2 * options.num_steps - 1
+
+
+@register("edm_heun", options=EDMOptions, evaluations=_evaluations)
+def edm_heun(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """EDM's Heun sampler (:func:`edm_sample`) on a discrete model, the registry's
+    ``edm_heun``; ``2 num_steps - 1`` network evaluations."""
+    settings = read(EDMOptions, options)
+    denoiser, sigmas, x_ve = denoiser_setup(denoise, schedule, x_start, options, settings,
+                                            t_start, "karras")
+    return edm_sample(denoiser, sigmas, x_ve, key, s_churn=settings.churn,
+                      s_tmin=settings.s_tmin, s_tmax=settings.s_tmax, s_noise=settings.s_noise,
+                      dynamic_threshold=settings.dynamic_threshold,
+                      step_hook=vp_hook(step_hook, schedule))

@@ -24,11 +24,32 @@ the last step (to ``sigma = 0``, where ``h`` is infinite) is first order and ret
 Orders 1 and 2 are the DPM-Solver++ paper's data-prediction multistep updates (diffusers'
 ``DPMSolverMultistepScheduler`` with ``lower_order_final``); the tests check orders 1--3
 converge at their rates on Gaussian data.
+
+The registry entry ``dpm_solver_pp`` runs it on a discrete model (:mod:`.continuous`), by default
+over noise levels uniform in ``log sigma``: uniform timesteps put a long last step in
+``log sigma`` after short ones, and the multistep extrapolation then overshoots (on Gaussian data
+from ``t = 300`` with 10 steps, 2M's error is 0.19 with ``uniform`` spacing, 0.015 with ``log``,
+0.025 with ``karras``, against DDIM's 0.13).
 """
+from __future__ import annotations
+
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-from diffusion_jax.sde import chain
+
+from diffusion_jax.samplers import chain
+from diffusion_jax.samplers._checks import one_of
+from diffusion_jax.samplers.continuous import SigmaGridOptions, denoiser_setup, vp_hook
+from diffusion_jax.samplers.options import ThresholdOptions, option, read
+from diffusion_jax.samplers.registry import register
 from diffusion_jax.sde.adapters import thresholded
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverOptions(SigmaGridOptions, ThresholdOptions):
+    """Settings of ``dpm_solver_pp``."""
+    order: int = option(2, "DPM-Solver++ multistep order, 1, 2 or 3.", check=one_of((1, 2, 3)))
 
 
 def dpm_solver_pp_sample(denoiser, sigmas, x_init, key=None, *, order=2, dynamic_threshold=None,
@@ -81,6 +102,18 @@ def dpm_solver_pp_sample(denoiser, sigmas, x_init, key=None, *, order=2, dynamic
                                (jnp.arange(num), sigmas, sigma_nexts, orders),
                                levels=sigmas, level_name="sigma", state_of=lambda c: c[0])
     return (x, traj) if return_trajectory else x
+
+
+@register("dpm_solver_pp", options=DPMSolverOptions)
+def dpm_solver_pp(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    """DPM-Solver++ (:func:`dpm_solver_pp_sample`, 2M by default) on a discrete model, the
+    registry's ``dpm_solver_pp``; ``num_steps`` network evaluations."""
+    settings = read(DPMSolverOptions, options)
+    denoiser, sigmas, x_ve = denoiser_setup(denoise, schedule, x_start, options, settings,
+                                            t_start, "log")
+    return dpm_solver_pp_sample(denoiser, sigmas, x_ve, key, order=settings.order,
+                                dynamic_threshold=settings.dynamic_threshold,
+                                step_hook=vp_hook(step_hook, schedule))
 
 
 def _update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order):

@@ -19,7 +19,10 @@ Reading it: while a :func:`recording` context is open (at trace time, on the thr
 every :func:`scan` and :func:`record_step` appends a :class:`ChainStatus` to it, in call order;
 :func:`combine` turns them into one status of the whole chain, its steps numbered across them.
 :func:`diffusion_jax.samplers.run_with_status` returns it next to the samples and
-:func:`diffusion_jax.samplers.check_finite` names the step in its error.
+:func:`check_finite` names the step in its error, e.g. ``sampler 'ddim' produced non-finite
+values (NaN/Inf) in 4 of 4 samples (indices [0, 1, 2, 3]), first at step 7 of 10 (t=33); ...``.
+Steps are numbered from 1 (the noisiest) to ``N``; the level is the discrete ``t``, the VE noise
+level ``sigma`` or the SDE ``time`` the step started from.
 """
 import contextlib
 import contextvars
@@ -27,6 +30,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _RECORDS = contextvars.ContextVar("diffusion_jax_chain_records", default=None)
@@ -148,6 +152,55 @@ def combine(records):
     last_level = records[-1].last_level if records else nan
     tail_checked = records[-1].tail_checked if records else True
     return ChainStatus(first_bad, level, last_level, num_steps, name, tail_checked)
+
+
+def check_finite(samples, sampler, status=None):
+    """Raise ``FloatingPointError`` if host array ``samples [B, ...]`` has a NaN or Inf.
+
+    The message names the sampler, the affected samples and, given the chain's ``status``
+    (from :func:`~diffusion_jax.samplers.run_with_status`), the step at which the chain first
+    went non-finite (1-based, ``step k of N``, with its time or noise level): a non-finite
+    output is never written as an image.
+
+    Args:
+        samples: host array ``[B, ...]``.
+        sampler: the sampler's name.
+        status: optional :class:`ChainStatus` of the chain.
+    """
+    samples = np.asarray(samples)
+    bad = ~np.isfinite(samples.reshape(samples.shape[0], -1)).all(axis=1)
+    if bad.any():
+        which = np.nonzero(bad)[0]
+        raise FloatingPointError(
+            f"sampler {sampler!r} produced non-finite values (NaN/Inf) in {which.size} of "
+            f"{samples.shape[0]} samples (indices {which[:10].tolist()}){_where_bad(status)}; "
+            "check the model's parameters, the condition (e.g. a label outside "
+            "[0, num_classes)) and the settings.")
+
+
+def _where_bad(status):
+    """``, first at step k of N (t=...)`` for the error of non-finite samples (see
+    the module docstring); ``""`` without a status."""
+    if status is None:
+        return ""
+    first_bad, n = int(np.asarray(status.first_bad)), status.num_steps
+    if first_bad >= 0 and n == 0:
+        return (", first in the adaptive ODE solve, which failed (a NaN/Inf in the flow, or "
+                "max_steps reached)")
+    if first_bad >= 0:
+        return f", first at step {first_bad + 1} of {n}" + _level_text(
+            status.level_name, float(np.asarray(status.level)))
+    if status.tail_checked:
+        return ", after the chain (its steps stayed finite)"
+    # Every checked step stayed finite: the last step (its result unchecked) or what followed.
+    last = _level_text(status.level_name, float(np.asarray(status.last_level)))
+    if n == 0:
+        return f", first in the final denoising step after the adaptive ODE solve{last}"
+    return f", first at step {n} of {n}{last} (the last step, or after the chain)"
+
+
+def _level_text(name, level):
+    return "" if not name or np.isnan(level) else f" ({name}={level:.4g})"
 
 
 def _record(status):
