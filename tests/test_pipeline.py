@@ -376,13 +376,15 @@ def test_sd_flag_checks_name_the_flag(ours):
         cli.check_sd_flags(fv, ours)
         return cli.sampler_overrides(fv)
 
-    assert check("--steps=3", "--sampler_option=order=1") == {"num_steps": 3, "order": 1}
+    assert check("--steps=3", "--sampler=dpm_solver_pp",
+                 "--sampler_option=order=1") == {"num_steps": 3, "order": 1}
     check("--height=32", "--width=64")  # non-square sampling is fine
     for argv, match in ((["--height=0"], "--height=0 must be a positive multiple of 4"),
                         (["--width=30"], "--width=30 must be"),
                         (["--guidance_scale=nan"], "--guidance_scale must be finite"),
                         (["--guidance_scale=-1"], "--guidance_scale must be >= 0"),
                         (["--sampler_option=pred_type=v"], "the checkpoint decides"),
+                        (["--sampler_option=order=1"], "'order' is not used by sampler 'ddim'"),
                         (["--num_samples=0"], "--num_samples must be >= 1"),
                         (["--class_label=1"], "--class_label does not apply"),
                         (["--task=img2img", "--input=x.png", "--strength=0"], "--strength"),
