@@ -31,7 +31,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 300_000  # generous: CI runs these beside another pytest worker on 2 cores
 STEPS = 4
 
 
@@ -78,6 +78,7 @@ def shots(tmp_path_factory):
 
 def _open(browser, url, button="#text_to_image_generate"):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)  # Playwright's 30 s is short for a loaded CI host
     outside = []
     page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:")
             else outside.append(r.url))

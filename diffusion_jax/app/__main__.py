@@ -11,6 +11,7 @@ or sends analytics.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
@@ -58,10 +59,15 @@ def launch(demo, host: str, port: int, *, block: bool = True):
     from diffusion_jax.app import ui  # pylint: disable=g-import-not-at-top
 
     demo.queue(default_concurrency_limit=1)
+    extra = {}
+    if "_frontend" in inspect.signature(demo.launch).parameters:
+        # Skips gradio's one-shot 3 s HEAD probe of our own URL, which exists to send hosted
+        # notebooks to share links and fails spuriously on a busy host (seen on 2 loaded cores).
+        extra["_frontend"] = False
     return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False,
                        ssr_mode=False, pwa=False, mcp_server=False, quiet=not block,
                        prevent_thread_lock=not block, show_error=True, theme=ui.theme(),
-                       footer_links=[])
+                       footer_links=[], **extra)
 
 
 def main(argv=None) -> int:
