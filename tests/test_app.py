@@ -89,6 +89,17 @@ HOLE = np.zeros((SIZE, SIZE), bool)
 HOLE[:, SIZE // 2:] = True
 
 
+def test_inpainting_a_painted_mask_changes_only_the_painted_region(engine, tmp_path):
+    """The brush layer of the image editor is the hole: pixels outside it come back exactly
+    (known pixels are pasted), pixels under it are regenerated."""
+    source = _gradient(SIZE)
+    items, _ = handlers.inpaint(engine, str(tmp_path), _editor(source, HOLE), None, "a cat", "",
+                                SETTINGS)
+    changed = np.abs(_read(items[0][0]).astype(int) - source).max(axis=-1) > 0   # [S, S]
+    assert not changed[~HOLE].any()
+    assert changed[HOLE].mean() > 0.5
+
+
 def _gradient(size):
     """A smooth uint8 ``[size, size, 3]`` test image."""
     y, x = np.mgrid[0:size, 0:size] * (256 // size)
