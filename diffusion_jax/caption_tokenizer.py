@@ -2,13 +2,13 @@
 
 Stable Diffusion's tokenizer has 49,408 entries; captions of Fashion-MNIST use about a hundred
 words. `build_caption_tokenizer` trains CLIP's byte-level BPE (same normaliser, split pattern,
-``</w>`` word suffix and special tokens as :mod:`diffusion_jax.models.tokenizer`) on every
+``</w>`` word suffix and special tokens as :mod:`diffusion_jax.clip_tokenizer`) on every
 caption the caption module can produce -- all templates, held-out ones included, every class
 synonym and attribute word -- until each of those words is one token. The vocabulary also holds
 every byte symbol, its ``</w>`` form and ``</w>`` itself, so any text still encodes (an unseen
 word falls back to smaller pieces). `save_caption_tokenizer` writes ``vocab.json``,
 ``merges.txt`` and ``tokenizer_config.json``, which
-:func:`diffusion_jax.models.tokenizer.load_tokenizer` reads like any SD ``tokenizer/``
+:func:`diffusion_jax.clip_tokenizer.load_tokenizer` reads like any SD ``tokenizer/``
 directory, so the text-to-image pipeline treats the two alike.
 
 Ids: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (also the padding token, as SD 1.x), then
@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from diffusion_jax import captions
-from diffusion_jax.models import tokenizer as clip_tokenizer
+from diffusion_jax import captions, clip_tokenizer
 
 BOS, EOS, WORD_END = "<|startoftext|>", "<|endoftext|>", "</w>"
 BOS_ID, EOS_ID = 0, 1  # the text encoder pools at EOS_ID (its eos_token_id)
@@ -47,7 +46,7 @@ def build_caption_tokenizer(corpus: list[str] | None = None, *,
             have at most 10 words here).
 
     Returns:
-        A :class:`~diffusion_jax.models.tokenizer.CLIPTokenizer` (padding with ``<|endoftext|>``).
+        A :class:`~diffusion_jax.clip_tokenizer.CLIPTokenizer` (padding with ``<|endoftext|>``).
     """
     from tokenizers import Tokenizer, pre_tokenizers, trainers
     from tokenizers.models import BPE

@@ -37,7 +37,7 @@ def clip_embedders(model, tokenizer, *, batch_size: int = 64) -> tuple[ImageFn, 
 
     Args:
         model: a `diffusion_jax.models.clip.CLIPModel`.
-        tokenizer: callable texts -> int ids ``[N, L]`` (e.g. `models.tokenizer.CLIPTokenizer`).
+        tokenizer: callable texts -> int ids ``[N, L]`` (e.g. `clip_tokenizer.CLIPTokenizer`).
         batch_size: images / texts per call.
     """
     def image_fn(images):
@@ -87,7 +87,7 @@ def load_clip(path: str):
     from diffusion_jax.convert import clip as convert_clip
     from diffusion_jax.convert import common
     from diffusion_jax.models import clip
-    from diffusion_jax.models import tokenizer as clip_tokenizer
+    from diffusion_jax import clip_tokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CLIP directory {path!r} does not exist")

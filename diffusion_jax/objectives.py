@@ -43,9 +43,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import caption_tokenizer, captions, checkpoint, contrastive, data, losses
+from diffusion_jax import (caption_tokenizer, captions, checkpoint, clip_tokenizer, contrastive, data,
+                           losses)
 from diffusion_jax.models import autoencoder, clip, cond_unet
-from diffusion_jax.models import tokenizer as clip_tokenizer
 
 OBJECTIVES = ("diffusion", "autoencoder", "clip", "latent_diffusion")
 TOKENIZER_SUBDIR = "tokenizer"

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import os
 
-from diffusion_jax import loading, objectives, pipelines, samplers
-from diffusion_jax.models import tokenizer as clip_tokenizer
+from diffusion_jax import clip_tokenizer, loading, objectives, pipelines, samplers
 
 
 def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:

@@ -19,7 +19,7 @@ from sd_fixtures import (CLIP_SMALL, TOL, UNET_CONV, UNET_LINEAR, VAE_SMALL, nch
 from diffusion_jax import sharding
 from diffusion_jax.convert import common, text_encoder, unet_cond, vae
 from diffusion_jax.models.autoencoder import AutoencoderKL
-from diffusion_jax.models.tokenizer import load_tokenizer
+from diffusion_jax.clip_tokenizer import load_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

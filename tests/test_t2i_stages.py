@@ -18,10 +18,9 @@ from flax import nnx
 from training_fixtures import REPO, subprocess_env
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i  # noqa: E402
-from diffusion_jax import (caption_tokenizer, captions, denoisers, objectives,  # noqa: E402
-                           train)
+from diffusion_jax import (caption_tokenizer, captions, clip_tokenizer, denoisers,  # noqa: E402
+                           objectives, train)
 from diffusion_jax.models import autoencoder, cond_unet, text_encoder  # noqa: E402
-from diffusion_jax.models import tokenizer as clip_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

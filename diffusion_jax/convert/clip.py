@@ -4,7 +4,7 @@ The state-dict keys match our parameter paths one to one (``text_model.*``,
 ``vision_model.*``, ``text_projection.weight``, ``visual_projection.weight``,
 ``logit_scale``); the ``position_ids`` buffers are skipped. The tokenizer of the checkpoint
 (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``) is read by
-:func:`diffusion_jax.models.tokenizer.load_tokenizer` from the same directory.
+:func:`diffusion_jax.clip_tokenizer.load_tokenizer` from the same directory.
 """
 from __future__ import annotations
 

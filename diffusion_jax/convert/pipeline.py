@@ -33,7 +33,7 @@ from diffusion_jax.convert import common, scheduler, text_encoder, unet_cond, va
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.cond_unet import CondUNet
 from diffusion_jax.models.text_encoder import CLIPTextModel
-from diffusion_jax.models.tokenizer import CLIPTokenizer, load_tokenizer
+from diffusion_jax.clip_tokenizer import CLIPTokenizer, load_tokenizer
 
 FORMAT = "diffusion_jax.stable_diffusion/1"
 INDEX_FILE = "model_index.json"
