@@ -31,7 +31,7 @@ channels and classes from the checkpoint. ``samples.npz`` holds ``images``
 (uint8 [N, H, W, C]) and ``labels`` (int32 [N], -1 = unconditional).
 
 ``--task`` other than ``sample`` runs an application (SDEdit, inpainting, ILVR,
-super-resolution, inversion) instead; see ``diffusion_jax/applications/cli.py`` for its flags.
+super-resolution, inversion) instead; see ``diffusion_jax/cli/sample.py`` for its flags.
 Bad flags, inputs or a non-finite result end with a one-line error and exit status 1.
 """
 
@@ -47,7 +47,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import (checkpoint, compilation_cache, generate, image_io, loading,
                            objectives, pipelines, sharding, stage_pipeline)
-from diffusion_jax.applications import cli
+from diffusion_jax.cli import sample as cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
 _CHECKPOINT = flags.DEFINE_string(

@@ -437,7 +437,8 @@ class _OracleModel:
 
 @pytest.mark.parametrize("task", ["sdedit", "inpaint", "ilvr", "sr", "invert"])
 def test_cli_run_task_and_write_outputs(task, tmp_path):
-    from diffusion_jax.applications import cli, tasks
+    from diffusion_jax.applications import tasks
+    from diffusion_jax.cli import sample as cli
     sched = _sched(50, 0.3)
     images = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
     options = tasks.TaskOptions(sampler="ddim", sampler_options=samplers.make_options(num_steps=50),
@@ -471,7 +472,8 @@ def test_cli_run_task_and_write_outputs(task, tmp_path):
 def test_cli_inputs_and_errors(tmp_path):
     from PIL import Image
 
-    from diffusion_jax.applications import cli, tasks
+    from diffusion_jax.applications import tasks
+    from diffusion_jax.cli import sample as cli
     pixels = np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))            # 8x8 ramp
     Image.fromarray(pixels).save(tmp_path / "ramp.png")
     data_cfg = type("DataCfg", (), dict(image_size=8, num_channels=1))()

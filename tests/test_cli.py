@@ -87,7 +87,7 @@ def _flags(*argv):
     """run_sample.py's sampling and task flags (cli.define_flags) parsed from ``argv``."""
     from absl import flags
 
-    from diffusion_jax.applications import cli
+    from diffusion_jax.cli import sample as cli
     fv = flags.FlagValues()
     cli.define_flags(fv)
     fv(["run_sample.py", *argv])
@@ -132,14 +132,14 @@ def _model_config(num_classes, sr=False):
 ])
 def test_bad_sampling_flags_are_rejected_before_sampling(argv, num_classes, match):
     """(num_classes < 0 stands for an unconditional super-resolution model.)"""
-    from diffusion_jax.applications import cli
+    from diffusion_jax.cli import sample as cli
     config = _model_config(max(num_classes, 0), sr=num_classes < 0)
     with pytest.raises(ValueError, match=match):
         cli.check_flags(_flags(*argv), config)
 
 
 def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
-    from diffusion_jax.applications import cli
+    from diffusion_jax.cli import sample as cli
     for argv in (["--class_label=9", "--guidance_scale=0", "--steps=1"],
                  ["--task=sdedit", "--t0=0.3", "--sampler=ddpm", "--mask_region=top"],
                  ["--task=invert", "--source_label=0", "--class_label=9", "--steps=4"]):
@@ -151,7 +151,7 @@ def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
 
 
 def test_out_dir_is_checked_before_any_work_and_nothing_is_created(tmp_path):
-    from diffusion_jax.applications import cli
+    from diffusion_jax.cli import sample as cli
     (tmp_path / "file").write_text("x")
     for out, match in ((tmp_path / "file", "is a file; it must be a directory"),
                        (tmp_path / "file" / "sub", "cannot be created: .*file is a file")):

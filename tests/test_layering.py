@@ -76,7 +76,6 @@ LAYER_OF = {
     "diffusion_jax.stage_pipeline": "pipelines/applications",
     "diffusion_jax.applications": "pipelines/applications",
     # cli: flags and entry points (the web app is one); nothing below imports them.
-    "diffusion_jax.applications.cli": "cli",
     "diffusion_jax.cli": "cli",
     "diffusion_jax.app": "cli",
 }
@@ -86,8 +85,6 @@ ALLOWED = {
         "seams-model (issue 19 point 1): the loader restores parameters without an optimizer",
     ("diffusion_jax.loading", "diffusion_jax.objectives"):
         "seams-model (issue 19 point 1): models are built by the model factory",
-    ("diffusion_jax.applications.cli", "diffusion_jax.pipelines"):
-        "seams-cli (issue 19 point 6): the CLI moves out of applications/ into diffusion_jax/cli/",
 }
 """Known violations (importer, imported) -> who removes them."""
 

@@ -367,7 +367,7 @@ def test_sd_flag_checks_name_the_flag(ours):
     """In-process probes of run_sample.py's checks for an SD checkpoint (the CLI test above
     runs the real script for a few)."""
     from absl import flags
-    from diffusion_jax.applications import cli
+    from diffusion_jax.cli import sample as cli
 
     def check(*argv):
         fv = flags.FlagValues()

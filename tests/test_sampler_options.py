@@ -10,7 +10,7 @@ import pytest
 from training_fixtures import micro_config
 
 from diffusion_jax import samplers, schedules
-from diffusion_jax.applications import cli
+from diffusion_jax.cli import sample as cli
 
 SCHED = schedules.make_schedule(schedules.linear_beta_schedule(100, 1e-3, 0.2))
 SDE_SOLVERS = ("edm_heun", "dpm_solver_pp", "pc", "probability_flow")
@@ -104,17 +104,17 @@ def test_dynamic_threshold_keeps_the_clean_estimate_in_range(name):
 
 
 def test_sampler_option_flag_parsing():
-    parsed = cli.parse_sampler_options(["churn=40", "order=3", "sde=ve", "dynamic_threshold=0.995",
+    parsed = samplers.parse_options(["churn=40", "order=3", "sde=ve", "dynamic_threshold=0.995",
                                         "sigma_spacing=none", "method=tsit5", "sigma_max=80"])
     assert parsed == dict(churn=40.0, order=3, sde="ve", dynamic_threshold=0.995,
                           sigma_spacing=None, method="tsit5", sigma_max=80.0)
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        cli.parse_sampler_options(["churn"])
+        samplers.parse_options(["churn"])
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        cli.parse_sampler_options(["chrun=3"])
+        samplers.parse_options(["chrun=3"])
     with pytest.raises(ValueError, match="order expects a value of type int"):
-        cli.parse_sampler_options(["order=two"])
-    assert jnp.isinf(samplers.make_options(**cli.parse_sampler_options(["s_tmax=inf"])).s_tmax)
+        samplers.parse_options(["order=two"])
+    assert jnp.isinf(samplers.make_options(**samplers.parse_options(["s_tmax=inf"])).s_tmax)
 
 
 def _sample_flags(*argv):

@@ -16,7 +16,7 @@ from training_fixtures import REPO, micro_config, subprocess_env
 
 from configs import default
 from diffusion_jax import pipelines, samplers, schedules
-from diffusion_jax.applications import cli
+from diffusion_jax.cli import sample as cli
 from diffusion_jax.samplers import options as options_lib
 from diffusion_jax.samplers import registry
 

@@ -22,7 +22,6 @@ import numpy as np
 from diffusion_jax import samplers
 from diffusion_jax.app import metadata
 from diffusion_jax.app.engine import TEXT, Engine, Request
-from diffusion_jax.applications.cli import parse_sampler_options
 
 MAX_STEPS = 1000
 # Sampler options the text box refuses, and why.
@@ -367,7 +366,7 @@ def _sampler_options(text) -> dict:
     """
     items = [item.strip() for item in re.split(r"\n|,\s*(?=[A-Za-z_]\w*\s*=)", text or "")]
     try:
-        options = parse_sampler_options([item.replace(" ", "") for item in items if item])
+        options = samplers.parse_options([item.replace(" ", "") for item in items if item])
     except ValueError as err:
         raise InputError(f"Sampler options: {err}") from None
     reserved = sorted(set(options) & set(RESERVED_OPTIONS))

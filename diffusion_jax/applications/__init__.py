@@ -9,8 +9,6 @@ Each module is small and takes a denoiser ``denoise(x, t) -> prediction``:
 * :mod:`~diffusion_jax.applications.super_resolution`: SR3 conditioning and cascades.
 * :mod:`~diffusion_jax.applications.tasks`: one call per application on a model (arrays in,
   arrays out), used by ``run_sample.py --task=...`` and the figure script.
-* :mod:`~diffusion_jax.applications.cli`: the command-line layer of ``run_sample.py`` (flags,
-  their checks, input files, outputs); nothing in the library imports it.
 * :mod:`~diffusion_jax.applications.common`: noising to a step, the SDEdit start step.
 
 Samplers are run through the one registry, :func:`diffusion_jax.samplers.run`. Classifier-free

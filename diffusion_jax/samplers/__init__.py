@@ -32,7 +32,8 @@ Layout
   CLI, every application, the pipelines, the training-time sample grid, the scripts and the
   benchmarks go through it), :func:`run_with_status`, :func:`check_sampler`,
   :func:`check_options`, :func:`num_evaluations`, and :class:`SamplerOptions` composed from the
-  entries' options (:func:`make_options`, :func:`options_from_config`).
+  entries' options (:func:`make_options`, :func:`options_from_config`, :func:`parse_options`
+  for ``NAME=VALUE`` text from the command line or the web app).
 * :mod:`.options`: :func:`~.options.option` (how a setting is declared) and the settings
   several entries share; :mod:`.chain`: the loop that also finds the first non-finite step
   (:func:`check_finite`).
@@ -131,5 +132,5 @@ from diffusion_jax.samplers.langevin import annealed_langevin_sample, langevin_s
 from diffusion_jax.samplers.registry import (SAMPLERS, TRACED_FIELDS, SamplerEntry,
                                              SamplerOptions, check_options, check_sampler,
                                              config_defaults, make_options, num_evaluations,
-                                             options_from_config, register, run,
+                                             options_from_config, parse_options, register, run,
                                              run_with_status)

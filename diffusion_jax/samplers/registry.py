@@ -4,7 +4,8 @@
 its count of network evaluations, what it supports). :func:`compose` builds
 :class:`SamplerOptions` from :class:`~.options.CommonOptions` and every entry's options
 dataclass, once all entries are registered (the package's ``__init__`` calls it);
-:func:`make_options` / :func:`options_from_config` build validated instances and
+:func:`make_options` / :func:`options_from_config` build validated instances,
+:func:`parse_options` reads ``NAME=VALUE`` settings typed by a user and
 :func:`check_options` refuses a setting the chosen sampler does not read.
 """
 from __future__ import annotations
@@ -285,6 +286,53 @@ def run_with_status(name, denoise, schedule, x_start, key, options, *, t_start=N
         x0 = run(name, denoise, schedule, x_start, key, options, t_start=t_start,
                  step_hook=step_hook)
     return x0, chain.combine(records)
+
+
+def parse_options(items):
+    """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
+    converted to the type the :class:`SamplerOptions` field declares
+    (``none`` -> ``None``; ``clip_x0``: ``true``, ``false`` or ``LO,HI``).
+
+    Raises:
+        ValueError: for an item without ``=``, an unknown field or an unconvertible value.
+    """
+    kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(SamplerOptions)}
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in kinds:
+            raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
+                             f"{sorted(kinds)}.")
+        if text.lower() == "none":
+            parsed[name] = None
+            continue
+        if name == "clip_x0":
+            parsed[name] = _parse_clip(item, text)
+            continue
+        kind = kinds[name] if kinds[name] in (bool, int, float) else str
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")
+            parsed[name] = text.lower() in ("true", "1")
+            continue
+        try:
+            parsed[name] = kind(text)
+        except ValueError as err:
+            raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
+                             f"{kind.__name__}.") from err
+    return parsed
+
+
+def _parse_clip(item, text):
+    """``clip_x0``: ``true`` (``(-1, 1)``), ``false`` / ``none`` (no clipping) or ``LO,HI``."""
+    if text.lower() in ("true", "false"):
+        return True if text.lower() == "true" else None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--sampler_option={item!r}: clip_x0 expects true, false, none or "
+                         "LO,HI.") from err
+    return (lo, hi)
 
 
 def _one_per_step(options, num_timesteps):

@@ -397,14 +397,14 @@ def sampler_options(fv, config):
 
 def sampler_overrides(fv):
     """The :class:`~diffusion_jax.samplers.SamplerOptions` fields the flags set: ``--steps``,
-    ``--eta`` and every ``--sampler_option`` (:func:`parse_sampler_options`).
+    ``--eta`` and every ``--sampler_option`` (:func:`~diffusion_jax.samplers.parse_options`).
 
     Raises:
         ValueError: a setting given twice (``--steps`` and ``num_steps=``), or one the
             checkpoint decides (``pred_type``: a model predicts what it was trained to;
             ``timesteps``).
     """
-    parsed = parse_sampler_options(fv.sampler_option)
+    parsed = samplers.parse_options(fv.sampler_option)
     if "pred_type" in parsed:
         raise ValueError("--sampler_option=pred_type=... cannot be set: the checkpoint decides "
                          "it (a model predicts what it was trained to predict).")
@@ -418,53 +418,6 @@ def sampler_overrides(fv):
                                  "thing; pass one.")
             parsed[field] = fv[flag].value
     return parsed
-
-
-def parse_sampler_options(items):
-    """``["churn=40", "sde=ve", ...]`` -> ``{"churn": 40.0, "sde": "ve", ...}``, each value
-    converted to the type the :class:`~diffusion_jax.samplers.SamplerOptions` field declares
-    (``none`` -> ``None``; ``clip_x0``: ``true``, ``false`` or ``LO,HI``).
-
-    Raises:
-        ValueError: for an item without ``=``, an unknown field or an unconvertible value.
-    """
-    kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(samplers.SamplerOptions)}
-    parsed = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in kinds:
-            raise ValueError(f"--sampler_option={item!r}: expected NAME=VALUE with NAME one of "
-                             f"{sorted(kinds)}.")
-        if text.lower() == "none":
-            parsed[name] = None
-            continue
-        if name == "clip_x0":
-            parsed[name] = _parse_clip(item, text)
-            continue
-        kind = kinds[name] if kinds[name] in (bool, int, float) else str
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--sampler_option={item!r}: {name} expects true or false.")
-            parsed[name] = text.lower() in ("true", "1")
-            continue
-        try:
-            parsed[name] = kind(text)
-        except ValueError as err:
-            raise ValueError(f"--sampler_option={item!r}: {name} expects a value of type "
-                             f"{kind.__name__}.") from err
-    return parsed
-
-
-def _parse_clip(item, text):
-    """``clip_x0``: ``true`` (``(-1, 1)``), ``false`` / ``none`` (no clipping) or ``LO,HI``."""
-    if text.lower() in ("true", "false"):
-        return True if text.lower() == "true" else None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError as err:
-        raise ValueError(f"--sampler_option={item!r}: clip_x0 expects true, false, none or "
-                         "LO,HI.") from err
-    return (lo, hi)
 
 
 def run_task_from_flags(fv, model, sched, config, out_dir):
