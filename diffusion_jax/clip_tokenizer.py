@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusion_jax import config_utils
+
 _DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 _SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
@@ -80,19 +82,20 @@ def load_tokenizer(directory: str | os.PathLike) -> CLIPTokenizer:
     """Loads the CLIP tokenizer of a ``tokenizer/`` directory.
 
     Raises:
-        FileNotFoundError: neither ``tokenizer.json`` nor ``vocab.json`` + ``merges.txt`` exists.
-        ValueError: ``model_max_length`` is missing (or absurd) or a special token is unknown.
+        FileNotFoundError: the directory, or both ``tokenizer.json`` and ``vocab.json`` +
+            ``merges.txt``, are missing.
+        ValueError: ``model_max_length`` is missing (or absurd), a special token is unknown, or a
+            file is unreadable (the message names it).
     """
-    from tokenizers import Tokenizer
-
     directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"tokenizer: directory {directory} not found")
     settings = dict(_DEFAULTS)
     max_length = None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                data = json.load(f)
+            data = config_utils.read_json(path, "tokenizer settings")
             settings.update({k: _content(data[k]) for k in _DEFAULTS if data.get(k) is not None})
             max_length = data.get("model_max_length", max_length)
     if not isinstance(max_length, int) or not 0 < max_length < 100_000:
@@ -100,11 +103,22 @@ def load_tokenizer(directory: str | os.PathLike) -> CLIPTokenizer:
                          f"model_max_length (77 for SD), got {max_length!r}")
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
-        backend = Tokenizer.from_file(path)
+        from tokenizers import Tokenizer
+        backend = _read(path, Tokenizer.from_file, path)
     else:
         backend = _from_vocab_merges(directory, settings)
     return CLIPTokenizer(backend, max_length=max_length, pad_token=settings["pad_token"],
                          bos_token=settings["bos_token"], eos_token=settings["eos_token"])
+
+
+def _read(files: str, read, *paths: str):
+    """``read(*paths)``, with the ``tokenizers`` library's bare ``Exception`` for a damaged file
+    turned into a ValueError naming ``files``."""
+    try:
+        return read(*paths)
+    except Exception as e:  # noqa: BLE001  the Rust library raises a bare Exception
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"tokenizer: cannot read {files} ({reason})") from e
 
 
 def _from_vocab_merges(directory: str, settings: dict[str, str]):
@@ -118,7 +132,8 @@ def _from_vocab_merges(directory: str, settings: dict[str, str]):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer: {path} not found (and no tokenizer.json in "
                                     f"{directory})")
-    vocab, merges = BPE.read_file(vocab_path, merges_path)
+    vocab, merges = _read(f"{vocab_path} / {merges_path}", BPE.read_file, vocab_path,
+                          merges_path)
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
                             end_of_word_suffix="</w>", fuse_unk=False,
                             unk_token=settings["unk_token"]))

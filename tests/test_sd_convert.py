@@ -121,7 +121,9 @@ def test_index_errors_name_the_component(saved, tmp_path):
     for change, message in (({"unet": ["diffusers", "UNet2DModel"]}, "'unet'"),
                             ({"controlnet": ["diffusers", "ControlNetModel"]}, "controlnet"),
                             ({"_class_name": "StableDiffusionXLPipeline"},
-                             "_class_name='StableDiffusionXLPipeline' is not supported")):
+                             "_class_name='StableDiffusionXLPipeline' is not supported"),
+                            ({"scheduler": ["diffusers", "FooScheduler"]},  # converted before
+                             r"component 'scheduler' is \['diffusers', 'FooScheduler'\]")):
         (bad / "model_index.json").write_text(json.dumps({**index, **change}))
         with pytest.raises(ValueError, match=message):
             pipeline.load_pipeline(bad)
@@ -205,3 +207,19 @@ def test_convert_cli_bad_sources_are_one_line_errors(saved, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "model_index.json" in proc.stderr
+
+
+
+def _edit_json(relative, **fields):
+    def edit(directory):
+        path = directory / relative
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return edit
+
+def test_converted_config_with_foreign_model_arguments_is_a_value_error(converted, tmp_path):
+    out = tmp_path / "converted"
+    shutil.copytree(converted, out)
+    _edit_json("unet/config.json", kwargs={"foo": 1})(out)
+    with pytest.raises(ValueError, match=r"unet/config.json: the model arguments do not fit "
+                                         r"diffusion_jax.cond_unet/1 \(.*'foo'"):
+        pipeline.load_pipeline(out)

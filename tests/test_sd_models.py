@@ -181,6 +181,21 @@ def test_tokenizer_errors_name_the_file(tmp_path):
     write_vocab(tmp_path / "nolen", {})
     with pytest.raises(ValueError, match="model_max_length"):
         load_tokenizer(tmp_path / "nolen")
+    # Each of these used to be a bare Exception, a JSONDecodeError without the file's name or
+    # a complaint about model_max_length for a directory that is not there.
+    with pytest.raises(FileNotFoundError, match="tokenizer: directory .*/absent not found"):
+        load_tokenizer(tmp_path / "absent")
+    write_vocab(tmp_path / "badcfg", {})
+    (tmp_path / "badcfg" / "tokenizer_config.json").write_text('{"model_max_length": 8')
+    with pytest.raises(ValueError, match="badcfg/tokenizer_config.json is not valid JSON"):
+        load_tokenizer(tmp_path / "badcfg")
+    write_vocab(tmp_path / "badvocab", {"model_max_length": 8})
+    (tmp_path / "badvocab" / "vocab.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match="tokenizer: cannot read .*badvocab/vocab.json"):
+        load_tokenizer(tmp_path / "badvocab")
+    (tmp_path / "badvocab" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match="tokenizer: cannot read .*badvocab/tokenizer.json"):
+        load_tokenizer(tmp_path / "badvocab")
 
 
 @pytest.mark.parametrize("config, build, expected", [
@@ -216,6 +231,9 @@ def test_weight_errors_name_the_weight(tmp_path):
         "unused": ({**state, "encoder.extra.weight": torch.zeros(3)}, "encoder.extra.weight"),
         "shape": ({**state, "decoder.conv_in.weight": torch.zeros(64, 4, 1, 1)},
                   "'decoder.conv_in.weight' has shape"),
+        "nan": ({**state, "decoder.conv_in.bias": torch.full_like(state["decoder.conv_in.bias"],
+                                                                  float("nan"))},
+                "'decoder.conv_in.bias' holds 64 non-finite value"),  # converted before
     }
     from safetensors.torch import save_file
     for name, (sd, message) in cases.items():

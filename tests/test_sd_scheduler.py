@@ -144,6 +144,13 @@ def test_zero_snr_rescale_ends_at_zero_and_keeps_first():
     (dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
     (dict(_class_name="FooScheduler"), "_class_name='FooScheduler' is not a supported"),
     (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "flow-matching scheduler"),
+    # betas that are no diffusion: each used to convert silently (or raise an IndexError).
+    (dict(beta_schedule="scaled_linear", beta_end=-0.1), "beta_end=-0.1: beta_start and beta_end"),
+    (dict(beta_end=1.5), "beta_end=1.5: beta_start and beta_end must lie in"),
+    (dict(num_train_timesteps=0), "num_train_timesteps=0 must be >= 1"),
+    (dict(num_train_timesteps="many"), "num_train_timesteps='many' is not a number"),
+    (dict(trained_betas=[0.1, 0.2]), "trained_betas must be num_train_timesteps=1000 values"),
+    (dict(num_train_timesteps=2, trained_betas=[0.1, 1.2]), r"got 2 in \[0.1, 1.2\]"),
 ])
 def test_unsupported_fields_are_named(config, field):
     with pytest.raises(ValueError, match=field):

@@ -20,26 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.config_utils import read_json  # noqa: F401  (the converters' common.read_json)
+
 # Flax leaf names that are called "weight" in PyTorch.
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """Parses a JSON object file; FileNotFoundError naming ``what`` when it is missing, ValueError
-    naming the file when it is not a JSON object (e.g. truncated)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: {path} not found")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); is it truncated?") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object ({what}), got {type(config).__name__}")
-    return config
 
 
 def find_weights(directory: str | os.PathLike, stems: tuple[str, ...]) -> str:
@@ -136,7 +122,8 @@ def map_weights(target: Any, source: Mapping[str, np.ndarray], key_of: Callable[
         The same nested dict with ``jax.Array`` leaves in the dtype of ``target``.
 
     Raises:
-        ValueError: a weight is missing, left unused, or has the wrong shape after conversion.
+        ValueError: a weight is missing, left unused, has the wrong shape after conversion, or
+            holds a NaN or inf.
     """
     unused = {k for k in source if not ignore(k)}
 
@@ -152,6 +139,10 @@ def map_weights(target: Any, source: Mapping[str, np.ndarray], key_of: Callable[
         if value.shape != tuple(node.shape):
             raise ValueError(f"{component}: weight {key!r} has shape {source[key].shape} "
                              f"({value.shape} after conversion); expected {tuple(node.shape)}")
+        bad = np.size(value) - int(np.isfinite(value).sum())
+        if bad:
+            raise ValueError(f"{component}: weight {key!r} holds {bad} non-finite value(s) (NaN "
+                             f"or inf); the checkpoint is damaged")
         return jnp.asarray(value, node.dtype)  # float32, or e.g. bf16 with param_dtype
 
     params = fill(target, ())
@@ -194,7 +185,7 @@ def load_component(directory: str | os.PathLike, fmt: str,
 
     Raises:
         FileNotFoundError: ``config.json`` or ``params`` is missing.
-        ValueError: the record's format is not ``fmt``.
+        ValueError: the record's format is not ``fmt``, or its ``kwargs`` do not build the model.
     """
     import orbax.checkpoint as ocp
 
@@ -206,7 +197,14 @@ def load_component(directory: str | os.PathLike, fmt: str,
     params_path = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise FileNotFoundError(f"{params_path} not found")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(record["kwargs"])))
+    kwargs = record.get("kwargs")
+    try:
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs is {kwargs!r}, not an object")
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build(kwargs)))
+    except TypeError as e:  # an unknown, missing or mistyped model argument
+        raise ValueError(f"{directory}/{CONFIG_FILE}: the model arguments do not fit {fmt} "
+                         f"({e})") from e
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_path, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)

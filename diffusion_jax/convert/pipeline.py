@@ -238,9 +238,9 @@ def _check_index(index: dict[str, Any], path: str) -> None:
             raise ValueError(f"{path}/{INDEX_FILE}: component {name!r} is {entry!r}; expected "
                              f"{[library, cls]}")
     entry = index.get("scheduler")
-    if not entry or entry[0] != "diffusers":
-        raise ValueError(f"{path}/{INDEX_FILE}: component 'scheduler' is {entry!r}; expected a "
-                         "diffusers scheduler")
+    if not entry or list(entry) not in [["diffusers", c] for c in scheduler.SCHEDULER_CLASSES]:
+        raise ValueError(f"{path}/{INDEX_FILE}: component 'scheduler' is {entry!r}; expected "
+                         f"['diffusers', one of {list(scheduler.SCHEDULER_CLASSES)}]")
     extra = sorted(set(index) - set(_EXPECTED) - {"scheduler"} - _UNUSED
                    - {"_class_name", "_diffusers_version", "_name_or_path"})
     if extra:

@@ -129,15 +129,11 @@ def scheduler_settings(config: dict[str, Any]) -> SchedulerSettings:
             raise ValueError(f"scheduler: {field}={config[field]!r} is not supported; "
                              f"supported: {list(allowed)}")
     get = config.get
-    num = int(get("num_train_timesteps", 1000))
-    start, end = float(get("beta_start", 1e-4)), float(get("beta_end", 0.02))
-    name = get("beta_schedule", "linear")
-    trained = get("trained_betas")
-    if trained is None and name not in SCHEDULE_NAMES:
-        raise ValueError(f"scheduler: unsupported beta_schedule={name!r}; supported: "
-                         f"{sorted(SCHEDULE_NAMES)}")
-    betas = (np.asarray(trained, np.float32) if trained is not None
-             else diffusers_betas(name, num, start, end))
+    num, start, end = (_number(config, field, cast, default) for field, cast, default in
+                       (("num_train_timesteps", int, 1000), ("beta_start", float, 1e-4),
+                        ("beta_end", float, 0.02)))
+    name, trained = get("beta_schedule", "linear"), get("trained_betas")
+    betas = _betas(name, trained, num, start, end)
     rescale = bool(get("rescale_betas_zero_snr", False))
     if rescale:
         betas = rescale_zero_terminal_snr(betas)
@@ -265,6 +261,43 @@ def project_overrides(settings: SchedulerSettings) -> dict[str, Any]:
     if settings.schedule is not None:
         out["diffusion.schedule"] = settings.schedule
     return out
+
+
+def _number(config: dict[str, Any], field: str, cast, default):
+    """``cast(config[field])`` (or the default); a ValueError naming the field if it is no number."""
+    value = config.get(field, default)
+    try:
+        return cast(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"scheduler: {field}={value!r} is not a number") from e
+
+
+def _betas(name: str, trained, num: int, start: float, end: float) -> np.ndarray:
+    """``[num]`` betas of ``trained_betas`` or of the named schedule, each checked in [0, 1).
+
+    Raises:
+        ValueError: an unknown schedule, ``num < 1``, or betas of another length or outside
+            [0, 1) (e.g. a negative ``beta_end``), naming the fields.
+    """
+    if num < 1:
+        raise ValueError(f"scheduler: num_train_timesteps={num} must be >= 1")
+    if trained is None and name not in SCHEDULE_NAMES:
+        raise ValueError(f"scheduler: unsupported beta_schedule={name!r}; supported: "
+                         f"{sorted(SCHEDULE_NAMES)}")
+    source = ("trained_betas" if trained is not None else
+              f"beta_schedule={name!r}, beta_start={start}, beta_end={end}")
+    if trained is None and not (0 <= start < 1 and 0 <= end < 1):
+        raise ValueError(f"scheduler: {source}: beta_start and beta_end must lie in [0, 1)")
+    try:
+        betas = (np.asarray(trained, np.float32) if trained is not None
+                 else diffusers_betas(name, num, start, end))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"scheduler: trained_betas is not a list of numbers ({e})") from e
+    if betas.shape != (num,) or not np.all((betas >= 0) & (betas < 1)):
+        span = f" in [{betas.min():.4g}, {betas.max():.4g}]" if betas.size else ""
+        raise ValueError(f"scheduler: the betas of {source} must be num_train_timesteps={num} "
+                         f"values in [0, 1); got {betas.size}{span}")
+    return betas
 
 
 def _choice(field: str, value, table: dict):
