@@ -527,9 +527,13 @@ _TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_
 
 def _finish(images, sampler, output, status=None):
     """Checks finiteness (naming the chain's first non-finite step from ``status``) and
-    converts to ``output`` (``uint8``, else float32)."""
+    converts to ``output``: ``uint8``; ``float``, clipped to [-1, 1] as the uint8 images are (a
+    decoder's output overshoots); ``latents`` as they are, float32."""
     samplers.check_finite(images, sampler, status)
-    return image_io.to_uint8(images) if output == "uint8" else images.astype(np.float32)
+    if output == "uint8":
+        return image_io.to_uint8(images)
+    images = np.asarray(images, np.float32)
+    return np.clip(images, -1.0, 1.0) if output == "float" else images
 
 
 def _guidance_weight(guidance_scale):

@@ -290,6 +290,7 @@ def test_inpaint_keeps_known_latents_and_pixels(ours):
     pasted = pipelines.inpaint(ours, images, hole, PROMPTS, key, num_steps=STEPS,
                                output="float")
     known = hole[..., 0] == 0
+    assert pasted.min() >= -1.0 and pasted.max() <= 1.0  # "float" is [-1, 1] (was [-3.1, 2.6])
     np.testing.assert_array_equal(pasted[:, known], images[:, known])
     assert np.abs(pasted[:, ~known] - images[:, ~known]).mean() > 0.05  # the hole was redrawn
     # The final latents equal encode(x) on the known latents (the right half's 8 columns
