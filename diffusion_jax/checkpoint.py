@@ -70,6 +70,23 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
     return ocp.CheckpointManager(directory, options=options)
 
 
+def check_not_workdir(path: str) -> None:
+    """Refuses a training workdir, or its ``checkpoints/`` folder, given where a converted
+    checkpoint is expected (the mirror image of `make_manager`'s check).
+
+    Raises:
+        FileNotFoundError: naming what ``path`` is and the ``--workdir`` to pass instead.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+        raise FileNotFoundError(f"{path} is a training workdir ({CHECKPOINT_SUBDIR}/), not a "
+                                "converted checkpoint: pass it as --workdir")
+    if (os.path.basename(path) == CHECKPOINT_SUBDIR and os.path.isdir(path)
+            and any(name.isdigit() for name in os.listdir(path))):
+        raise FileNotFoundError(f"{path} is the {CHECKPOINT_SUBDIR}/ folder of a training "
+                                f"workdir: pass {os.path.dirname(path)} as --workdir")
+
+
 def save(manager: ocp.CheckpointManager, state: Any, *, step: int,
          data_state: dict[str, Any], config: ml_collections.ConfigDict,
          timeout_s: float = 3600.0) -> bool:

@@ -68,7 +68,8 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
         ValueError: if not exactly one source is given, or ``config`` is given with ``workdir``
             or missing with ``checkpoint_path``, or the workdir holds a run of another kind
             (the message names the kind found and the kinds expected).
-        FileNotFoundError: if the workdir has no checkpoint or the path does not exist.
+        FileNotFoundError: if the workdir has no checkpoint, the path does not exist or is a
+            training workdir.
     """
     if (workdir is None) == (checkpoint_path is None):
         raise ValueError("Pass exactly one of workdir and checkpoint_path.")
@@ -82,6 +83,7 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
         if config is None:
             raise ValueError("A converted checkpoint needs config (its diffusion and sampling "
                              "settings, e.g. configs/default.py's get_config()).")
+        checkpoint.check_not_workdir(checkpoint_path)
         graphdef, params, config = _load_converted(checkpoint_path, config, mesh)
     return Loaded(graphdef, params, config, schedules.schedule_from_config(config.diffusion))
 

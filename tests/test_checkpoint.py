@@ -63,6 +63,19 @@ def test_unfinished_save_is_ignored(tmp_path):
     assert checkpoint.restore(manager, abstract)[1] == {"next_index": 1}
 
 
+def test_a_workdir_given_as_a_converted_checkpoint_is_named(tmp_path):
+    """Used to say only "has no unet.json" (run_sample.py --checkpoint=WORKDIR)."""
+    from diffusion_jax import loading
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    for path, match in ((tmp_path / "run", r"/run is a training workdir \(checkpoints/\), not "
+                                            r"a converted checkpoint: pass it as --workdir"),
+                        (tmp_path / "run" / "checkpoints",
+                         r"/run/checkpoints is the checkpoints/ folder of a training workdir: "
+                         r"pass .*/run as --workdir")):
+        with pytest.raises(FileNotFoundError, match=match):
+            loading.load(checkpoint_path=str(path), config=micro_config())
+
+
 def test_missing_checkpoints_are_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         checkpoint.make_manager(str(tmp_path / "nope"), create=False)

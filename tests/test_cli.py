@@ -129,6 +129,11 @@ def _model_config(num_classes, sr=False):
     (["--task=inpaint", "--sampler=langevin"], 10, r"'langevin' has no per-step hook"),
     (["--task=sr"], 10, r"--task=sr needs a super-resolution model"),
     (["--num_samples=2"], -10, r"super-resolution model; it runs with --task=sr, not sample"),
+    # These two used to say only "needs a Stable Diffusion --checkpoint".
+    (["--prompt=a cat"], 10, r"--prompt needs a text-to-image model \(a Stable Diffusion "
+                             r"--checkpoint .* or the --workdir of a latent_diffusion run\); "
+                             r"this is a class-conditional pixel model \(--class_label"),
+    (["--negative_prompt=x"], 0, r"this is an unconditional pixel model"),
 ])
 def test_bad_sampling_flags_are_rejected_before_sampling(argv, num_classes, match):
     """(num_classes < 0 stands for an unconditional super-resolution model.)"""

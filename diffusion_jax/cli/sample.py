@@ -166,8 +166,11 @@ def check_flags(fv, config):
     task = fv.task
     for name in SD_FLAGS:
         if fv[name].present:
-            raise ValueError(f"--{name} needs a Stable Diffusion --checkpoint (a directory with "
-                             "model_index.json).")
+            kind = ("a class-conditional pixel model (--class_label picks the class)"
+                    if config.model.class_conditional else "an unconditional pixel model")
+            raise ValueError(f"--{name} needs a text-to-image model (a Stable Diffusion "
+                             "--checkpoint with model_index.json, or the --workdir of a "
+                             f"latent_diffusion run); this is {kind}.")
     if task == "img2img":
         raise ValueError("--task=img2img needs a Stable Diffusion --checkpoint; use "
                          "--task=sdedit for this model.")
