@@ -70,7 +70,7 @@ $(CHROMIUM):
 	fi
 
 test: venv chromium
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 -q --durations=30
 
 test-fast: venv
 	$(PY) -m pytest -n 2 -q -m "not slow"

@@ -6,8 +6,10 @@
 
 * each process reads its own disjoint host slice of the data (``jax.process_index()``);
 * training on a data=4 x fsdp=2 mesh, SIGKILLed after its first checkpoint (written by both
-  processes: one orbax OCDBT shard file each) and resumed by both processes, and an uninterrupted data=8 run, end with the parameters of one process
-  with 8 devices fed the same global batches (host 0's examples then host 1's).
+  processes: one orbax OCDBT shard file each) and resumed by both processes, ends with the
+  parameters of one process with 8 devices fed the same global batches (host 0's examples
+  then host 1's). A plain data=8 two-process run is not repeated here: it is the fsdp=1 case
+  of the same code path, and costs a third of this test's time.
 """
 
 import importlib.util
@@ -138,7 +140,7 @@ def test_each_process_reads_its_own_disjoint_host_slice(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch):
-    fsdp_dir, data_dir, ref_dir = tmp_path / "fsdp", tmp_path / "data8", tmp_path / "ref"
+    fsdp_dir, ref_dir = tmp_path / "fsdp", tmp_path / "ref"
     # data=4 x fsdp=2, killed (SIGKILL, both processes) once its first checkpoint is final.
     out, logs = _launch(_train_argv(fsdp_dir, 10**6, 4, 2), tmp_path / "logs_a",
                         kill_when=lambda: bool(_finished_steps(fsdp_dir)))
@@ -150,8 +152,6 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch)
     out, logs = _launch(_train_argv(fsdp_dir, total, 4, 2), tmp_path / "logs_b")
     assert out["returncodes"] == [0] * NUM_PROCESSES, logs[-4000:]
     assert f"Restored step {last}" in logs
-    out, logs = _launch(_train_argv(data_dir, total, 8, 1), tmp_path / "logs_c")
-    assert out["returncodes"] == [0] * NUM_PROCESSES, logs[-4000:]
 
     make_iterator = data.make_train_iterator
 
@@ -164,9 +164,8 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch)
     config = micro_config(data_axis=8)
     config.train.num_steps = total
     ref = train.train_and_evaluate(config, str(ref_dir))
-    for workdir in (fsdp_dir, data_dir):
-        step, params, ema = _restore_params(workdir)
-        assert step == total
-        for got, want in ((params, ref.params), (ema, ref.ema_params[0])):
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(
-                np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5), got, want)
+    step, params, ema = _restore_params(fsdp_dir)
+    assert step == total
+    for got, want in ((params, ref.params), (ema, ref.ema_params[0])):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5), got, want)
