@@ -101,11 +101,15 @@ def make_train_iterator(
         )
     if not 0 <= seed < 2**32 - 1:
         raise ValueError(f"seed={seed} must be in [0, 2**32 - 2] for the grain shuffle.")
-    records = _open_source(data_cfg)[process_index::process_count]
+    source = _open_source(data_cfg)
+    if len(source) == 0:
+        raise ValueError(f"data.source={data_cfg.source!r} split {data_cfg.split!r} is empty "
+                         f"(0 records): nothing to train on.")
+    records = source[process_index::process_count]
     if len(records) == 0:
         raise ValueError(
             f"process {process_index} of {process_count} has no records: the dataset has "
-            f"fewer records than hosts."
+            f"fewer records ({len(source)}) than hosts."
         )
     ds = records.shuffle(seed=seed).repeat().map(_standardiser(data_cfg))
     if data_cfg.random_flip:

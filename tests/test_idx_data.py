@@ -97,6 +97,13 @@ def test_corrupt_files_name_the_file(tmp_path, kind, message):
     assert str(path) in str(err.value)
 
 
+def test_an_empty_split_is_named_not_blamed_on_the_host_count(tmp_path):
+    """Used to say "the dataset has fewer records than hosts" on one host."""
+    _write_split(tmp_path, "train", *_mnist_like(0, 0))
+    with pytest.raises(ValueError, match=r"data.source='idx' split 'train' is empty \(0 records"):
+        data.make_train_iterator(_cfg(tmp_path), batch_size=4, seed=0)
+
+
 def test_truncated_gzip_and_missing_file(tmp_path):
     path = tmp_path / "cut-images-idx3-ubyte.gz"
     raw = gzip.compress(_idx_bytes(np.arange(300, dtype=np.uint8).reshape(3, 10, 10)))
