@@ -5,7 +5,10 @@ changes what the saved weights mean (the model, the diffusion process, the data'
 classes, the optimiser's state layout, the seed that fixes the data order) would silently
 turn the run into a different one, so it is refused with the list of differing fields.
 Fields that only steer the rest of the run (step count, log / sample / checkpoint intervals,
-the learning-rate schedule, sampling settings, the mesh) may change; they are reported.
+the learning-rate schedule, sampling settings, the mesh) may change; they are reported. A field
+missing from the stored config was added after the run was made; the run used the behaviour
+from before the field, which a new field's default keeps (the code reads a missing field as that
+default), so it is reported like a safe change, never refused.
 
 When the checkpoint to resume from cannot be read (a truncated tensor file, a missing
 ``state/_METADATA``, a missing item), the error names the broken step and the newest intact
@@ -58,7 +61,8 @@ def config_changes(stored: ml_collections.ConfigDict, new: ml_collections.Config
 
     Returns:
         ``(unsafe, safe)``: each maps a dotted field name to ``(stored value, new value)``; a
-        field missing on one side has the value ``"<absent>"`` there.
+        field missing on one side has the value ``"<absent>"`` there. Fields missing from
+        ``stored`` (added since) count as safe.
     """
     old_flat = _flatten(config_utils.config_to_dict(stored))
     new_flat = _flatten(config_utils.config_to_dict(new))
@@ -66,7 +70,8 @@ def config_changes(stored: ml_collections.ConfigDict, new: ml_collections.Config
     for name in sorted(set(old_flat) | set(new_flat)):
         before, after = old_flat.get(name, "<absent>"), new_flat.get(name, "<absent>")
         if before != after:
-            (safe if _is_safe(name) else unsafe)[name] = (before, after)
+            added_since = name not in old_flat
+            (safe if added_since or _is_safe(name) else unsafe)[name] = (before, after)
     return unsafe, safe
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from training_fixtures import REPO, micro_config, subprocess_env
@@ -49,6 +50,21 @@ def test_changed_meaning_is_refused_and_workdir_untouched(trained, tmp_path, fie
     manager = checkpoint.make_manager(workdir, create=False)
     assert manager.all_steps() == [2, 4]
     assert checkpoint.load_config(manager).to_dict() == micro_config().to_dict()
+
+
+def test_fields_added_after_a_run_was_made_do_not_block_its_resume():
+    """A run made before optim.ema_warmup / diffusion.kind existed used to be refused
+    ('<absent>' -> value); now they are reported like safe changes."""
+    stored_dict, new = micro_config().to_dict(), micro_config()
+    del stored_dict["optim"]["ema_warmup"], stored_dict["diffusion"]["kind"]
+    stored = ml_collections.ConfigDict(stored_dict)
+    new.optim.ema_warmup = True
+    safe = resume.check_config(stored, new, "DIR", 4)
+    assert safe == {"diffusion.kind": ("<absent>", "discrete"),
+                    "optim.ema_warmup": ("<absent>", True)}
+    # A field the new config lacks (one removed since) is still refused.
+    with pytest.raises(resume.ResumeError, match=r"diffusion.kind: 'discrete' -> '<absent>'"):
+        resume.check_config(new, stored, "DIR", 4)
 
 
 def test_every_differing_field_is_listed():
