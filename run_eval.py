@@ -36,46 +36,42 @@
 """
 import json
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags as absl_flags
 
-from diffusion_jax import compilation_cache
+from diffusion_jax import idx
+from diffusion_jax.cli import flags
+from diffusion_jax.sde import ode
 
-_SAMPLES = flags.DEFINE_string("samples", None, "npz with images uint8 [N, H, W, C].")
-_METRIC = flags.DEFINE_enum("metric", "digits", ["digits", "fid", "fashion", "clip_score",
-                                                "bpd_ode", "bpd_vlb"],
-                            "Which metric to compute.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained model (bpd_ode / bpd_vlb).")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 256, "Images scored (bpd_*).")
-_SPLIT = flags.DEFINE_string("split", None, "Data split (bpd_*; default: the model's).")
-_ODE_METHOD = flags.DEFINE_enum("ode_method", "rk4", ["euler", "heun", "rk4", "tsit5", "dopri5"],
-                                "Probability-flow ODE solver (bpd_ode).")
-_ODE_STEPS = flags.DEFINE_integer("ode_steps", 100, "Fixed ODE steps (bpd_ode).")
-_INCEPTION_WEIGHTS = flags.DEFINE_string(
+_SAMPLES = absl_flags.DEFINE_string("samples", None, "npz with images uint8 [N, H, W, C].")
+_METRIC = absl_flags.DEFINE_enum("metric", "digits", ["digits", "fid", "fashion", "clip_score",
+                                                     "bpd_ode", "bpd_vlb"],
+                                 "Which metric to compute.")
+_WORKDIR = flags.define_workdir("Trained model (bpd_ode / bpd_vlb).")
+_NUM_EXAMPLES = absl_flags.DEFINE_integer("num_examples", 256, "Images scored (bpd_*).")
+_SPLIT = absl_flags.DEFINE_string("split", None, "Data split (bpd_*; default: the model's).")
+_ODE_METHOD = absl_flags.DEFINE_enum("ode_method", "rk4", list(ode.METHODS),
+                                     "Probability-flow ODE solver (bpd_ode).")
+_ODE_STEPS = absl_flags.DEFINE_integer("ode_steps", 100, "Fixed ODE steps (bpd_ode).")
+_INCEPTION_WEIGHTS = absl_flags.DEFINE_string(
     "inception_weights", None, "FID Inception state_dict (pt_inception-2015-12-05-6726825d.pth).")
-_REF_STATS = flags.DEFINE_string("ref_stats", None, "npz with reference mu / sigma (fid).")
-_SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the samples' mu / sigma here (fid).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per compiled call (fid, clip_score, bpd_*).")
-_SEED = flags.DEFINE_integer("seed", 0, "Digits split / classifier seed (digits).")
-_OUT = flags.DEFINE_string("out", None, "Also write the JSON to this file.")
-_FASHION_DIR = flags.DEFINE_string("fashion_dir", "/usr/share/datasets/fashion-mnist",
-                                   "IDX Fashion-MNIST directory (fashion).")
-_CLIP_WORKDIR = flags.DEFINE_string("clip_workdir", None, "CLIP-stage workdir (clip_score).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text of every sample when the npz has no "
-                              "'prompts' (clip_score).")
-_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    compilation_cache.enable(_JIT_CACHE.value)
-    try:
-        _evaluate()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # one line, exit 1
-        sys.exit(f"FATAL {type(e).__name__}: {e}")
+_REF_STATS = absl_flags.DEFINE_string("ref_stats", None, "npz with reference mu / sigma (fid).")
+_SAVE_STATS = absl_flags.DEFINE_string("save_stats", None,
+                                       "Write the samples' mu / sigma here (fid).")
+_BATCH_SIZE = absl_flags.DEFINE_integer("batch_size", 50,
+                                        "Images per compiled call (fid, clip_score, bpd_*).")
+_SEED = flags.define_seed("Digits split / classifier seed (digits); Hutchinson and "
+                          "dequantisation noise (bpd_*).")
+_OUT = flags.define_out("Also write the JSON to this file.")
+_FASHION_DIR = absl_flags.DEFINE_string("fashion_dir", idx.FASHION_DIR,
+                                        "IDX Fashion-MNIST directory (fashion).")
+_CLIP_WORKDIR = absl_flags.DEFINE_string("clip_workdir", None,
+                                         "CLIP-stage workdir (clip_score).")
+_PROMPT = absl_flags.DEFINE_string("prompt", None, "Text of every sample when the npz has no "
+                                   "'prompts' (clip_score).")
+flags.define_compilation_cache()
 
 
 def _evaluate():
@@ -229,5 +225,6 @@ def _fid(images: np.ndarray) -> dict:
         result["ref_stats"] = _REF_STATS.value
     return result
 
+
 if __name__ == "__main__":
-    app.run(main)
+    flags.run(_evaluate)

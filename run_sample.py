@@ -42,48 +42,37 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
+from absl import flags as absl_flags
 
-from diffusion_jax import (checkpoint, compilation_cache, generate, image_io, loading,
-                           objectives, pipelines, sharding, stage_pipeline)
+from diffusion_jax import (checkpoint, generate, image_io, loading, objectives, pipelines,
+                           sharding, stage_pipeline)
+from diffusion_jax.cli import flags
 from diffusion_jax.cli import sample as cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load the latest checkpoint of.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A Stable Diffusion pipeline directory (model_index.json) or a converted "
-    "diffusers UNet2DModel checkpoint, instead of --workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Diffusion and sampling settings of a --checkpoint model (--workdir uses its own).")
-flags.mark_flags_as_required(["out"])
-_JIT_CACHE = flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
+_WORKDIR = flags.define_workdir()
+_CHECKPOINT = flags.define_checkpoint()
+_STEP = flags.define_step()
+_OUT = flags.define_out()
+_CONFIG = flags.define_config(
+    help_text="Diffusion and sampling settings of a --checkpoint model (--workdir uses its own).")
+absl_flags.mark_flags_as_required(["out"])
+flags.define_compilation_cache()
 cli.define_flags()
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
-        logging.set_verbosity(logging.WARNING)
+def main():
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("Pass exactly one of --workdir and --checkpoint.")
     if _WORKDIR.value is not None and flags.FLAGS["config"].present:
         raise app.UsageError("--config applies to --checkpoint only; --workdir uses its own.")
-    compilation_cache.enable(_JIT_CACHE.value)
-    try:
-        cli.check_out_dir(_OUT.value)
-        if _is_sd_pipeline(_CHECKPOINT.value):
-            _sample_sd()
-            return
-        if _is_text_to_image_workdir(_WORKDIR.value):
-            _sample_trained_t2i()
-            return
+    cli.check_out_dir(_OUT.value)
+    if _is_sd_pipeline(_CHECKPOINT.value):
+        _sample_sd()
+    elif _is_text_to_image_workdir(_WORKDIR.value):
+        _sample_trained_t2i()
+    else:
         _sample()
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        sys.exit(f"run_sample.py: error: {err}")
 
 
 def _is_sd_pipeline(path):
@@ -150,4 +139,4 @@ def _sample():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.run(main, prog="run_sample.py")

@@ -7,8 +7,7 @@ a few steps on the first records, for tests (pass ``--config.data.folder`` to ti
 """
 
 from configs import default
-
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+from diffusion_jax.idx import FASHION_DIR
 
 
 def get_config(objective: str, variant: str):

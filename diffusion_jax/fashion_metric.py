@@ -2,7 +2,7 @@
 
 No Inception weights exist offline, so generated Fashion-MNIST images are scored with a
 classifier fit here on real Fashion-MNIST (any IDX directory; Debian's
-``dataset-fashion-mnist`` installs one in `FASHION_DIR`):
+``dataset-fashion-mnist`` installs one in `diffusion_jax.idx.FASHION_DIR`):
 
 * **Classifier.** A linear least-squares (ridge) classifier on the 784 pixels in [0, 1]:
   ``[W; b] = argmin |[X 1][W; b] - (2 Y - 1)|^2 + RIDGE |[W; b]|^2`` with one-hot ``Y``, a
@@ -33,7 +33,6 @@ from PIL import Image
 
 from diffusion_jax import idx, metrics
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 SIDE = 28
 NUM_CLASSES = 10
 PCA_DIM = 50
@@ -115,7 +114,7 @@ class FashionMetric:
         FileNotFoundError: ``folder`` has no IDX files (install ``dataset-fashion-mnist``).
     """
 
-    def __init__(self, folder: str = FASHION_DIR, *, max_train: int = 10_000,
+    def __init__(self, folder: str = idx.FASHION_DIR, *, max_train: int = 10_000,
                  max_test: int = 10_000):
         self.folder = folder
         train_x, train_y = idx.load_idx_split(folder, "train")

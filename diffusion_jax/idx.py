@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` package (``make fashion-data``) installs Fashion-MNIST."""
 DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 SPLIT_ALIASES = {"test": ("test", "t10k"), "t10k": ("t10k", "test")}

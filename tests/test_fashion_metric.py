@@ -13,6 +13,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from diffusion_jax import fashion_metric as fm
+from diffusion_jax import idx
 
 
 def _write_idx(path, array):
@@ -105,7 +106,7 @@ def test_missing_folder_raises(tmp_path):
         fm.FashionMetric(str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(fm.FASHION_DIR), reason="dataset-fashion-mnist absent")
+@pytest.mark.skipif(not os.path.isdir(idx.FASHION_DIR), reason="dataset-fashion-mnist absent")
 def test_on_real_fashion_mnist():
     metric = fm.FashionMetric(max_test=2000)
     ref = metric.reference()

@@ -11,7 +11,6 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax import data, idx
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 _TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
                np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
 
@@ -218,11 +217,11 @@ def test_tfds_fashion_mnist_is_just_a_config():
     assert got == expected
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="dataset-fashion-mnist not installed "
-                    "(make fashion-data)")
+@pytest.mark.skipif(not os.path.isdir(idx.FASHION_DIR),
+                    reason="dataset-fashion-mnist not installed (make fashion-data)")
 def test_debian_fashion_mnist_package():
     for split, n in (("train", 60000), ("test", 10000)):
-        images, labels = idx.load_idx_split(FASHION_DIR, split)
+        images, labels = idx.load_idx_split(idx.FASHION_DIR, split)
         assert images.shape == (n, 28, 28) and images.dtype == np.uint8
         np.testing.assert_array_equal(np.bincount(labels), [n // 10] * 10)
     assert 0 < images.mean() < 128 and images.max() == 255

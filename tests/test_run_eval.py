@@ -59,3 +59,22 @@ def test_corrupt_samples_file_is_a_one_line_error(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"FATAL ValueError: --samples file '{samples}' is not a readable .npz")
     assert "Traceback" not in proc.stderr
+
+
+def test_ode_methods_and_fashion_path_come_from_the_library():
+    """run_eval.py repeats neither the ODE solver list nor the Fashion-MNIST path: a solver
+    added to ``sde.ode.METHODS`` and a moved ``idx.FASHION_DIR`` reach its flags."""
+    probe = (
+        "import json, runpy; from absl import flags\n"
+        "from diffusion_jax import idx\n"
+        "from diffusion_jax.sde import ode\n"
+        "ode.METHODS = ode.METHODS + ('new_solver',); idx.FASHION_DIR = '/elsewhere'\n"
+        "runpy.run_path('run_eval.py', run_name='probe')\n"
+        "print(json.dumps([flags.FLAGS['ode_method'].parser.enum_values, "
+        "flags.FLAGS['fashion_dir'].default]))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods, fashion_dir = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert methods == ["euler", "heun", "rk4", "tsit5", "dopri5", "new_solver"]
+    assert fashion_dir == "/elsewhere"

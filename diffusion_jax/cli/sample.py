@@ -42,9 +42,11 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from diffusion_jax import data, image_io, pipelines, samplers, sharding
 from diffusion_jax.applications import diffusionclip, tasks
+from diffusion_jax.cli import flags as cli_flags
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
 
 SD_TASKS = ("sample", "img2img", "inpaint", "diffusionclip")
@@ -75,14 +77,10 @@ def define_flags(flag_values=None):
     ``run_sample.py`` adds where the model comes from (``--workdir`` / ``--checkpoint``) and
     where the outputs go (``--out``).
     """
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     fv = flags.FLAGS if flag_values is None else flag_values
     defaults = tasks.TaskOptions()
-    flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
-                      "Sampler (default: config.sample.sampler).", flag_values=fv)
-    flags.DEFINE_integer("steps", None, "DDIM steps / Langevin levels (default: config).",
-                         flag_values=fv)
+    cli_flags.define_sampler(flag_values=fv)
+    cli_flags.define_steps(flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
     flags.DEFINE_multi_string(
         "sampler_option", [], "NAME=VALUE of a SamplerOptions field the sampler reads (another "
@@ -90,7 +88,7 @@ def define_flags(flag_values=None):
         "dynamic_threshold=0.995 (repeatable; default: config.sample).",
         flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "Number of images.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    cli_flags.define_seed(flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
                          flag_values=fv)
     flags.DEFINE_float("guidance_scale", None,
