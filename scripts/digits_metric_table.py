@@ -12,16 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from diffusion_jax import digits_classifier
+from diffusion_jax.cli import flags
 
-from diffusion_jax import digits_classifier  # pylint: disable=wrong-import-position
-
-_SEED = flags.DEFINE_integer("seed", 0, "Digits split / classifier / degradation seed.")
+_SEED = flags.define_seed("Digits split / classifier / degradation seed.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main():
     metric = digits_classifier.DigitsMetric(seed=_SEED.value)
     reference = metric.reference(digits_classifier.DIGITS_SIZE)
     sets = {"real held-out digits": reference["heldout_vs_train"]}
@@ -37,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.run(main, prog="digits_metric_table.py")

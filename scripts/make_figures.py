@@ -26,28 +26,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags as absl_flags
 from ml_collections import config_flags
 
 from diffusion_jax import (classifier_training, data, denoisers, guidance, image_io, loading,
                            samplers)
 from diffusion_jax.applications import common, tasks
+from diffusion_jax.cli import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "demo/workdir", "Trained digits model workdir.")
-_SR_WORKDIR = flags.DEFINE_string("sr_workdir", None, "Trained SR3 workdir (configs/sr_digits.py).")
-_OUT = flags.DEFINE_string("out", "docs/figures", "Output directory for the PNGs.")
-_NUM = flags.DEFINE_integer("num", 8, "Images per row.")
-_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
-_CLASSIFIER = flags.DEFINE_bool("classifier_guidance", False,
-                                "Train a noisy classifier and draw classifier-guided samples.")
+_WORKDIR = flags.define_workdir("Trained digits model workdir.", "demo/workdir")
+_SR_WORKDIR = absl_flags.DEFINE_string("sr_workdir", None,
+                                       "Trained SR3 workdir (configs/sr_digits.py).")
+_OUT = flags.define_out("Output directory for the PNGs.", "docs/figures")
+_NUM = absl_flags.DEFINE_integer("num", 8, "Images per row.")
+_STEPS = flags.define_steps("DDIM steps.", 50)
+_CLASSIFIER = absl_flags.DEFINE_bool(
+    "classifier_guidance", False, "Train a noisy classifier and draw classifier-guided samples.")
 _CLASSIFIER_CONFIG = config_flags.DEFINE_config_file(
     "classifier_config", "configs/classifier_digits.py", "Noisy-classifier config.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_SEED = flags.define_seed("Seed.")
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+def main():
     os.makedirs(_OUT.value, exist_ok=True)
     loaded = loading.load(workdir=_WORKDIR.value)
     model, config, sched = loaded.model, loaded.config, loaded.schedule
@@ -138,4 +138,4 @@ def save_rows(name, rows):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.run(main, prog="make_figures.py")

@@ -29,20 +29,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags as absl_flags
 from flax import nnx
 from PIL import Image, ImageDraw
 
 from diffusion_jax import denoisers, digits_classifier, loading, samplers
+from diffusion_jax.cli import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained digits workdir.")
-_OUT = flags.DEFINE_string("out", "benchmarks/results", "Output directory.")
-_NUM = flags.DEFINE_integer("num_samples", 512, "Samples per setting.")
-_NFE = flags.DEFINE_list("nfe", ["5", "10", "20", "50", "100"], "Target NFEs.")
-_TOLS = flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01", "0.001"],
-                          "rtol = atol ladder of the adaptive ODE.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling / metric seed.")
-flags.mark_flags_as_required(["workdir"])
+_WORKDIR = flags.define_workdir("Trained digits workdir.")
+_OUT = flags.define_out(default="benchmarks/results")
+_NUM = absl_flags.DEFINE_integer("num_samples", 512, "Samples per setting.")
+_NFE = absl_flags.DEFINE_list("nfe", ["5", "10", "20", "50", "100"], "Target NFEs.")
+_TOLS = absl_flags.DEFINE_list("tolerances", ["0.3", "0.1", "0.03", "0.01", "0.001"],
+                               "rtol = atol ladder of the adaptive ODE.")
+_SEED = flags.define_seed("Sampling / metric seed.")
+absl_flags.mark_flags_as_required(["workdir"])
 
 SOLVERS = {  # name -> (registry name, options overrides, steps for a target NFE)
     "DDIM": ("ddim", {}, lambda n: n),
@@ -55,9 +56,7 @@ SOLVERS = {  # name -> (registry name, options overrides, steps for a target NFE
 }
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main():
     loaded = loading.load(workdir=_WORKDIR.value)
     base = samplers.options_from_config(loaded.config)
     metric = digits_classifier.DigitsMetric(seed=_SEED.value)
@@ -222,4 +221,4 @@ def _plot(result, path):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.run(main, prog="quality_vs_nfe.py")

@@ -9,16 +9,26 @@ starts from the same noise for every row (one seed per column). Writes ``OUT/t2i
 :func:`diffusion_jax.pipelines.text_to_image` on the pipeline of the three trained stages
 (:func:`diffusion_jax.stage_pipeline.load_pipeline`).
 """
-import argparse
 import os
 import sys
 
 import jax
 import numpy as np
+from absl import flags as absl_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# pylint: disable=wrong-import-position
 from diffusion_jax import captions, checkpoint, image_io, pipelines, stage_pipeline  # noqa: E402
+from diffusion_jax.cli import flags  # noqa: E402
+
+flags.define_workdir("latent_diffusion workdir.")
+flags.define_out()
+absl_flags.DEFINE_integer("num_seeds", 8, "Columns.")
+absl_flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale (SD convention).")
+flags.define_steps("DDIM steps.", 50)
+flags.define_seed("Noise seed.")
+absl_flags.mark_flags_as_required(["workdir", "out"])
 
 
 def grid_prompts(num_cols: int, heldout) -> list[list[str]]:
@@ -30,18 +40,8 @@ def grid_prompts(num_cols: int, heldout) -> list[list[str]]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="latent_diffusion workdir")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num_seeds", type=int, default=8, help="columns")
-    parser.add_argument("--guidance_scale", type=float, default=3.0, help="SD convention")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    args = parser.parse_args()
-    try:
-        pipe = stage_pipeline.load_pipeline(args.workdir)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"t2i_grid.py: error: {err}")
+    args = flags.FLAGS
+    pipe = stage_pipeline.load_pipeline(args.workdir)
     stored = checkpoint.load_config(
         checkpoint.make_manager(args.workdir, create=False, async_checkpointing=False))
     heldout = captions.split_templates(num_heldout=stored.captions.num_heldout,
@@ -63,4 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main, prog="t2i_grid.py")

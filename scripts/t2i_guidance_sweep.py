@@ -24,7 +24,6 @@ are the reference: faithfulness there is the classifier's test accuracy. Writes
 ``OUT/t2i_guidance.json``, ``OUT/t2i_guidance.md`` and ``OUT/t2i_guidance.png``
 (fashion-FD against CLIP score, one point per scale).
 """
-import argparse
 import json
 import os
 import sys
@@ -32,22 +31,35 @@ import time
 
 import jax
 import numpy as np
+from absl import flags as absl_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from diffusion_jax import (captions, data, fashion_metric, metrics_clip,  # noqa: E402
+from diffusion_jax import (captions, data, fashion_metric, idx, metrics_clip,  # noqa: E402
                            pipelines, plotting, stage_pipeline)
+from diffusion_jax.cli import flags  # noqa: E402
+
+flags.define_workdir("latent_diffusion workdir.")
+flags.define_out(default="benchmarks/results")
+absl_flags.DEFINE_list("scales", ["1", "1.5", "2", "3", "5", "7.5"], "Guidance scales.")
+absl_flags.DEFINE_integer("per_class", 50, "Images per class prompt.")
+flags.define_steps("DDIM steps.", 50)
+absl_flags.DEFINE_integer("batch", 100, "Images per compiled call.")
+flags.define_seed("Noise seed.")
+absl_flags.DEFINE_string("template", "a photo of {}", "Prompt template.")
+absl_flags.DEFINE_string("fashion_dir", idx.FASHION_DIR, "IDX Fashion-MNIST directory.")
+absl_flags.DEFINE_bool("save_images", False, "Also write the npz files.")
+absl_flags.mark_flags_as_required(["workdir"])
 
 
 def main():
-    args = _parse()
-    try:
-        pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
-        clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
-        scales = [float(s) for s in args.scales.split(",")]
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"t2i_guidance_sweep.py: error: {err}")
+    args = flags.FLAGS
+    if min(args.per_class, args.steps, args.batch) < 1:
+        raise ValueError("--per_class, --steps and --batch must be >= 1")
+    pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
+    clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
+    scales = _scales(args.scales)
     prompts = captions.class_prompts(args.template)
     labels = np.repeat(np.arange(len(prompts)), args.per_class)
     texts = [prompts[k] for k in labels]
@@ -90,23 +102,12 @@ def main():
     _write(result, args.out)
 
 
-def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="latent_diffusion workdir")
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
-    parser.add_argument("--scales", default="1,1.5,2,3,5,7.5", help="guidance scales")
-    parser.add_argument("--per_class", type=int, default=50, help="images per class prompt")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--batch", type=int, default=100, help="images per compiled call")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    parser.add_argument("--template", default="a photo of {}", help="prompt template")
-    parser.add_argument("--fashion_dir", default=fashion_metric.FASHION_DIR,
-                        help="IDX Fashion-MNIST directory")
-    parser.add_argument("--save_images", action="store_true", help="also write the npz files")
-    args = parser.parse_args()
-    if min(args.per_class, args.steps, args.batch) < 1:
-        parser.error("--per_class, --steps and --batch must be >= 1")
-    return args
+def _scales(items):
+    """``--scales`` as floats."""
+    try:
+        return [float(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--scales must be numbers, got {','.join(items)}") from None
 
 
 def _real_test_images(config, num):
@@ -163,4 +164,4 @@ def _markdown(result):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main, prog="t2i_guidance_sweep.py")

@@ -15,7 +15,6 @@ logits, no Inception) and the CLIP score with the workdir's own CLIP.
 
 Writes ``OUT/t2i_quality_vs_nfe.json`` and ``OUT/t2i_quality_vs_nfe.md``.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -27,18 +26,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 import jax
 import numpy as np
+from absl import flags as absl_flags
 
-from diffusion_jax import (captions, fashion_metric, metrics_clip, pipelines, samplers,
+from diffusion_jax import (captions, fashion_metric, idx, metrics_clip, pipelines, samplers,
                            stage_pipeline)
+from diffusion_jax.cli import flags
+
+flags.define_workdir("latent_diffusion workdir.")
+flags.define_out(default="benchmarks/results")
+absl_flags.DEFINE_string("samplers", "ddim,dpm_solver_pp,edm_heun", "Samplers, comma-separated.")
+absl_flags.DEFINE_string("nfe", "5,10,20,50", "Target NFEs, comma-separated.")
+absl_flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale (SD convention).")
+absl_flags.DEFINE_integer("per_class", 30, "Images per class prompt.")
+absl_flags.DEFINE_integer("batch", 100, "Images per compiled call.")
+flags.define_seed("Noise seed.")
+absl_flags.DEFINE_string("fashion_dir", idx.FASHION_DIR, "IDX Fashion-MNIST directory.")
+absl_flags.mark_flags_as_required(["workdir"])
 
 
 def main():
-    args = _parse()
-    try:
-        pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
-        clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"t2i_quality_vs_nfe.py: error: {err}")
+    args = flags.FLAGS
+    _check(args)
+    pipe, config = stage_pipeline.load_pipeline_and_config(args.workdir)
+    clip_model, tokenizer = metrics_clip.load_clip(config.latent.clip_workdir)
     prompts = captions.class_prompts("a photo of {}")
     labels = np.repeat(np.arange(len(prompts)), args.per_class)
     texts = [prompts[k] for k in labels]
@@ -87,36 +97,24 @@ def _steps_for(sampler, pipe, target):
         if nfe is not None and nfe <= target:
             fits.append((steps, nfe))
     if not fits:
-        sys.exit(f"t2i_quality_vs_nfe.py: error: {sampler} cannot run within {target} "
-                 "evaluations.")
+        raise ValueError(f"{sampler} cannot run within {target} evaluations.")
     return fits[-1]
 
 
-def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="latent_diffusion workdir")
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
-    parser.add_argument("--samplers", default="ddim,dpm_solver_pp,edm_heun")
-    parser.add_argument("--nfe", default="5,10,20,50", help="target NFEs")
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--per_class", type=int, default=30, help="images per class prompt")
-    parser.add_argument("--batch", type=int, default=100, help="images per compiled call")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    parser.add_argument("--fashion_dir", default=fashion_metric.FASHION_DIR,
-                        help="IDX Fashion-MNIST directory")
-    args = parser.parse_args()
+def _check(args):
+    """Refuses counts below 1, a negative guidance scale, unknown samplers and bad NFEs."""
     if min(args.per_class, args.batch) < 1 or args.guidance_scale < 0:
-        parser.error("--per_class and --batch must be >= 1 and --guidance_scale >= 0")
+        raise ValueError("--per_class and --batch must be >= 1 and --guidance_scale >= 0")
     unknown = [s for s in args.samplers.split(",") if s not in samplers.SAMPLERS]
     if unknown:
-        parser.error(f"--samplers: unknown {unknown[0]!r}; expected some of "
-                     f"{list(samplers.SAMPLERS)}")
+        raise ValueError(f"--samplers: unknown {unknown[0]!r}; expected some of "
+                         f"{list(samplers.SAMPLERS)}")
     try:
         if min(int(n) for n in args.nfe.split(",")) < 1:
             raise ValueError
     except ValueError:
-        parser.error(f"--nfe must be a comma-separated list of integers >= 1, got {args.nfe!r}")
-    return args
+        raise ValueError("--nfe must be a comma-separated list of integers >= 1, got "
+                         f"{args.nfe!r}") from None
 
 
 def _markdown(result):
@@ -140,4 +138,4 @@ def _markdown(result):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run(main, prog="t2i_quality_vs_nfe.py")

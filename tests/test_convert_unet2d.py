@@ -13,6 +13,7 @@ from flax import nnx
 
 from training_fixtures import REPO, subprocess_env
 
+from diffusion_jax.cli import convert as cli_convert
 from diffusion_jax.convert import unet2d as cd
 from diffusion_jax.models.unet import count_params
 
@@ -77,7 +78,7 @@ def _compare(torch_model, jax_model, *, batch, size, channels, labels=None, seed
 
 def test_cli_roundtrip_matches_diffusers(tmp_path, capsys):
     torch_model = _save_random(DDPM_SMALL, tmp_path / "src")
-    cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    cli_convert.unet2d(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
     assert "wrote" in capsys.readouterr().out
     kwargs = json.loads((tmp_path / "out" / "unet.json").read_text())["kwargs"]
     assert kwargs["attn_resolutions"] == [8] and kwargs["downsample_padding"] == 0
@@ -119,7 +120,7 @@ def test_run_sample_on_converted_checkpoint_matches_torch_ddim(tmp_path):
     config = {**DDPM_SMALL, "sample_size": 8, "in_channels": 1, "out_channels": 1,
               "block_out_channels": (16, 32), "layers_per_block": 1}
     torch_model = _save_random(config, tmp_path / "src")
-    cd.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")])
+    cli_convert.unet2d(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")])
     out, n, seed = tmp_path / "samples", 4, 3
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "run_sample.py"), f"--checkpoint={tmp_path / 'ckpt'}",
@@ -218,3 +219,17 @@ def test_checkpoint_of_the_wrong_kind_says_what_it_looks_like(tmp_path):
                 (path / part).mkdir()
         with pytest.raises(FileNotFoundError, match=match):
             loading.load(checkpoint_path=str(path), config=default.get_config())
+
+
+def test_cli_bad_source_is_a_one_line_error(tmp_path):
+    """A missing source: one line naming it and exit 1 (it used to end in a traceback)."""
+    proc = subprocess.run([sys.executable, "-m", "diffusion_jax.convert.unet2d", "--src",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert.unet2d: error: ")
+    assert "missing" in lines[0] and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="convert.unet2d: error: .*--out"):
+        cli_convert.unet2d(["--src", str(tmp_path)])

@@ -1,7 +1,9 @@
 """The import structure of `diffusion_jax`, checked from the source with `ast`.
 
 Every ``import`` / ``from ... import`` of every module counts, at module level and inside
-functions alike (a lazy import hides a dependency from the reader, not from this test).
+functions alike (a lazy import hides a dependency from the reader, not from this test), except
+those of a module-level ``if __name__ == "__main__":`` block: that block is the program the
+module is when run with ``python -m`` (the converters' command lines), i.e. the CLI layer.
 
 Checked:
   * every module belongs to one layer of `LAYERS` (`LAYER_OF`, longest prefix wins) and imports
@@ -108,8 +110,10 @@ def _sources(root: str = ROOT) -> dict[str, tuple[str, bool]]:
 def _imported_names(module: str, source: str, is_package: bool) -> set[str]:
     """Every dotted name ``module`` imports, absolute (``from .x import y`` -> ``pkg.x.y``)."""
     package = module if is_package else module.rpartition(".")[0]
+    tree = ast.parse(source, module)
+    tree.body = [node for node in tree.body if not _is_main_block(node)]
     names = set()
-    for node in ast.walk(ast.parse(source, module)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -119,6 +123,18 @@ def _imported_names(module: str, source: str, is_package: bool) -> set[str]:
                 base = f"{parent}.{base}" if base else parent
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def _is_main_block(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` at module level: the code that runs only when the module
+    is the program (``python -m diffusion_jax.convert.unet2d``) belongs to the command-line
+    layer, so its imports are not the module's."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__" and len(test.comparators) == 1
+            and isinstance(test.ops[0], ast.Eq)
+            and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value == "__main__")
 
 
 def _owner(name: str, modules) -> str | None:
@@ -287,3 +303,15 @@ def test_checks_catch_an_added_import(sources, module, added, check):
     changed = {**sources, module: (f"{source}\n{added}\n", is_package)}
     found = checks[check](import_graph(changed), changed)
     assert found and module in str(found), found
+
+
+def test_a_main_block_may_call_the_cli(sources):
+    """``if __name__ == "__main__":`` may import the CLI; the same import elsewhere may not."""
+    module = "diffusion_jax.convert.vae"
+    source, is_package = sources[module]
+    for added, found in (('if __name__ == "__main__":\n    from diffusion_jax.cli import flags',
+                          False),
+                         ('if __name__ != "__main__":\n    from diffusion_jax.cli import flags',
+                          True)):
+        changed = {**sources, module: (f"{source}\n{added}\n", is_package)}
+        assert bool(cli_importers(_without_allowed(import_graph(changed)))) == found, added

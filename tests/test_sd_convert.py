@@ -13,6 +13,7 @@ from flax import nnx
 from sd_fixtures import CLIP_SMALL, TOL, UNET_LINEAR, VAE_SMALL, nchw, perturb, run, write_vocab
 from training_fixtures import REPO
 
+from diffusion_jax.cli import convert as cli_convert
 from diffusion_jax.convert import pipeline, scheduler, unet_cond
 
 torch = pytest.importorskip("torch")
@@ -49,7 +50,7 @@ def saved(tmp_path_factory):
 def converted(saved, tmp_path_factory):
     """The pipeline converted through the command-line entry point."""
     out = tmp_path_factory.mktemp("converted")
-    pipeline.main(["--src", str(saved[0]), "--out", str(out)])
+    cli_convert.pipeline(["--src", str(saved[0]), "--out", str(out)])
     return out
 
 
@@ -147,7 +148,7 @@ def test_convert_refuses_in_place_and_nested_outputs_before_writing(saved, tmp_p
     for out, message in ((src, "is the source directory"), (tmp_path / "link", "is the source"),
                          (src / "converted", "inside --src"), (tmp_path, "contains --src")):
         with pytest.raises(SystemExit) as exc:
-            pipeline.main(["--src", str(src), "--out", str(out)])
+            cli_convert.pipeline(["--src", str(src), "--out", str(out)])
         assert exc.value.code not in (0, None)
         assert message in str(exc.value.code) and str(exc.value.code).count("\n") == 0
         assert _tree_digest(src) == before, out
@@ -197,7 +198,7 @@ def test_convert_cli_bad_sources_are_one_line_errors(saved, tmp_path):
     for src, name in ((empty, "model_index.json"), (bad_json, "model_index.json"),
                       (bad_weights, "diffusion_pytorch_model.safetensors")):
         with pytest.raises(SystemExit) as exc:
-            pipeline.main(["--src", str(src), "--out", str(tmp_path / "out")])
+            cli_convert.pipeline(["--src", str(src), "--out", str(tmp_path / "out")])
         line = str(exc.value.code)
         assert line.startswith("convert.pipeline: error:") and name in line, line
         assert "\n" not in line

@@ -10,32 +10,34 @@ or sends analytics.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import sys
 import tempfile
+
+from absl import flags as absl_flags
+
+from diffusion_jax.cli import flags
 
 # Before gradio is imported: no telemetry or version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 DEFAULT_WORKDIRS = (("demo_t2i/t2i", "make demo-t2i"), ("demo/workdir", "make demo"))
 LOCALHOST = ("127.0.0.1", "localhost", "::1")
+PROG = "python -m diffusion_jax.app"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command-line flags (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.app",
-                                     description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="Stable Diffusion directory (model_index.json).")
-    source.add_argument("--workdir", help="training workdir (text-to-image or pixel model).")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default local).")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860).")
-    parser.add_argument("--out", default=None,
-                        help="folder for the generated PNGs (default: a new temp folder).")
-    return parser.parse_args(argv)
+def define_flags(fv) -> None:
+    """Registers the command-line flags (see the module docstring) on ``fv``."""
+    flags.define_checkpoint("Stable Diffusion directory (model_index.json).", flag_values=fv)
+    flags.define_workdir("Training workdir (text-to-image or pixel model).", flag_values=fv)
+    flags.define_step("Checkpoint step of --workdir.", flag_values=fv)
+    absl_flags.DEFINE_string("host", "127.0.0.1", "Address to bind (default local).",
+                             flag_values=fv)
+    absl_flags.DEFINE_integer("port", 7860, "Port (default 7860).", flag_values=fv)
+    flags.define_out("Folder for the generated PNGs (default: a new temp folder).",
+                     flag_values=fv)
+    absl_flags.mark_flags_as_mutual_exclusive(["checkpoint", "workdir"], flag_values=fv)
 
 
 def default_source(root: str = ".") -> str | None:
@@ -71,8 +73,13 @@ def launch(demo, host: str, port: int, *, block: bool = True):
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit status."""
-    args = parse_args(argv)
+    """Entry point; returns the exit status (``argv``: the arguments after the program name)."""
+    return flags.run_in_process(define_flags, _serve, sys.argv[1:] if argv is None else argv,
+                                prog=PROG, doc=__doc__)
+
+
+def _serve(args) -> int:
+    """Loads the model of ``args`` (parsed flags) and serves it; returns the exit status."""
     workdir, checkpoint = args.workdir, args.checkpoint
     if workdir is None and checkpoint is None:
         workdir = default_source()
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
     try:
         model = engine.load_engine(checkpoint_dir=checkpoint, workdir=workdir, step=args.step)
     except (ValueError, FileNotFoundError) as err:
-        print(f"python -m diffusion_jax.app: error: {err}", file=sys.stderr)
+        print(flags.error_line(err, PROG), file=sys.stderr)
         return 1
     out_dir = args.out or tempfile.mkdtemp(prefix="diffusion_jax_app_")
     launch(ui.build(model, out_dir), args.host, args.port)

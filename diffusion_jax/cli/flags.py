@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import app, logging
 from absl import flags as absl_flags
@@ -120,6 +120,40 @@ def run(main: Callable[[], None], *, prog: str | None = None,
             sys.exit(error_line(err, prog))
 
     app.run(wrapped, flags_parser=parse_flags)
+
+
+def run_in_process(define: Callable, main: Callable, argv: Sequence[str], *, prog: str,
+                   doc: str = "", errors: tuple[type[BaseException], ...] = ()):
+    """The preamble for entry points that tests also call as functions (the converters, the
+    web app): flags on a fresh ``FlagValues`` (so calls do not share state), no ``app.run``.
+
+    Args:
+        define: ``define(flag_values)`` registers the entry point's flags.
+        main: ``main(flag_values)``, the body; its return value is returned.
+        argv: the arguments after the program name.
+        prog: the program's name in error lines and in the help.
+        doc: the text ``--help`` prints above the flags.
+        errors: exception types reported as one line besides :data:`USER_ERRORS`.
+
+    Raises:
+        SystemExit: ``--help`` (status 0, help printed), a bad flag or an error of ``errors``
+            / :data:`USER_ERRORS` (one line ``prog: error: message``, status 1).
+    """
+    fv = absl_flags.FlagValues()
+    define(fv)
+    if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+        print(f"{doc.strip()}\n\nflags of {prog}:\n{fv.get_help()}")
+        raise SystemExit(0)
+    try:
+        rest = fv([prog, *argv])[1:]
+    except absl_flags.Error as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
+    if rest:
+        raise SystemExit(f"{prog}: error: unexpected arguments {rest}")
+    try:
+        return main(fv)
+    except USER_ERRORS + tuple(errors) as err:
+        raise SystemExit(error_line(err, prog)) from None
 
 
 def error_line(err: BaseException, prog: str | None = None) -> str:

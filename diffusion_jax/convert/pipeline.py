@@ -14,19 +14,17 @@ Source layout (diffusers ``save_pretrained``)::
 scheduler config) plus a ``model_index.json`` tagged with `FORMAT`. `load_pipeline` reads
 either layout and returns a `StableDiffusion`.
 
-Command line::
+Command line (:mod:`diffusion_jax.cli.convert`)::
 
     python -m diffusion_jax.convert.pipeline --src SD_DIR --out OUT_DIR
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from diffusion_jax.convert import common, scheduler, text_encoder, unet_cond, vae
@@ -148,25 +146,6 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike) -> StableDi
     return sd
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``--src SD_DIR --out OUT_DIR``.
-
-    A bad source or output path ends with one line ``convert.pipeline: error: ...`` on stderr
-    and exit status 1.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="diffusers SD pipeline directory")
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    try:
-        sd = convert_pipeline(args.src, args.out)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        sys.exit(f"convert.pipeline: error: {e}")
-    kwargs = sd.info["unet"]["kwargs"]
-    print(f"wrote {args.out}: unet {kwargs['block_out_channels']} x{kwargs['layers_per_block']}, "
-          f"prediction {sd.scheduler.pred_type}, tokenizer length {sd.tokenizer.max_length}")
-
-
 def _check_out(src: str, out: str) -> None:
     """Refuses an ``out`` that is ``src``, inside it or around it (after resolving links), or
     an existing directory that is neither empty nor an earlier conversion."""
@@ -247,5 +226,7 @@ def _check_index(index: dict[str, Any], path: str) -> None:
         raise ValueError(f"{path}/{INDEX_FILE}: unsupported pipeline component(s) {extra}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line lives in the CLI layer
+    from diffusion_jax.cli import convert as cli_convert  # pylint: disable=g-import-not-at-top
+
+    cli_convert.pipeline(sys.argv[1:])

@@ -5,7 +5,7 @@ the config to ``UNet`` keyword arguments (a ``ValueError`` names any field or va
 equivalent), copies every weight (conv kernels OIHW -> HWIO, dense kernels [out, in] ->
 [in, out]) and checks that every source tensor was used exactly once.
 
-Command line::
+Command line (:mod:`diffusion_jax.cli.convert`)::
 
     python -m diffusion_jax.convert.unet2d --src DIR_OR_FILE --out DIR
 
@@ -19,10 +19,9 @@ adds no class embedding.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Sequence
+import sys
 from typing import Any
 
 import jax
@@ -227,17 +226,6 @@ def load_converted(out: str | os.PathLike, **overrides) -> UNet:
     return nnx.merge(graphdef, state)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``--src DIR_OR_FILE --out DIR``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True,
-                        help="diffusers UNet2DModel directory (config.json + weights) or weights file")
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    kwargs = convert(args.src, args.out)
-    print(f"wrote {args.out}: UNet({json.dumps(kwargs)})")
-
-
 def _find_files(src: str) -> tuple[str, str]:
     """Returns ``(config.json, weights file)`` paths for a directory or a weights file."""
     if os.path.isfile(src):
@@ -311,5 +299,7 @@ def _build_abstract(kwargs: dict[str, Any]) -> UNet:
     return nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line lives in the CLI layer
+    from diffusion_jax.cli import convert as cli_convert  # pylint: disable=g-import-not-at-top
+
+    cli_convert.unet2d(sys.argv[1:])
