@@ -16,6 +16,10 @@ global devices, with cross-process collectives over gloo (jax's CPU default), ex
 hosts of a TPU pod slice run the same command with their own process id. Output of process
 ``i`` goes to ``--log_dir/process_i.log`` (default: a temp directory). If any process fails
 or the time limit passes, all are killed and the launcher exits non-zero.
+
+It parses its flags with ``argparse``, not the project's absl preamble
+(:mod:`diffusion_jax.cli.flags`): everything after ``--`` is another program's command line,
+passed on untouched.
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """One call per application on a loaded model: SDEdit, inpainting, ILVR, super-resolution,
-inversion, DiffusionCLIP. Used by ``run_sample.py --task=...`` (through :mod:`.cli`) and the figure script.
+inversion, DiffusionCLIP. Used by ``run_sample.py --task=...`` (through
+:mod:`diffusion_jax.cli.sample`) and the figure script.
 
-Arrays only: file reading and flags are the command-line layer's job (:mod:`.cli`).
+Arrays only: file reading and flags are the command-line layer's job (:mod:`diffusion_jax.cli`).
 """
 import dataclasses
 

@@ -49,26 +49,60 @@ from diffusion_jax.applications import diffusionclip, tasks
 from diffusion_jax.cli import flags as cli_flags
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
 
-SD_TASKS = ("sample", "img2img", "inpaint", "diffusionclip")
-TASKS = ("sample",) + tasks.TASKS + ("img2img",)
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One ``--task``: which models run it and which flags it reads.
+
+    Attributes:
+        pixel: it runs on a pixel model (a training workdir or a converted ``UNet2DModel``).
+        latent: it runs on a latent pipeline (a Stable Diffusion directory or a text-to-image
+            workdir trained here).
+        flags: the task-specific flags it reads; any other task given one is an error.
+        sampler: it runs a registered sampler (reads ``--sampler`` / ``--eta`` /
+            ``--sampler_option``).
+        needs: what it needs of that sampler (:func:`~diffusion_jax.samplers.check_sampler`).
+    """
+    pixel: bool
+    latent: bool
+    flags: tuple[str, ...] = ()
+    sampler: bool = False
+    needs: dict = dataclasses.field(default_factory=dict)
+
+    def reads(self, flag: str) -> bool:
+        """Whether the task uses ``--flag``."""
+        return flag in self.flags or (self.sampler and flag in SAMPLER_FLAGS)
+
+
+SAMPLER_FLAGS = ("sampler", "eta", "sampler_option")
+_INPUT = ("input", "resize_input")
+_DIFFUSIONCLIP = ("t0", "source_text", "target_text", "clip_workdir", "finetune_steps", "clip_lr",
+                  "id_weight", "clip_decode_steps")
+TASK_TABLE = {
+    "sample": Task(pixel=True, latent=True, sampler=True),
+    "sdedit": Task(pixel=True, latent=False, flags=_INPUT + ("mask", "mask_region", "t0"),
+                   sampler=True, needs=dict(t_start=True)),
+    "inpaint": Task(pixel=True, latent=True,
+                    flags=_INPUT + ("mask", "mask_region", "jump_length", "jump_n_sample"),
+                    sampler=True, needs=dict(step_hook=True)),
+    "ilvr": Task(pixel=True, latent=False, flags=_INPUT + ("ilvr_factor", "ilvr_t_min"),
+                 sampler=True, needs=dict(step_hook=True)),
+    "sr": Task(pixel=True, latent=False, flags=_INPUT + ("sr_factor", "sr_method", "sr_aug_t"),
+               sampler=True),
+    "invert": Task(pixel=True, latent=False, flags=_INPUT + ("source_label",)),
+    "diffusionclip": Task(pixel=True, latent=True, flags=_INPUT + _DIFFUSIONCLIP),
+    "img2img": Task(pixel=False, latent=True, flags=("input", "strength"), sampler=True,
+                    needs=dict(t_start=True)),
+}
+"""Every ``--task``, pixel and latent alike: the one list the others below are read from."""
+TASKS = tuple(TASK_TABLE)
+SD_TASKS = tuple(name for name, task in TASK_TABLE.items() if task.latent)
 # Flags only a Stable Diffusion checkpoint uses.
 SD_FLAGS = ("prompt", "negative_prompt", "height", "width", "strength", "dtype")
-# Flags that only some tasks use; any other task given one of them is an error.
-TASK_FLAGS = {
-    "input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "img2img", "diffusionclip"),
-    "resize_input": ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip"),
-    "mask": ("sdedit", "inpaint"), "mask_region": ("sdedit", "inpaint"),
-    "t0": ("sdedit", "diffusionclip"), "ilvr_factor": ("ilvr",), "ilvr_t_min": ("ilvr",),
-    "sr_factor": ("sr",), "sr_method": ("sr",), "sr_aug_t": ("sr",),
-    "jump_length": ("inpaint",), "jump_n_sample": ("inpaint",), "source_label": ("invert",),
-    "sampler": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
-    "eta": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
-    "sampler_option": ("sample", "sdedit", "inpaint", "ilvr", "sr", "img2img"),
-    "strength": ("img2img",),
-    **{name: ("diffusionclip",) for name in ("source_text", "target_text", "clip_workdir",
-                                             "finetune_steps", "clip_lr", "id_weight",
-                                             "clip_decode_steps")},
-}
+# Flag -> the tasks that use it (from TASK_TABLE); any other task given one of them is an error.
+TASK_FLAGS = {flag: tuple(name for name, task in TASK_TABLE.items() if task.reads(flag))
+              for flag in dict.fromkeys(SAMPLER_FLAGS + sum((task.flags for task in
+                                                             TASK_TABLE.values()), ()))}
 
 
 def define_flags(flag_values=None):
@@ -169,9 +203,10 @@ def check_flags(fv, config):
             raise ValueError(f"--{name} needs a text-to-image model (a Stable Diffusion "
                              "--checkpoint with model_index.json, or the --workdir of a "
                              f"latent_diffusion run); this is {kind}.")
-    if task == "img2img":
-        raise ValueError("--task=img2img needs a Stable Diffusion --checkpoint; use "
-                         "--task=sdedit for this model.")
+    if not TASK_TABLE[task].pixel:
+        pixel_tasks = [name for name, spec in TASK_TABLE.items() if spec.pixel]
+        raise ValueError(f"--task={task} needs a Stable Diffusion --checkpoint (this model runs "
+                         f"{pixel_tasks}; --task=sdedit is img2img for it).")
     _check_common(fv)
     if task == "diffusionclip":
         _check_diffusionclip(fv)
@@ -197,8 +232,8 @@ def check_flags(fv, config):
         raise ValueError(f"--task={task} needs a discrete-time model; this one is "
                          f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
-    samplers.check_sampler(sampler, **tasks.SAMPLER_NEEDS.get(task, {}))
-    if task in TASK_FLAGS["sampler_option"]:
+    samplers.check_sampler(sampler, **TASK_TABLE[task].needs)
+    if TASK_TABLE[task].sampler:
         samplers.check_options(sampler, sampler_overrides(fv))
 
 
@@ -247,9 +282,8 @@ def check_sd_flags(fv, pipe):
         if height != width:
             raise ValueError(f"--input is read as a square image: --height={height} and "
                              f"--width={width} must be equal.")
-    if task != "diffusionclip":
-        samplers.check_sampler(fv.sampler or "ddim", t_start=task == "img2img",
-                               step_hook=task == "inpaint")
+    if TASK_TABLE[task].sampler:
+        samplers.check_sampler(fv.sampler or "ddim", **TASK_TABLE[task].needs)
         samplers.check_options(fv.sampler or "ddim", sampler_overrides(fv))
 
 
