@@ -29,7 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
     data.folder = ""  # root of the images (source="image_folder") or IDX files (source="idx")
     data.worker_count = 0  # grain read threads; 0 = read in the main thread
 
-    config.model = model = ml_collections.ConfigDict()  # UNet kwargs (see models/unet.py)
+    # The network (diffusion_jax/models/build.py). Pixel UNet ("unet", models/unet.py): every
+    # field below except the cond_unet ones; cross-attention UNet ("cond_unet", a latent
+    # diffusion model, models/cond_unet.py): block_out_channels, cross_attn, heads_per_level,
+    # num_res_blocks, num_groups, time_input, dtype, param_dtype, remat. The autoencoder_kl and
+    # clip archs read config.autoencoder and config.clip.
+    config.model = model = ml_collections.ConfigDict()
+    # resolved from train.objective when training starts and stored with every checkpoint
+    model.arch = ""  # "" = the objective's arch | "unet" | "cond_unet" | "autoencoder_kl" | "clip"
     model.base_channels = 128  # channels at the highest resolution
     model.channel_mult = (1, 2, 2, 2)  # channels per level = base_channels * mult
     model.num_res_blocks = 2  # residual blocks per level
@@ -45,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (params stay param_dtype)
     model.param_dtype = "float32"  # parameter dtype
     model.remat = False  # rematerialise residual blocks to save memory
+    model.block_out_channels = (64, 128)  # cond_unet: widths per level
+    model.cross_attn = (True, True)  # cond_unet: cross-attention per level
+    model.heads_per_level = (4, 4)  # cond_unet: attention heads per level
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"  # beta schedule: linear | scaled_linear | cosine | sigmoid
@@ -92,8 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
     train.async_checkpointing = True  # write checkpoints in a background thread
     train.checkpoint_timeout_s = 3600.0  # a save not committed within this is an error
-    # "autoencoder" (config.autoencoder) | "clip" (config.clip) | "latent_diffusion" (config.latent)
-    train.objective = "diffusion"  # what is trained: "diffusion" (config.model's UNet) | see above
+    # "diffusion" (pixels) | "autoencoder" (config.autoencoder) | "clip" (config.clip) |
+    # "latent_diffusion" (config.latent); each trains the archs it names (objectives.py)
+    train.objective = "diffusion"  # what is trained
 
     # Sampler settings: the defaults are declared once, by the sampler that reads the setting
     # (diffusion_jax/samplers/); config.sample repeats them as _sampler_default(...) and
@@ -175,8 +186,10 @@ def get_config() -> ml_collections.ConfigDict:
     clip.num_groups = 8  # image encoder GroupNorm groups
     clip.projection_dim = 64  # shared embedding width
     clip.positives = "label"  # InfoNCE targets: "pair" (own caption) | "label" (same class)
+    clip.eos_token_id = 1  # the caption tokenizer's <|endoftext|> id, where the text tower pools
 
-    config.latent = latent = ml_collections.ConfigDict()  # objective "latent_diffusion"
+    # objective "latent_diffusion": its frozen stages; the UNet is config.model (arch cond_unet)
+    config.latent = latent = ml_collections.ConfigDict()
     latent.autoencoder_workdir = ""  # workdir of the "autoencoder" stage (frozen)
     latent.clip_workdir = ""  # workdir of the "clip" stage (frozen text encoder + tokenizer)
     latent.autoencoder_step = 0  # pinned autoencoder step; 0 = its latest at the first start
@@ -188,11 +201,6 @@ def get_config() -> ml_collections.ConfigDict:
     latent.caption_drop_prob = 0.1  # captions replaced by the empty prompt (for CFG)
     latent.latent_channels = 0  # resolved from the autoencoder workdir when 0
     latent.cross_attention_dim = 0  # resolved from the clip workdir when 0
-    latent.block_out_channels = (64, 128)  # CondUNet widths per level
-    latent.cross_attn = (True, True)  # cross-attention per level
-    latent.layers_per_block = 1  # residual blocks per level
-    latent.num_heads = (4, 4)  # attention heads per level
-    latent.norm_num_groups = 16  # GroupNorm groups
 
     config.final_eval = final_eval = ml_collections.ConfigDict()  # after training (objectives.py)
     final_eval.split = "test"  # idx split the autoencoder / clip stages are evaluated on

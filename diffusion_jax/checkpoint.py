@@ -30,7 +30,8 @@ from diffusion_jax import config_utils
 CHECKPOINT_SUBDIR = "checkpoints"
 # files that mark a directory of converted weights (run_sample.py --checkpoint), not a workdir
 _CHECKPOINT_MARKERS = (("model_index.json", "a Stable Diffusion pipeline directory"),
-                       ("unet.json", "a converted diffusers UNet checkpoint"))
+                       ("unet.json", "a converted diffusers UNet checkpoint"),
+                       ("config.json", "a converted or a diffusers model directory"))
 
 
 # manager -> the step of its newest save, so a failed commit can be named
@@ -155,8 +156,37 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
     return restored.state, restored.data
 
 
+def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, *, num_emas: int,
+                   step: int | None = None) -> Any:
+    """The parameters to sample with from checkpoint ``step`` (default: the latest): its first
+    EMA, or the raw parameters when the run keeps none (``num_emas = 0``).
+
+    Only that part of the saved ``state`` is read (orbax partial restore): no optimiser state,
+    no train state, nothing else built or allocated.
+
+    Args:
+        manager: from `make_manager`.
+        abstract_params: the ``nnx.State`` of the model's parameters as
+            ``jax.ShapeDtypeStruct`` leaves carrying their sharding.
+        num_emas: ``len(config.optim.ema_decays)`` of the stored config.
+        step: which checkpoint; None = the latest.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint (or no checkpoint ``step``).
+    """
+    step = _resolve_step(manager, step)
+    item = ({"ema_params": (abstract_params,) * num_emas} if num_emas
+            else {"params": abstract_params})
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored.state["ema_params"][0] if num_emas else restored.state["params"]
+
+
 def load_config(manager: ocp.CheckpointManager, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config saved with checkpoint ``step`` (default: the latest), locked.
+    """The config saved with checkpoint ``step`` (default: the latest), locked and migrated to
+    today's layout (`config_utils.migrate`: fields added since get the value that reproduces
+    the run, moved fields are moved).
 
     Raises:
         FileNotFoundError: there is no checkpoint (or no checkpoint ``step``).

@@ -11,7 +11,6 @@ then take ``denoisers.build_denoiser(loaded.model, cond)`` and ``loaded.schedule
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import NamedTuple
 
@@ -20,7 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import checkpoint, generate, objectives, schedules, sharding, train
+from diffusion_jax import checkpoint, schedules, sharding
+from diffusion_jax.models import build
 from diffusion_jax.schedules import DiscreteSchedule
 
 SAMPLED = ("diffusion", "latent_diffusion")
@@ -48,7 +48,8 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
 
     * ``workdir``: the config stored with the checkpoint; the params are the first EMA of
       step ``step`` (default: the latest), or the raw params when the run keeps no EMA.
-    * ``checkpoint_path``: a directory written by ``diffusion_jax.convert.unet2d``;
+    * ``checkpoint_path``: a directory written by ``diffusion_jax.convert.unet2d`` (its
+      ``config.json``, or ``unet.json`` of older conversions);
       the diffusion and sampling settings come from ``config`` (required; e.g.
       ``configs/default.py``), its ``data`` image size, channels and classes from the model.
 
@@ -108,46 +109,66 @@ def params_digest(params) -> str:
     return digest.hexdigest()
 
 
+def abstract_params(config: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` of the model ``config.model.arch`` names, without allocating it:
+    ``params`` holds ``jax.ShapeDtypeStruct`` leaves sharded over ``mesh`` by the rules table."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build.build_model(config, rngs=nnx.Rngs(0))))
+    shapes = jax.eval_shape(
+        lambda: nnx.state(build.build_model(config, rngs=nnx.Rngs(0)), nnx.Param))
+    shardings = sharding.state_shardings(shapes, mesh)
+    return graphdef, jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def _load_workdir(workdir, step, mesh, kinds):
-    """``(graphdef, params, config)`` of a training workdir: first EMA of ``step``."""
+    """``(graphdef, params, config)`` of a training workdir: first EMA of ``step``, restored
+    from the abstract model alone (`checkpoint.restore_params`)."""
     manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
     config = checkpoint.load_config(manager, step)
-    found = objectives.objective_of(config)
+    found = config.train.objective
     if found not in kinds:
         stage = (" (a stage of a text-to-image model: sample the 'latent_diffusion' run "
-                 "trained on it)" if found in objectives.FROZEN_STAGES and kinds == SAMPLED else "")
+                 "trained on it)" if kinds == SAMPLED else "")
         raise ValueError(f"{workdir} holds a {found!r} run (config.train.objective){stage}; "
                          f"expected {' or '.join(map(repr, kinds))}.")
-    graphdef, abstract, _ = train.abstract_train_state(config, train.make_optimizer(config), mesh)
-    state, _ = checkpoint.restore(manager, abstract, step)
-    return graphdef, generate.sampling_params(state), config
+    graphdef, abstract = abstract_params(config, mesh)
+    params = checkpoint.restore_params(manager, abstract, step=step,
+                                       num_emas=len(config.optim.ema_decays))
+    return graphdef, params, config
 
 
 def _load_converted(path, config, mesh):
-    """``(graphdef, params, config)`` of a converted diffusers checkpoint, the params
+    """``(graphdef, params, config)`` of a converted diffusers UNet2DModel, the params
     replicated over ``mesh``; ``config``'s ``data`` size, channels and classes are set from
-    the model's ``unet.json``."""
-    from diffusion_jax.convert import unet2d as convert_diffusers  # pylint: disable=g-import-not-at-top
-    if not os.path.exists(os.path.join(path, "unet.json")):
-        if all(os.path.isdir(os.path.join(path, part)) for part in ("unet", "vae")):
-            raise FileNotFoundError(
-                f"{path!r} looks like a Stable Diffusion pipeline directory (unet/, vae/) but "
-                "has no model_index.json; restore that file (diffusers writes it with "
-                "save_pretrained).")
-        if os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(
-                f"{path!r} is an unconverted diffusers UNet2DModel (config.json, no unet.json); "
-                "convert it with python -m diffusion_jax.convert.unet2d first.")
-        raise FileNotFoundError(f"{path!r} has no unet.json; --checkpoint takes a Stable "
-                                "Diffusion pipeline directory (model_index.json) or a UNet "
-                                "converted with diffusion_jax.convert.unet2d.")
-    graphdef, params = nnx.split(convert_diffusers.load_converted(path))
+    the model's record (``config.json``, or a legacy ``unet.json``)."""
+    from diffusion_jax.convert import unet2d  # pylint: disable=g-import-not-at-top
+    try:
+        record = unet2d.read_record(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(_not_converted(path)) from None
+    graphdef, params = nnx.split(unet2d.load_converted(path))
     params = jax.device_put(params, sharding.replicated(mesh))
-    with open(os.path.join(path, "unet.json")) as f:
-        kwargs = json.load(f)["kwargs"]
+    kwargs = record["kwargs"]
     config = ml_collections.ConfigDict(config.to_dict())
+    config.model.arch = "unet"
     config.data.image_size = kwargs["image_size"]
     config.data.num_channels = kwargs["in_channels"]
     config.data.num_classes = kwargs["num_classes"]
     config.model.class_conditional = kwargs["num_classes"] > 0
     return graphdef, params, config
+
+
+def _not_converted(path):
+    """What a ``--checkpoint`` directory without a converted UNet record looks like."""
+    if all(os.path.isdir(os.path.join(path, part)) for part in ("unet", "vae")):
+        return (f"{path!r} looks like a Stable Diffusion pipeline directory (unet/, vae/) but has "
+                "no model_index.json; restore that file (diffusers writes it with "
+                "save_pretrained).")
+    config_path = os.path.join(path, "config.json")
+    if os.path.exists(config_path):
+        return (f"{path!r} is an unconverted diffusers UNet2DModel (its config.json has no "
+                "diffusion_jax format); convert it with python -m diffusion_jax.convert.unet2d "
+                "first.")
+    return (f"{path!r} has no converted UNet (config.json with a diffusion_jax format); "
+            "--checkpoint takes a Stable Diffusion pipeline directory (model_index.json) or a "
+            "UNet converted with diffusion_jax.convert.unet2d.")

@@ -1,33 +1,40 @@
-"""Training objectives beyond pixel diffusion: the three stages of a text-to-image model.
+"""Training objectives: what `diffusion_jax.train`'s one train step optimises.
 
-``config.train.objective`` picks what `diffusion_jax.train` trains; every objective goes
-through the same train step, sharding, EMA and checkpoints. Pixel diffusion
-(``"diffusion"``) lives in ``train.py``; this module adds the stages Stable Diffusion trains
-separately (Rombach et al., 2022; Radford et al., 2021):
+``config.train.objective`` picks an entry of one table (`get`); every objective goes through
+the same train step, sharding, EMA and checkpoints, and names the model archs it trains
+(``config.model.arch``, `diffusion_jax.models.build`; ``""`` = its first). Pixel diffusion and
+the stages Stable Diffusion trains separately (Rombach et al., 2022; Radford et al., 2021):
 
-* ``"autoencoder"``: the KL autoencoder (`AutoencoderKL`) on images ``x: [B, H, W, C]``,
+* ``"diffusion"`` (arch ``unet``): the denoising loss of ``config.diffusion.kind`` on images
+  ``x: [B, H, W, C]`` with the condition of ``config.model`` (labels, a low-res image);
+  DDPM's discrete loss, continuous-time DSM of an SDE or EDM (`_denoising_loss`). Its sample
+  grid is written during training.
+* ``"autoencoder"`` (arch ``autoencoder_kl``): the KL autoencoder on images,
   ``z ~ q(z | x)``, ``x_hat = decode(z)``::
 
       loss = l1 mean|x - x_hat| + l2 mean (x - x_hat)^2 + kl KL(q(z|x) || N(0, I)) / (H W C)
 
-* ``"clip"``: `CLIPModel` (text transformer + image CNN), symmetric InfoNCE with the learned
-  temperature (`contrastive.clip_loss`) on captions drawn for each image from the training
-  templates (`captions.random_captions`); with ``clip.positives = "label"`` every pair of the
-  same class counts as a positive. The caption tokenizer is written to ``WORKDIR/tokenizer``.
-* ``"latent_diffusion"``: a cross-attention `CondUNet` trained with the denoising loss on
-  ``z = scale * sample(q(z | x))`` of the frozen autoencoder, conditioned on the frozen CLIP
-  text encoder's token states; captions are replaced by the empty prompt with probability
-  ``latent.caption_drop_prob`` (for classifier-free guidance). ``scale = 1 / std(z)``
-  measured once on training latents (as SD chose 0.18215) and stored in the config and in
-  ``WORKDIR/latent_scale.json``. The frozen stages are pinned: the step and a sha256 of the
-  parameters of each (`loading.params_digest`) are recorded at the first start in
-  ``WORKDIR/frozen_stages.json`` and in the config (``latent.autoencoder_step`` /
-  ``_sha256``, ``latent.clip_step`` / ``_sha256``); resuming and sampling load exactly those
-  steps (`load_frozen_stage`) and refuse when one is gone or its content changed, so training
-  a stage further never silently changes a trained text-to-image model.
+* ``"clip"`` (arch ``clip``): `CLIPModel` (text transformer + image CNN), symmetric InfoNCE
+  with the learned temperature (`contrastive.clip_loss`) on captions drawn for each image from
+  the training templates (`captions.random_captions`); with ``clip.positives = "label"`` every
+  pair of the same class counts as a positive. The caption tokenizer is written to
+  ``WORKDIR/tokenizer``.
+* ``"latent_diffusion"`` (arch ``cond_unet``, settings in ``config.model``): the denoising
+  loss of ``config.diffusion.kind`` on ``z = scale * sample(q(z | x))`` of the frozen
+  autoencoder, conditioned on the frozen CLIP text encoder's token states; captions are
+  replaced by the empty prompt with probability ``latent.caption_drop_prob`` (for
+  classifier-free guidance). ``scale = 1 / std(z)`` measured once on training latents (as SD
+  chose 0.18215) and stored in the config and in ``WORKDIR/latent_scale.json``. The frozen
+  stages are pinned: the step and a sha256 of the parameters of each
+  (`loading.params_digest`) are recorded at the first start in ``WORKDIR/frozen_stages.json``
+  and in the config (``latent.autoencoder_step`` / ``_sha256``, ``latent.clip_step`` /
+  ``_sha256``); resuming and sampling load exactly those steps (`load_frozen_stage`) and
+  refuse when one is gone or its content changed, so training a stage further never silently
+  changes a trained text-to-image model.
 
-An `Objective` gives the model builder, the loss, a host-side batch transform (captions are
-strings, tokenised before the batch is sharded) and a final evaluation on the test split.
+An `Objective` gives the archs, the loss, a host-side batch transform (captions are strings,
+tokenised before the batch is sharded), a training-time sample grid and a final evaluation on
+the test split.
 """
 from __future__ import annotations
 
@@ -43,9 +50,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import (caption_tokenizer, captions, checkpoint, clip_tokenizer, contrastive, data,
-                           losses)
-from diffusion_jax.models import autoencoder, clip, cond_unet
+from diffusion_jax import (caption_tokenizer, captions, checkpoint, clip_tokenizer, conditioning,
+                           contrastive, data, generate, loading, losses)
+from diffusion_jax.models import build
+from diffusion_jax.sde import parameterization
 
 OBJECTIVES = ("diffusion", "autoencoder", "clip", "latent_diffusion")
 TOKENIZER_SUBDIR = "tokenizer"
@@ -56,10 +64,10 @@ EVAL_FILE = "eval.json"
 
 
 class Objective(NamedTuple):
-    """What `train` needs of an objective other than ``"diffusion"``.
+    """What `train` needs of an objective.
 
     Attributes:
-        build_model: ``(config, rngs) -> nnx.Module``.
+        archs: the ``model.arch`` values it trains; the first is the default.
         make_loss_fn: ``(graphdef, schedule, config) -> loss_fn(params, batch, key) ->
             (loss, aux)``; ``aux`` is ``(per_example [b], t [b])`` for diffusion objectives
             (the train step's quartile metrics), else a dict of scalar metrics.
@@ -68,12 +76,15 @@ class Objective(NamedTuple):
             sharding, or None.
         evaluate: ``(config, graphdef, params, workdir) -> dict`` of test-split numbers, or
             None.
+        sample_fn: ``(config, graphdef, schedule, mesh) -> fn(params, key) -> images [N, H, W,
+            C]`` in [-1, 1], the grid written every ``train.eval_every`` steps, or None.
     """
-    build_model: Callable
+    archs: tuple[str, ...]
     make_loss_fn: Callable
     is_diffusion: bool
     host_batch_fn: Callable | None
     evaluate: Callable | None
+    sample_fn: Callable | None
 
 
 def objective_of(config) -> str:
@@ -82,21 +93,49 @@ def objective_of(config) -> str:
 
 
 def get(name: str) -> Objective:
-    """The objective called ``name`` (not ``"diffusion"``, which ``train.py`` implements).
+    """The objective called ``name``.
 
     Raises:
         ValueError: an unknown name.
     """
-    table = {"autoencoder": _AUTOENCODER, "clip": _CLIP, "latent_diffusion": _LATENT}
+    table = {"diffusion": _DIFFUSION, "autoencoder": _AUTOENCODER, "clip": _CLIP,
+             "latent_diffusion": _LATENT}
     if name not in table:
         raise ValueError(f"train.objective={name!r} must be one of {OBJECTIVES}.")
     return table[name]
+
+
+def with_arch(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``model.arch`` resolved: ``""`` becomes the objective's first arch (a
+    copy); a set arch is checked.
+
+    Raises:
+        ValueError: an unknown objective or arch, or an arch the objective does not train
+            (names both).
+    """
+    objective, arch = objective_of(config), config.model.get("arch", "")
+    archs = get(objective).archs
+    if arch and arch not in archs:
+        build.get(arch)  # an unknown arch is named as such
+        raise ValueError(f"model.arch={arch!r} is not trained by train.objective={objective!r}, "
+                         f"which trains {' or '.join(map(repr, archs))}.")
+    if arch:
+        return config
+    config = copy.deepcopy(config)
+    config.model.arch = archs[0]
+    return config
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    """The network ``config`` trains: `build.build_model` of `with_arch` ``(config)``."""
+    return build.build_model(with_arch(config), rngs=rngs)
 
 
 def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A copy of ``config`` with the fields that depend on files resolved (deterministically,
     so a resumed run resolves them to the stored values).
 
+    * every objective: ``model.arch`` (`with_arch`), so each checkpoint records its arch.
     * ``clip``: builds the caption tokenizer into ``WORKDIR/tokenizer`` (once) and sets
       ``clip.vocab_size`` to its size.
     * ``latent_diffusion``: reads the frozen stages' configs for ``latent.latent_channels`` and
@@ -109,11 +148,9 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
         FileNotFoundError: a stage workdir has no checkpoint.
     """
     objective = objective_of(config)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"train.objective={objective!r} must be one of {OBJECTIVES}.")
+    config = copy.deepcopy(with_arch(config))
     if objective not in ("clip", "latent_diffusion"):
         return config
-    config = copy.deepcopy(config)
     if objective == "clip":
         tok = _workdir_tokenizer(config, workdir)
         _resolve(config.clip, "vocab_size", tok.backend.get_vocab_size())
@@ -127,7 +164,7 @@ def final_evaluation(config, graphdef, params, workdir: str) -> dict[str, float]
 
     Returns None when the objective has none or ``final_eval.num_images`` is -1.
     """
-    if objective_of(config) == "diffusion" or config.final_eval.num_images < 0:
+    if config.final_eval.num_images < 0:
         return None
     evaluate = get(objective_of(config)).evaluate
     if evaluate is None:
@@ -146,7 +183,6 @@ def load_stage(workdir: str, objective: str, step: int | None = None):
     Raises:
         ValueError: ``workdir`` holds a run of another objective.
     """
-    from diffusion_jax import loading  # loading builds models through train, which imports us
     return loading.load(workdir=workdir, step=step, kinds=(objective,))
 
 
@@ -162,7 +198,6 @@ def load_frozen_stage(config, objective: str):
         ValueError: the pinned step's parameters differ from the recorded ones (names the
             recorded and the found step and sha256).
     """
-    from diffusion_jax import loading  # pylint: disable=g-import-not-at-top
     lat = config.latent
     directory = lat[f"{objective}_workdir"]
     step, digest = lat.get(f"{objective}_step", 0), lat.get(f"{objective}_sha256", "")
@@ -182,16 +217,52 @@ def load_frozen_stage(config, objective: str):
     return loaded
 
 
+# ------------------------------------------------------------------------- pixel diffusion
+
+def _diffusion_loss_fn(graphdef, schedule, config):
+    """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))``: the denoising loss
+    of ``config.diffusion.kind`` on ``batch["image"]`` (`_denoising_loss`), with the training
+    condition (label dropout, SR low-res image) of ``config.model``."""
+    parameterization.check_model_time_input(config.diffusion, config.model.time_input)
+
+    def loss_fn(params, batch, key):
+        loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
+        model = nnx.merge(graphdef, params)
+        cond = conditioning.training_condition(config, schedule, batch, label_key=label_key,
+                                               image_key=cond_key)
+
+        def denoise(x_t, t):
+            return model(x_t, t, cond, deterministic=False, dropout_key=dropout_key)
+
+        return _denoising_loss(denoise, schedule, batch["image"], loss_key, config.diffusion)
+
+    return loss_fn
+
+
+def _denoising_loss(denoise, schedule, x0, key, diff):
+    """``(loss, (per_example [b], t [b]))`` of ``diff.kind`` on data ``x0 [b, ...]``.
+
+    ``discrete``: DDPM's loss (`losses.denoising_loss`, ``pred_type``, weighting); a continuous
+    kind (``vp``, ``subvp``, ``ve``, ``edm``): `parameterization.training_loss`, where ``t`` is
+    the noise level's quantile bucket in {0..T-1}.
+    """
+    if parameterization.kind_of(diff) == "discrete":
+        loss, per_example, t = losses.denoising_loss(
+            denoise, schedule, x0, key, pred_type=diff.pred_type,
+            weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
+    else:
+        loss, per_example, t = parameterization.training_loss(
+            denoise, diff, x0, key, schedule.num_timesteps)
+    return loss, (per_example, t)
+
+
+def _diffusion_sample_fn(config, graphdef, schedule, mesh):
+    """``config.sample.num_samples`` images from ``config.sample``'s sampler."""
+    return generate.make_sample_fn(graphdef, schedule, config, mesh,
+                                   num_samples=config.sample.num_samples)
+
+
 # ----------------------------------------------------------------------------- autoencoder
-
-def _build_autoencoder(config, rngs):
-    ae, channels = config.autoencoder, config.data.num_channels
-    return autoencoder.AutoencoderKL(
-        in_channels=channels, out_channels=channels, latent_channels=ae.latent_channels,
-        block_out_channels=tuple(ae.block_out_channels), layers_per_block=ae.layers_per_block,
-        norm_num_groups=ae.norm_num_groups, mid_block_attention=ae.mid_block_attention,
-        scaling_factor=1.0, rngs=rngs)
-
 
 def _autoencoder_loss_fn(graphdef, schedule, config):
     """The loss of the module docstring; aux: means of l1, l2, kl (nats / example), psnr."""
@@ -234,21 +305,6 @@ def _evaluate_autoencoder(config, graphdef, params, workdir):
 
 
 # ------------------------------------------------------------------------------------ clip
-
-def _build_clip(config, rngs):
-    c = config.clip
-    if c.vocab_size <= 0:
-        raise ValueError("clip.vocab_size is unresolved (0): it is set from the caption "
-                         "tokenizer when training starts (objectives.prepare_config).")
-    text = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                intermediate_size=c.intermediate_size, num_layers=c.num_layers,
-                num_heads=c.num_heads, max_positions=config.captions.max_length,
-                hidden_act="quick_gelu", eos_token_id=caption_tokenizer.EOS_ID)
-    image = dict(in_channels=config.data.num_channels, embed_dim=c.image_embed_dim,
-                 base_channels=c.image_base_channels,
-                 channel_mult=tuple(c.image_channel_mult), num_groups=c.num_groups)
-    return clip.CLIPModel(text=text, image=image, projection_dim=c.projection_dim, rngs=rngs)
-
 
 def _clip_loss_fn(graphdef, schedule, config):
     """Symmetric InfoNCE; aux: the capped temperature inverse and in-batch recall@1."""
@@ -343,37 +399,22 @@ def _pool_recall(img, txt, labels, *, pool):
 
 # ------------------------------------------------------------------------ latent diffusion
 
-def _build_latent_unet(config, rngs):
-    lat = config.latent
-    for name in ("latent_channels", "cross_attention_dim"):
-        if lat[name] <= 0:
-            raise ValueError(f"latent.{name} is unresolved (0): it is read from the stage "
-                             f"workdirs when training starts (objectives.prepare_config).")
-    return cond_unet.CondUNet(
-        in_channels=lat.latent_channels, out_channels=lat.latent_channels,
-        block_out_channels=tuple(lat.block_out_channels), cross_attn=tuple(lat.cross_attn),
-        layers_per_block=lat.layers_per_block, num_heads=tuple(lat.num_heads),
-        cross_attention_dim=lat.cross_attention_dim, norm_num_groups=lat.norm_num_groups,
-        rngs=rngs)
-
-
 def _latent_loss_fn(graphdef, schedule, config):
-    """The denoising loss on scaled latents of the frozen autoencoder, conditioned on the
-    frozen text encoder's states ``[b, L, D]``; aux ``(per_example, t)``."""
+    """The denoising loss of ``config.diffusion.kind`` (`_denoising_loss`) on scaled latents
+    of the frozen autoencoder, conditioned on the frozen text encoder's states ``[b, L, D]``;
+    aux ``(per_example, t)``."""
+    parameterization.check_model_time_input(config.diffusion, config.model.time_input)
     vae = load_frozen_stage(config, "autoencoder").model
     text_model = load_frozen_stage(config, "clip").model.text_model
-    scale, diff = config.latent.scale_factor, config.diffusion
+    scale = config.latent.scale_factor
 
     def loss_fn(params, batch, key):
         latent_key, loss_key = jax.random.split(key)
         z = jax.lax.stop_gradient(vae.encode(batch["image"]).sample(latent_key) * scale)
         states = jax.lax.stop_gradient(text_model(batch["input_ids"]).last_hidden_state)
         unet = nnx.merge(graphdef, params)
-        loss, per_example, t = losses.denoising_loss(
-            lambda x_t, t: unet(x_t, t, {"text": states}), schedule, z, loss_key,
-            pred_type=diff.pred_type, weighting=diff.loss_weighting,
-            min_snr_gamma=diff.min_snr_gamma)
-        return loss, (per_example, t)
+        return _denoising_loss(lambda x_t, t: unet(x_t, t, {"text": states}), schedule, z,
+                               loss_key, config.diffusion)
 
     return loss_fn
 
@@ -415,7 +456,6 @@ def _pin_frozen_stages(config, workdir):
     ``latent.<stage>_step`` (0: its latest step) and the file (re)written (host 0). A workdir
     with checkpoints but no file (trained before pinning) is pinned to the stages' latest steps
     from now on, with a warning."""
-    from diffusion_jax import loading  # pylint: disable=g-import-not-at-top
     lat, path = config.latent, os.path.join(workdir, STAGES_FILE)
     trained = _latest_step(workdir, missing_ok=True) is not None
     if trained and os.path.isfile(path):
@@ -510,9 +550,9 @@ def _workdir_tokenizer(config, workdir):
     directory = os.path.join(workdir, TOKENIZER_SUBDIR)
     if not os.path.isfile(os.path.join(directory, "vocab.json")):
         tok = caption_tokenizer.build_caption_tokenizer(max_length=config.captions.max_length)
-        if tok.eos_token_id != caption_tokenizer.EOS_ID:
+        if tok.eos_token_id != config.clip.eos_token_id:
             raise ValueError(f"caption tokenizer: <|endoftext|> has id {tok.eos_token_id}, "
-                             f"expected {caption_tokenizer.EOS_ID}")
+                             f"expected clip.eos_token_id={config.clip.eos_token_id}")
         if jax.process_index() == 0:
             caption_tokenizer.save_caption_tokenizer(tok, directory)
         return tok
@@ -571,7 +611,8 @@ def _latent_host_batch(config, workdir):
         drop_prob=config.latent.caption_drop_prob)
 
 
-_AUTOENCODER = Objective(_build_autoencoder, _autoencoder_loss_fn, False, None,
-                         _evaluate_autoencoder)
-_CLIP = Objective(_build_clip, _clip_loss_fn, False, _clip_host_batch, _evaluate_clip)
-_LATENT = Objective(_build_latent_unet, _latent_loss_fn, True, _latent_host_batch, None)
+_DIFFUSION = Objective(("unet",), _diffusion_loss_fn, True, None, None, _diffusion_sample_fn)
+_AUTOENCODER = Objective(("autoencoder_kl",), _autoencoder_loss_fn, False, None,
+                         _evaluate_autoencoder, None)
+_CLIP = Objective(("clip",), _clip_loss_fn, False, _clip_host_batch, _evaluate_clip, None)
+_LATENT = Objective(("cond_unet",), _latent_loss_fn, True, _latent_host_batch, None, None)

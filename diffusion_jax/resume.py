@@ -59,6 +59,11 @@ def config_changes(stored: ml_collections.ConfigDict, new: ml_collections.Config
         stored: the config saved with the checkpoint.
         new: the config of this run.
 
+    A field the stored config lacks was added after the run was stored: fields whose absence
+    implies a value (`config_utils.ADDED_FIELDS`, e.g. ``diffusion.kind``) were filled with it
+    when the config was read, so changing them is still refused; any other cannot change
+    what the stored weights mean, so it counts as safe (taken from ``new``).
+
     Returns:
         ``(unsafe, safe)``: each maps a dotted field name to ``(stored value, new value)``; a
         field missing on one side has the value ``"<absent>"`` there. Fields missing from

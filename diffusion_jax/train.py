@@ -29,10 +29,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (checkpoint, conditioning, data, generate, image_io, losses,
-                           objectives, resume, schedules, sharding, workdir_lock)
-from diffusion_jax.models import unet
-from diffusion_jax.sde import parameterization
+from diffusion_jax import (checkpoint, data, generate, image_io, objectives, resume, schedules,
+                           sharding, workdir_lock)
 
 NUM_QUARTILES = 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -69,17 +67,6 @@ class TrainState(NamedTuple):
     opt_state: Any
     ema_params: tuple[nnx.State, ...]
     rng: jax.Array
-
-
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The model ``config.train.objective`` trains: for ``"diffusion"`` the UNet of
-    ``config.model`` for images of ``config.data`` (size, channels, classes); otherwise the
-    objective's model (`diffusion_jax.objectives`)."""
-    if objectives.objective_of(config) != "diffusion":
-        return objectives.get(objectives.objective_of(config)).build_model(config, rngs)
-    return unet.unet_from_config(
-        config.model, image_size=config.data.image_size,
-        in_channels=config.data.num_channels, num_classes=config.data.num_classes, rngs=rngs)
 
 
 def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -125,7 +112,7 @@ def init_train_state(config: ml_collections.ConfigDict,
                      tx: optax.GradientTransformation) -> TrainState:
     """A fresh state: parameters from ``key(config.seed)``, EMAs equal to the parameters."""
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    params = nnx.state(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param)
+    params = nnx.state(objectives.build_model(config, nnx.Rngs(init_key)), nnx.Param)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
         ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in config.optim.ema_decays),
@@ -141,7 +128,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTr
         as ``jax.ShapeDtypeStruct`` leaves carrying their sharding, and the same pytree of
         `NamedSharding` (for ``jax.jit``).
     """
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: objectives.build_model(config, nnx.Rngs(0))))
     shapes = jax.eval_shape(lambda: init_train_state(config, tx))
     shardings = sharding.state_shardings(shapes, mesh)
     abstract = jax.tree.map(
@@ -213,8 +200,7 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
         tx: the optimiser (from `make_optimizer`).
         config: the full config.
 
-    The loss is that of ``config.train.objective``: the diffusion loss below (`_make_loss_fn`)
-    or another objective's (`diffusion_jax.objectives`).
+    The loss is that of ``config.train.objective`` (`diffusion_jax.objectives`).
 
     Returns:
         ``train_step``. ``batch`` is ``dict(image=[B, H, W, C], label=int32 [B])`` (plus
@@ -223,7 +209,8 @@ def make_train_step(graphdef: nnx.GraphDef, schedule, tx: optax.GradientTransfor
         ``loss_q0..loss_q3`` (`quartile_metrics`), else the objective's own metrics averaged
         over micro-batches.
     """
-    loss_fn, is_diffusion = _objective_loss_fn(graphdef, schedule, config)
+    objective = objectives.get(objectives.objective_of(config))
+    loss_fn, is_diffusion = objective.make_loss_fn(graphdef, schedule, config), objective.is_diffusion
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     lr_fn = make_lr_schedule(config)
     decays = tuple(config.optim.ema_decays)
@@ -392,13 +379,11 @@ def _setup(config, workdir, resume_step) -> _Run:
             _log(f"Changed config fields: {resume.describe_changes(changed)}.")
     else:
         state = built.init_state(config)
-    sample_fn, host_batch_fn = None, None
-    if objectives.objective_of(config) != "diffusion":
-        make_host_fn = objectives.get(objectives.objective_of(config)).host_batch_fn
-        host_batch_fn = make_host_fn and make_host_fn(config, workdir)
-    elif config.train.eval_every > 0:
-        sample_fn = generate.make_sample_fn(
-            graphdef, schedule, config, mesh, num_samples=config.sample.num_samples)
+    objective = objectives.get(objectives.objective_of(config))
+    host_batch_fn = objective.host_batch_fn and objective.host_batch_fn(config, workdir)
+    sample_fn = None
+    if objective.sample_fn is not None and config.train.eval_every > 0:
+        sample_fn = objective.sample_fn(config, graphdef, schedule, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(built.abstract.params))
     _log(f"Model: {num_params:,} parameters; mesh {dict(mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
@@ -523,14 +508,6 @@ class _MetricLogger:
             self.writer.close()
 
 
-def _objective_loss_fn(graphdef, schedule, config):
-    """``(loss_fn, is_diffusion)`` of ``config.train.objective`` (see `make_train_step`)."""
-    if objectives.objective_of(config) == "diffusion":
-        return _make_loss_fn(graphdef, schedule, config), True
-    objective = objectives.get(objectives.objective_of(config))
-    return objective.make_loss_fn(graphdef, schedule, config), objective.is_diffusion
-
-
 def _accumulate_grads(grad_fn, params, batch, key, num_micro):
     """Mean loss and gradient over ``num_micro`` micro-batches (`make_train_step`).
 
@@ -551,37 +528,6 @@ def _accumulate_grads(grad_fn, params, batch, key, num_micro):
     grad_sum, (loss, aux) = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
     grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
     return grads, jnp.mean(loss), aux
-
-
-def _make_loss_fn(graphdef, schedule, config):
-    """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))`` for one micro-batch.
-
-    ``config.diffusion.kind`` picks DDPM's discrete loss or a continuous objective
-    (:func:`diffusion_jax.sde.parameterization.training_loss`).
-    """
-    diff = config.diffusion
-    kind = parameterization.kind_of(diff)
-    parameterization.check_model_time_input(diff, config.model.get("time_input", "discrete"))
-
-    def loss_fn(params, batch, key):
-        loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
-        model = nnx.merge(graphdef, params)
-        cond = conditioning.training_condition(config, schedule, batch, label_key=label_key,
-                                               image_key=cond_key)
-
-        def denoise(x_t, t):
-            return model(x_t, t, cond, deterministic=False, dropout_key=dropout_key)
-
-        if kind == "discrete":
-            loss, per_example, t = losses.denoising_loss(
-                denoise, schedule, batch["image"], loss_key, pred_type=diff.pred_type,
-                weighting=diff.loss_weighting, min_snr_gamma=diff.min_snr_gamma)
-        else:  # continuous time: t is the noise level's quantile bucket in {0..T-1}
-            loss, per_example, t = parameterization.training_loss(
-                denoise, diff, batch["image"], loss_key, schedule.num_timesteps)
-        return loss, (per_example, t)
-
-    return loss_fn
 
 
 def _write_samples(workdir, sample_fn, state, seed, step, logger):

@@ -8,7 +8,7 @@ from flax import nnx
 from sd_fixtures import numpy_init, write_vocab
 
 from configs import tiny
-from diffusion_jax import loading, schedules, train
+from diffusion_jax import loading, objectives, schedules
 from diffusion_jax.app import engine
 from diffusion_jax.convert import common, pipeline, text_encoder, unet_cond, vae
 
@@ -52,7 +52,7 @@ def tiny_pixel_engine(source):
     ``configs/tiny.py`` UNet; ``source`` is the path recorded in its PNGs."""
     config = tiny.get_config()
     config.model.class_conditional = True
-    graphdef, params = nnx.split(train.build_model(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(objectives.build_model(config, rngs=nnx.Rngs(0)))
     loaded = loading.Loaded(graphdef, params, config,
                             schedules.schedule_from_config(config.diffusion))
     return engine.Engine(engine.PIXEL, str(source), loaded=loaded)

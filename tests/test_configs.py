@@ -11,9 +11,10 @@ from ml_collections import config_flags
 
 from training_fixtures import REPO
 
+from configs import fashion_autoencoder, fashion_clip, fashion_t2i  # noqa: E402
 from configs import (celeba64, cifar10, cifar10_ve_sde, cifar10_vp_sde, classifier_digits, ddpm256,
                      default, digits, digits_edm, digits_vp, sr_digits, tiny)
-from diffusion_jax import config_utils, train
+from diffusion_jax import config_utils, objectives, resume, train
 
 ALL = {"default": default, "cifar10": cifar10, "celeba64": celeba64, "ddpm256": ddpm256,
        "digits": digits, "tiny": tiny, "sr_digits": sr_digits,
@@ -59,7 +60,7 @@ def test_cifar10_is_the_ddpm_recipe():
                                               ("cifar10", 35_746_307)])
 def test_models_build_with_expected_size(name, max_params):
     config = ALL[name].get_config()
-    model = nnx.eval_shape(lambda: train.build_model(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: objectives.build_model(config, rngs=nnx.Rngs(0)))
     n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n <= max_params
     if name == "cifar10":  # the diffusers google/ddpm-cifar10-32 count
@@ -96,7 +97,64 @@ def test_bad_override_names_the_key(arg, needle):
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_config_json_round_trip(name):
-    config = ALL[name].get_config()
+    config = objectives.with_arch(ALL[name].get_config())  # as training stores it
     restored = config_utils.config_from_dict(config_utils.config_to_dict(config))
     assert restored.to_dict() == config.to_dict()
     assert restored.is_locked
+
+
+@pytest.mark.parametrize("module, arch", [(tiny, "unet"), (fashion_t2i, "cond_unet"),
+                                          (fashion_autoencoder, "autoencoder_kl"),
+                                          (fashion_clip, "clip")])
+def test_each_objective_gets_its_arch_and_a_mismatch_names_both(module, arch):
+    config = module.get_config("tiny") if module is not tiny else module.get_config()
+    assert config.model.arch == ""
+    assert objectives.with_arch(config).model.arch == arch
+    config.model.arch = "clip" if arch != "clip" else "unet"
+    objective = config.train.objective
+    with pytest.raises(ValueError, match=rf"model.arch='{config.model.arch}' is not trained by "
+                                         rf"train.objective='{objective}', which trains '{arch}'"):
+        objectives.with_arch(config)
+    config.model.arch = "dit"
+    with pytest.raises(ValueError, match=r"model.arch='dit' must be one of \('unet'"):
+        objectives.with_arch(config)
+
+
+def test_a_latent_config_stored_the_old_way_is_migrated_to_the_model_section():
+    """Before model.arch, the latent UNet's settings lived in config.latent (and its
+    config.model held the unused pixel UNet's defaults)."""
+    new = fashion_t2i.get_config("tiny")
+    stored = config_utils.config_to_dict(new)
+    model, latent = stored["model"], stored["latent"]
+    latent.update(block_out_channels=model.pop("block_out_channels"),
+                  cross_attn=model.pop("cross_attn"), num_heads=model.pop("heads_per_level"),
+                  layers_per_block=model["num_res_blocks"], norm_num_groups=model["num_groups"])
+    model.update(num_res_blocks=2, num_groups=32)
+    del model["arch"]
+    migrated = config_utils.config_from_dict(stored)
+    assert migrated.model.arch == "cond_unet"
+    assert (migrated.model.block_out_channels, migrated.model.heads_per_level,
+            migrated.model.num_res_blocks, migrated.model.num_groups) == ((16, 16), (2, 2), 1, 4)
+    assert "block_out_channels" not in migrated.latent and "num_heads" not in migrated.latent
+    unsafe, _ = resume.config_changes(migrated, objectives.with_arch(new))
+    assert unsafe == {}
+
+
+def test_a_pixel_config_stored_before_later_fields_gets_their_old_meaning():
+    stored = config_utils.config_to_dict(tiny.get_config())
+    del stored["train"]["objective"], stored["diffusion"]["kind"], stored["model"]["arch"]
+    del stored["optim"]["ema_warmup"], stored["model"]["time_input"]
+    for field in ("block_out_channels", "cross_attn", "heads_per_level"):
+        del stored["model"][field]
+    stored["latent"].update(block_out_channels=[64, 128], num_heads=[4, 4])
+    migrated = config_utils.config_from_dict(stored)
+    assert (migrated.train.objective, migrated.diffusion.kind, migrated.model.arch,
+            migrated.optim.ema_warmup, migrated.model.time_input) == (
+                "diffusion", "discrete", "unet", False, "discrete")
+    assert "block_out_channels" not in migrated.latent
+    new = objectives.with_arch(tiny.get_config())
+    unsafe, safe = resume.config_changes(migrated, new)
+    assert unsafe == {}
+    assert set(safe) == {"model.block_out_channels", "model.cross_attn", "model.heads_per_level"}
+    new.diffusion.kind = "edm"  # a field filled with its old meaning still guards the weights
+    assert set(resume.config_changes(migrated, new)[0]) == {"diffusion.kind"}

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,12 +81,23 @@ def test_cli_roundtrip_matches_diffusers(tmp_path, capsys):
     torch_model = _save_random(DDPM_SMALL, tmp_path / "src")
     cli_convert.unet2d(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
     assert "wrote" in capsys.readouterr().out
-    kwargs = json.loads((tmp_path / "out" / "unet.json").read_text())["kwargs"]
+    record = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (record["format"], record["arch"]) == ("diffusion_jax.unet/1", "unet")
+    assert not (tmp_path / "out" / "unet.json").exists()
+    kwargs = record["kwargs"]
     assert kwargs["attn_resolutions"] == [8] and kwargs["downsample_padding"] == 0
     model = cd.load_converted(tmp_path / "out")
     assert count_params(model) == sum(p.numel() for p in torch_model.parameters())
     err, scale = _compare(torch_model, model, batch=2, size=16, channels=3)
     assert err <= 1e-4 and scale > 0.1, (err, scale)
+    # a directory converted before the shared format (record in unet.json) still loads
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "out", legacy)
+    (legacy / "config.json").unlink()
+    (legacy / "unet.json").write_text(json.dumps({"format": "diffusion_jax.unet/1",
+                                                  "source": record["source"], "kwargs": kwargs}))
+    again = cd.load_converted(legacy)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(again), nnx.state(model))
 
 
 def test_class_conditional_scale_shift_bin_checkpoint(tmp_path):
@@ -164,7 +176,7 @@ def test_unsupported_config_raises(field, value, match):
 def test_missing_files_and_extra_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         cd.load_diffusers_unet(tmp_path)
-    with pytest.raises(FileNotFoundError, match="unet.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json with format 'diffusion_jax.unet/1'"):
         cd.load_converted(tmp_path)
     config = {**DDPM_SMALL, "block_out_channels": (8, 8), "norm_num_groups": 4}
     _save_random(config, tmp_path / "src")

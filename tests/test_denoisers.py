@@ -9,7 +9,7 @@ from flax import nnx
 from training_fixtures import micro_config
 
 import gaussian_oracle as oracle
-from diffusion_jax import denoisers, generate, samplers, schedules, sharding, train
+from diffusion_jax import denoisers, generate, objectives, samplers, schedules, sharding
 
 D = 2
 MEANS = jnp.array([[1.5, 1.5], [-1.5, -1.5]])           # two classes, well separated
@@ -113,7 +113,7 @@ def test_sample_fn_compiles_once_for_every_guidance_scale_and_eta(monkeypatch):
     config.model.class_conditional = True
     config.model.dropout = 0.0
     mesh = sharding.make_mesh(config.mesh)
-    model = train.build_model(config, rngs=nnx.Rngs(0))
+    model = objectives.build_model(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     leaves, treedef = jax.tree.flatten(params)  # off the zero-initialised output layer
     rng = np.random.default_rng(0)

@@ -82,12 +82,7 @@ LAYER_OF = {
     "diffusion_jax.app": "cli",
 }
 
-ALLOWED = {
-    ("diffusion_jax.loading", "diffusion_jax.train"):
-        "seams-model (issue 19 point 1): the loader restores parameters without an optimizer",
-    ("diffusion_jax.loading", "diffusion_jax.objectives"):
-        "seams-model (issue 19 point 1): models are built by the model factory",
-}
+ALLOWED = {}
 """Known violations (importer, imported) -> who removes them."""
 
 MODEL_FORBIDDEN_EXTERNAL = ("optax", "orbax", "jax.sharding", "jax.experimental.mesh_utils",

@@ -12,14 +12,14 @@ import pytest
 from flax import nnx
 from training_fixtures import REPO, micro_config, subprocess_env
 
-from diffusion_jax import data, denoisers, likelihood_eval, schedules, train
+from diffusion_jax import data, denoisers, likelihood_eval, objectives, schedules, train
 from diffusion_jax.sde.adapters import ddpm_score, sde_for_schedule
 from diffusion_jax.sde.likelihood import dequantized_bits_per_dim, ode_log_likelihood
 
 
 def _tiny_model():
     config = micro_config()
-    graphdef, params = nnx.split(train.build_model(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(objectives.build_model(config, rngs=nnx.Rngs(0)))
     return config, graphdef, params, schedules.schedule_from_config(config.diffusion)
 
 

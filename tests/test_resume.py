@@ -2,6 +2,7 @@
 checkpoints named together with the newest intact step, and ``resume_step`` gets past them."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from training_fixtures import REPO, micro_config, subprocess_env
 
-from diffusion_jax import checkpoint, resume, train
+from diffusion_jax import checkpoint, objectives, resume, train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_changed_meaning_is_refused_and_workdir_untouched(trained, tmp_path, fie
         train.train_and_evaluate(config, workdir)
     manager = checkpoint.make_manager(workdir, create=False)
     assert manager.all_steps() == [2, 4]
-    assert checkpoint.load_config(manager).to_dict() == micro_config().to_dict()
+    assert (checkpoint.load_config(manager).to_dict()
+            == objectives.with_arch(micro_config()).to_dict())
 
 
 def test_fields_added_after_a_run_was_made_do_not_block_its_resume():
@@ -147,3 +149,21 @@ def test_run_train_refusal_is_one_line_with_exit_1(trained, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("FATAL ResumeError: refusing to resume checkpoint 4 "), lines[-5:]
     assert "model.base_channels: 16 -> 32" in lines[-1] and "Traceback" not in proc.stderr
+
+
+def test_a_run_stored_before_later_config_fields_resumes(trained, tmp_path, capsys):
+    """Stored configs get values for fields added later (optim.ema_warmup, diffusion.kind,
+    model.arch: their old meaning; others: the new config's) instead of a refusal."""
+    workdir = _copy(trained, tmp_path)
+    meta = os.path.join(workdir, "checkpoints", "4", "config", "metadata")
+    stored = json.load(open(meta))
+    del stored["optim"]["ema_warmup"], stored["diffusion"]["kind"], stored["model"]["arch"]
+    del stored["diffusion"]["sde_beta_min"]
+    json.dump(stored, open(meta, "w"))
+    config = micro_config()
+    config.train.num_steps = 6
+    state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 6
+    assert "diffusion.sde_beta_min: '<absent>' -> 0.1" in capsys.readouterr().out
+    resumed = checkpoint.load_config(checkpoint.make_manager(workdir, create=False))
+    assert resumed.optim.ema_warmup is False and resumed.diffusion.sde_beta_min == 0.1

@@ -60,7 +60,7 @@ def _toy_images(n, seed=0, size=32):
 
 def test_autoencoder_loss_is_the_stated_formula_and_kl_the_closed_form():
     config = fashion_autoencoder.get_config("tiny")
-    model = objectives.get("autoencoder").build_model(config, nnx.Rngs(0))
+    model = objectives.build_model(config, nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     x, key = _toy_images(4), jax.random.key(3)
     loss, aux = objectives.get("autoencoder").make_loss_fn(graphdef, None, config)(
@@ -90,7 +90,7 @@ def test_autoencoder_round_trip_improves_through_the_train_step():
     config.optim.learning_rate = 3e-3
     tx = train.make_optimizer(config)
     state = train.init_train_state(config, tx)
-    graphdef = nnx.graphdef(train.build_model(config, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(objectives.build_model(config, rngs=nnx.Rngs(0)))
     step = jax.jit(train.make_train_step(graphdef, None, tx, config))
     batch = {"image": _toy_images(8, seed=1), "label": jnp.zeros(8, jnp.int32)}
     _, first = step(state, batch)
@@ -183,7 +183,7 @@ def test_caption_batches_drop_to_the_empty_prompt_and_use_training_templates(tok
 def test_unknown_objective_and_unresolved_fields_are_named():
     config = fashion_clip.get_config("tiny")
     with pytest.raises(ValueError, match="clip.vocab_size"):
-        train.build_model(config, rngs=nnx.Rngs(0))
+        objectives.build_model(config, rngs=nnx.Rngs(0))
     config.train.objective = "gan"
     with pytest.raises(ValueError, match="train.objective='gan'"):
         objectives.prepare_config(config, "/nonexistent")
@@ -325,4 +325,4 @@ def test_configs_stored_before_the_objective_field_still_build_the_unet():
     del stored["train"]["objective"]
     old = ml_collections.ConfigDict(stored)
     assert objectives.objective_of(old) == "diffusion"
-    assert isinstance(train.build_model(old, rngs=nnx.Rngs(0)), unet.UNet)
+    assert isinstance(objectives.build_model(old, rngs=nnx.Rngs(0)), unet.UNet)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from training_fixtures import micro_config
 
-from diffusion_jax import checkpoint, data, schedules, sharding, train
+from diffusion_jax import checkpoint, data, objectives, schedules, sharding, train
 
 
 def _setup(config):
@@ -102,7 +102,7 @@ def _deterministic_loss(denoise, sched, x0, key, **_):
 
 
 def test_grad_accumulation_equals_one_big_batch(monkeypatch):
-    monkeypatch.setattr(train.losses, "denoising_loss", _deterministic_loss)
+    monkeypatch.setattr(objectives.losses, "denoising_loss", _deterministic_loss)
     results = []
     for k in (1, 2):
         config = micro_config()
@@ -119,7 +119,7 @@ def test_grad_accumulation_equals_one_big_batch(monkeypatch):
 
 def test_sr_training_conditions_on_the_upsampled_low_res_image(monkeypatch):
     """cond_image_channels > 0: the loss is the model's given bicubic(area_mean_2x2(x0))."""
-    monkeypatch.setattr(train.losses, "denoising_loss", _deterministic_loss)
+    monkeypatch.setattr(objectives.losses, "denoising_loss", _deterministic_loss)
     config = micro_config()
     config.model.dropout = 0.0
     config.model.cond_image_channels = config.data.num_channels  # sr.factor = 2, no augmentation
@@ -129,7 +129,7 @@ def test_sr_training_conditions_on_the_upsampled_low_res_image(monkeypatch):
     params = jax.device_get(state.params)
     _, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
 
-    model = nnx.merge(nnx.graphdef(train.build_model(config, rngs=nnx.Rngs(0))), params)
+    model = nnx.merge(nnx.graphdef(objectives.build_model(config, rngs=nnx.Rngs(0))), params)
     x0 = jnp.asarray(batch["image"])                                       # [16, 8, 8, 1]
     low = x0.reshape(16, 4, 2, 4, 2, 1).mean(axis=(2, 4))                  # [16, 4, 4, 1]
     sched = schedules.schedule_from_config(config.diffusion)

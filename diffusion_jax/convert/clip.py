@@ -14,10 +14,11 @@ from typing import Any
 from flax import nnx
 
 from diffusion_jax.convert import common, text_encoder
+from diffusion_jax.models import build
 from diffusion_jax.models.clip import CLIPModel
 from diffusion_jax.models.text_encoder import ACTIVATIONS
 
-FORMAT = "diffusion_jax.clip/1"
+FORMAT = build.ARCHS["clip"].checkpoint_format
 _COMMON_IGNORED = {"_name_or_path", "architectures", "model_type", "torch_dtype", "dtype",
                    "transformers_version", "initializer_factor", "initializer_range",
                    "output_hidden_states", "output_attentions", "return_dict", "use_cache",

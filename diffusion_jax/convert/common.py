@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.config_utils import read_json  # noqa: F401  (the converters' common.read_json)
+from diffusion_jax.models import build
 
 # Flax leaf names that are called "weight" in PyTorch.
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
@@ -164,7 +165,10 @@ def build_loaded(build: Callable[[], nnx.Module], source: Mapping[str, np.ndarra
 
 
 def save_component(directory: str | os.PathLike, model: nnx.Module, record: dict[str, Any]) -> None:
-    """Writes ``directory/params`` (orbax checkpoint of the parameters) and ``config.json``."""
+    """Writes ``directory/params`` (orbax checkpoint of the parameters) and ``config.json``:
+    ``record`` (``format``, ``kwargs``, ...) plus the ``arch`` of that format
+    (`diffusion_jax.models.build`), the one on-disk format of every converted component."""
+    record = {**record, "arch": build.arch_of_format(record["format"])}
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))

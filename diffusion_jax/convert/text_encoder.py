@@ -7,9 +7,10 @@ from typing import Any
 from flax import nnx
 
 from diffusion_jax.convert import common
+from diffusion_jax.models import build
 from diffusion_jax.models.text_encoder import ACTIVATIONS, CLIPTextModel
 
-FORMAT = "diffusion_jax.clip_text/1"
+FORMAT = build.ARCHS["clip_text"].checkpoint_format
 
 # Fields that do not change inference (training-only, bookkeeping, or the CLIP projection head).
 _IGNORED = {"_name_or_path", "architectures", "model_type", "torch_dtype", "dtype",

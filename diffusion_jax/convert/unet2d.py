@@ -10,8 +10,9 @@ Command line (:mod:`diffusion_jax.cli.convert`)::
     python -m diffusion_jax.convert.unet2d --src DIR_OR_FILE --out DIR
 
 writes ``DIR/params`` (an orbax ``StandardCheckpointer`` checkpoint of the parameters as a
-pure dict) and ``DIR/unet.json`` (the ``UNet`` keyword arguments). ``load_converted(DIR)``
-rebuilds the model.
+pure dict) and ``DIR/config.json`` (``format``, ``arch`` and the ``UNet`` keyword arguments,
+the format of every converted component). ``load_converted(DIR)`` rebuilds the model; it also
+reads directories converted before, whose record is ``DIR/unet.json``.
 
 Class labels: a diffusers model with ``num_class_embeds=N`` becomes ``num_classes=N``; labels
 0..N-1 map to the same rows and the extra null row (label N, used when ``cond`` has no ``"label"``) is zero, i.e.
@@ -29,11 +30,11 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.convert import common
+from diffusion_jax.models import build
 from diffusion_jax.models.unet import UNet
 
-_KWARGS_FILE = "unet.json"
-_PARAMS_DIR = "params"
-_FORMAT = "diffusion_jax.unet/1"
+LEGACY_FILE = "unet.json"  # the record of UNets converted before the shared config.json format
+FORMAT = build.ARCHS["unet"].checkpoint_format
 
 # diffusers config fields that carry no information for inference with this model.
 _IGNORED_FIELDS = {"_class_name", "_diffusers_version", "_name_or_path", "num_train_timesteps"}
@@ -180,44 +181,57 @@ def load_diffusers_unet(src: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
 def convert(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Converts a diffusers ``UNet2DModel`` at ``src`` and writes it to the directory ``out``.
 
-    Writes ``out/params`` (orbax checkpoint of the parameter pure dict) and ``out/unet.json``.
+    Writes ``out/params`` (orbax checkpoint of the parameter pure dict) and ``out/config.json``
+    (``format``, ``arch`` = ``"unet"``, ``source`` and the ``UNet`` keyword arguments), the
+    format of every converted component (`common.save_component`).
 
     Returns:
       The ``UNet`` keyword arguments.
     """
-    import orbax.checkpoint as ocp
-
     model, kwargs = load_diffusers_unet(src)
-    out = os.path.abspath(os.fspath(out))
-    os.makedirs(out, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out, _PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                   force=True)
-    with open(os.path.join(out, _KWARGS_FILE), "w") as f:
-        json.dump({"format": _FORMAT, "source": os.path.abspath(os.fspath(src)), "kwargs": kwargs},
-                  f, indent=2)
+    common.save_component(out, model, {"format": FORMAT, "kwargs": kwargs,
+                                       "source": os.path.abspath(os.fspath(src))})
     return kwargs
 
 
+def read_record(out: str | os.PathLike) -> dict[str, Any]:
+    """The record of a converted directory: ``config.json`` with our ``format``, or the
+    ``unet.json`` written before converted UNets shared the components' format.
+
+    Raises:
+      FileNotFoundError: neither file is there (or ``config.json`` is a diffusers config,
+        without our ``format``: the directory is not converted).
+    """
+    out = os.path.abspath(os.fspath(out))
+    config_path = os.path.join(out, common.CONFIG_FILE)
+    legacy_path = os.path.join(out, LEGACY_FILE)
+    if os.path.isfile(config_path):
+        record = common.read_json(config_path, "converted UNet")
+        if record.get("format") == FORMAT:
+            return record
+    if os.path.isfile(legacy_path):
+        return common.read_json(legacy_path, "converted UNet")
+    raise FileNotFoundError(f"{out} has no {common.CONFIG_FILE} with format {FORMAT!r} (nor a "
+                            f"legacy {LEGACY_FILE}): is it a directory written by convert()?")
+
+
 def load_converted(out: str | os.PathLike, **overrides) -> UNet:
-    """Loads a model written by ``convert``.
+    """Loads a model written by ``convert`` (also the legacy ``unet.json`` layout).
 
     Args:
       out: the directory given to ``convert``.
       **overrides: ``UNet`` keyword arguments to change, e.g. ``dtype=jnp.bfloat16`` or ``remat=True``.
 
     Raises:
-      FileNotFoundError: if ``out/unet.json`` or ``out/params`` is missing.
+      FileNotFoundError: if the record (`read_record`) or ``out/params`` is missing.
     """
     import orbax.checkpoint as ocp
 
     out = os.path.abspath(os.fspath(out))
-    kwargs_path, params_path = os.path.join(out, _KWARGS_FILE), os.path.join(out, _PARAMS_DIR)
-    for path in (kwargs_path, params_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: is {out} a directory written by convert()?")
-    with open(kwargs_path) as f:
-        kwargs = {**json.load(f)["kwargs"], **overrides}
+    kwargs = {**read_record(out)["kwargs"], **overrides}
+    params_path = os.path.join(out, common.PARAMS_DIR)
+    if not os.path.exists(params_path):
+        raise FileNotFoundError(f"{params_path} not found: is {out} a directory written by convert()?")
     graphdef, state = nnx.split(_build_abstract(kwargs))
     abstract = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as ckptr:

@@ -7,9 +7,10 @@ from typing import Any
 from flax import nnx
 
 from diffusion_jax.convert import common
+from diffusion_jax.models import build
 from diffusion_jax.models.cond_unet import CondUNet
 
-FORMAT = "diffusion_jax.cond_unet/1"
+FORMAT = build.ARCHS["cond_unet"].checkpoint_format
 
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "dropout",
             "addition_embed_type_num_heads"}

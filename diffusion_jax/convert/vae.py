@@ -7,9 +7,10 @@ from typing import Any
 from flax import nnx
 
 from diffusion_jax.convert import common
+from diffusion_jax.models import build
 from diffusion_jax.models.autoencoder import AutoencoderKL
 
-FORMAT = "diffusion_jax.autoencoder_kl/1"
+FORMAT = build.ARCHS["autoencoder_kl"].checkpoint_format
 
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast"}
 _READ = {"in_channels", "out_channels", "block_out_channels", "layers_per_block",

@@ -1,0 +1,150 @@
+"""The model factory: ``config.model.arch`` -> the network, from one table (`ARCHS`).
+
+Each entry names the constructor ``(config, rngs) -> nnx.Module``, the config section holding
+its settings, the converter module under ``diffusion_jax.convert`` that turns diffusers /
+transformers weights into it (None: trained here only) and the ``format`` tag a converted
+directory's ``config.json`` carries::
+
+    model = build.build_model(config, rngs=nnx.Rngs(0))     # config.model.arch picks the entry
+
+Adding an arch is one entry here (its constructor beside it) plus a test; objectives name the
+archs they train (`diffusion_jax.objectives`). Models know no schedule, loss, mesh or optimiser.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import ml_collections
+from flax import nnx
+
+from diffusion_jax.models import autoencoder, clip, cond_unet, text_encoder, unet
+
+
+class Arch(NamedTuple):
+    """One model family.
+
+    Attributes:
+        build: ``(config, rngs) -> nnx.Module``, reading ``config.<section>`` (and the data
+            shape from ``config.data`` where the network sees images).
+        section: the config section holding its settings.
+        converter: module of ``diffusion_jax.convert`` converting foreign weights, or None.
+        checkpoint_format: ``format`` of a converted directory's ``config.json``.
+    """
+    build: Callable
+    section: str
+    converter: str | None
+    checkpoint_format: str
+
+
+# config.model fields only the cross-attention UNet reads (the pixel UNet takes the others)
+_COND_UNET_FIELDS = ("block_out_channels", "cross_attn", "heads_per_level")
+
+
+def _unet(config, rngs):
+    """The pixel `UNet` of ``config.model`` for images of ``config.data``."""
+    fields = {k: v for k, v in config.model.items()
+              if k != "arch" and k not in _COND_UNET_FIELDS}
+    return unet.unet_from_config(fields, image_size=config.data.image_size,
+                                 in_channels=config.data.num_channels,
+                                 num_classes=config.data.num_classes, rngs=rngs)
+
+
+def _cond_unet(config, rngs):
+    """The cross-attention `CondUNet` of ``config.model`` on latents of ``config.latent``."""
+    m, lat = config.model, config.latent
+    for name in ("latent_channels", "cross_attention_dim"):
+        if lat[name] <= 0:
+            raise ValueError(f"latent.{name} is unresolved (0): it is read from the stage "
+                             f"workdirs when training starts (objectives.prepare_config).")
+    return cond_unet.CondUNet(
+        in_channels=lat.latent_channels, out_channels=lat.latent_channels,
+        block_out_channels=tuple(m.block_out_channels), cross_attn=tuple(m.cross_attn),
+        layers_per_block=m.num_res_blocks, num_heads=tuple(m.heads_per_level),
+        cross_attention_dim=lat.cross_attention_dim, norm_num_groups=m.num_groups,
+        dtype=unet.DTYPES[m.dtype], param_dtype=unet.DTYPES[m.param_dtype], remat=m.remat,
+        rngs=rngs)
+
+
+def _autoencoder(config, rngs):
+    """The KL `AutoencoderKL` of ``config.autoencoder`` for images of ``config.data``."""
+    ae, channels = config.autoencoder, config.data.num_channels
+    return autoencoder.AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=ae.latent_channels,
+        block_out_channels=tuple(ae.block_out_channels), layers_per_block=ae.layers_per_block,
+        norm_num_groups=ae.norm_num_groups, mid_block_attention=ae.mid_block_attention,
+        scaling_factor=1.0, rngs=rngs)
+
+
+def _clip_text_kwargs(config):
+    """`CLIPTextModel` keyword arguments of ``config.clip`` on caption-tokenizer ids."""
+    c = config.clip
+    if c.vocab_size <= 0:
+        raise ValueError("clip.vocab_size is unresolved (0): it is set from the caption "
+                         "tokenizer when training starts (objectives.prepare_config).")
+    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size, num_layers=c.num_layers,
+                num_heads=c.num_heads, max_positions=config.captions.max_length,
+                hidden_act="quick_gelu", eos_token_id=c.eos_token_id)
+
+
+def _clip_text(config, rngs):
+    """The text tower of ``config.clip`` alone (a `CLIPTextModel`, e.g. SD's text encoder)."""
+    return text_encoder.CLIPTextModel(**_clip_text_kwargs(config), rngs=rngs)
+
+
+def _clip(config, rngs):
+    """The `CLIPModel` of ``config.clip`` (caption tokenizer ids, images of ``config.data``)."""
+    c, text = config.clip, _clip_text_kwargs(config)
+    image = dict(in_channels=config.data.num_channels, embed_dim=c.image_embed_dim,
+                 base_channels=c.image_base_channels,
+                 channel_mult=tuple(c.image_channel_mult), num_groups=c.num_groups)
+    return clip.CLIPModel(text=text, image=image, projection_dim=c.projection_dim, rngs=rngs)
+
+
+ARCHS = {
+    "unet": Arch(_unet, "model", "unet2d", "diffusion_jax.unet/1"),
+    "cond_unet": Arch(_cond_unet, "model", "unet_cond", "diffusion_jax.cond_unet/1"),
+    "autoencoder_kl": Arch(_autoencoder, "autoencoder", "vae", "diffusion_jax.autoencoder_kl/1"),
+    "clip": Arch(_clip, "clip", "clip", "diffusion_jax.clip/1"),
+    "clip_text": Arch(_clip_text, "clip", "text_encoder", "diffusion_jax.clip_text/1"),
+}
+"""arch name -> `Arch`. Room for ``dit``, ``mmdit``, ``flux``, ``prior``."""
+
+
+def get(arch: str) -> Arch:
+    """The table entry of ``arch``.
+
+    Raises:
+        ValueError: an unknown arch (names the known ones).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} must be one of {tuple(ARCHS)}.")
+    return ARCHS[arch]
+
+
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The network ``config.model.arch`` names, built from its config section.
+
+    Raises:
+        ValueError: an unknown or unresolved (``""``) arch, or a setting the constructor
+            refuses.
+    """
+    arch = config.model.get("arch", "")
+    if not arch:
+        raise ValueError("model.arch is unresolved (''): objectives.with_arch sets it from "
+                         "train.objective.")
+    return get(arch).build(config, rngs)
+
+
+def arch_of_format(fmt: str) -> str:
+    """The arch whose converted directories carry ``format`` ``fmt``.
+
+    Raises:
+        ValueError: no arch has that format.
+    """
+    for name, arch in ARCHS.items():
+        if arch.checkpoint_format == fmt:
+            return name
+    raise ValueError(f"format {fmt!r} is not that of any arch "
+                     f"({', '.join(a.checkpoint_format for a in ARCHS.values())}).")
