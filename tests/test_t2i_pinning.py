@@ -4,6 +4,7 @@ stage further changes nothing; a pinned step that is gone or changed is refused,
 Stage checkpoints are written directly (fresh states, no compiled train step) to stay fast;
 pinning only depends on what the stage workdirs hold.
 """
+import copy
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ from test_t2i_stages import _fake_fashion
 from training_fixtures import REPO, subprocess_env
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i
-from diffusion_jax import checkpoint, loading, objectives, stage_pipeline, train
+from diffusion_jax import (checkpoint, clip_tokenizer, loading, objectives, pipelines,
+                           schedules, stage_pipeline, train)
+from diffusion_jax.sde import parameterization
 
 
 def _config(module, data_dir, **latent):
@@ -144,3 +148,66 @@ def test_run_train_reports_a_wrong_stage_workdir_in_one_line(runs, tmp_path):
     fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
     assert fatal == [f"FATAL ValueError: {runs['clip']} holds a 'clip' run; expected "
                      "train.objective='autoencoder'."], proc.stderr
+
+
+def _continuous(runs, kind, workdir):
+    """The t2i config of ``runs`` trained with ``diffusion.kind = kind``, resolved for
+    ``workdir``; captions never dropped."""
+    config = copy.deepcopy(runs["t2i_config"])
+    config.diffusion.kind, config.model.time_input = kind, "continuous"
+    config.latent.caption_drop_prob = 0.0
+    return config, objectives.prepare_config(config, workdir)
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm"])
+def test_latent_diffusion_trains_the_loss_of_its_diffusion_kind(runs, tmp_path, kind):
+    """The latent loss is `parameterization.training_loss` of the kind on the frozen stages'
+    latents and text states (it was DDPM's discrete loss whatever the kind)."""
+    _, config = _continuous(runs, kind, str(tmp_path / kind))
+    model = objectives.build_model(config, nnx.Rngs(0))
+    schedule = schedules.schedule_from_config(config.diffusion)
+    graphdef, params = nnx.graphdef(model), nnx.state(model, nnx.Param)
+    loss_fn = objectives.get("latent_diffusion").make_loss_fn(graphdef, schedule, config)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 1)), jnp.float32)
+    tok = clip_tokenizer.load_tokenizer(os.path.join(runs["clip"], objectives.TOKENIZER_SUBDIR))
+    ids = jnp.asarray(tok(["an ankle boot", "a shirt", "a bag", ""]))
+    key = jax.random.key(3)
+    loss, _ = loss_fn(params, {"image": images, "input_ids": ids}, key)
+    vae = objectives.load_frozen_stage(config, "autoencoder").model
+    states = objectives.load_frozen_stage(config, "clip").model.text_model(ids).last_hidden_state
+    latent_key, loss_key = jax.random.split(key)
+    z = vae.encode(images).sample(latent_key) * config.latent.scale_factor
+    expected, _, _ = parameterization.training_loss(
+        lambda x, t: model(x, t, {"text": states}), config.diffusion, z, loss_key,
+        schedule.num_timesteps)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    config = copy.deepcopy(config)
+    config.model.time_input = "discrete"
+    with pytest.raises(ValueError, match=rf"diffusion.kind='{kind}' needs "
+                                         r"model.time_input='continuous'"):
+        objectives.get("latent_diffusion").make_loss_fn(graphdef, schedule, config)
+
+
+def test_an_edm_latent_model_trains_and_samples_through_the_t2i_pipeline(runs, tmp_path):
+    workdir = str(tmp_path / "edm")
+    config, resolved = _continuous(runs, "edm", workdir)
+    config.train.num_steps = 2
+    assert int(train.train_and_evaluate(config, workdir).step) == 2
+    pipe = stage_pipeline.load_pipeline(workdir)
+    assert isinstance(pipe.unet, stage_pipeline.ContinuousTimeUNet)
+    # the pipeline's UNet is EDM's D(y, sigma) = c_skip y + c_out net(c_in y, 250 ln sigma) at
+    # y = z_t / sqrt(ab_t), sigma = sqrt((1 - ab_t) / ab_t): an x0-predictor of discrete t
+    z_t = jax.random.normal(jax.random.key(1), pipelines.latent_shape(pipe, 2))
+    t = jnp.array([10, 90])
+    text_shape = (2, resolved.captions.max_length, resolved.latent.cross_attention_dim)
+    cond = {"text": jax.random.normal(jax.random.key(2), text_shape)}
+    ab = pipe.schedule.alphas_cumprod[t][:, None, None, None]
+    sigma, sd = jnp.sqrt((1 - ab) / ab), resolved.diffusion.edm_sigma_data
+    y = z_t / jnp.sqrt(ab)
+    net = pipe.unet.net(y / jnp.sqrt(sigma**2 + sd**2), 250 * jnp.log(sigma[:, 0, 0, 0]), cond)
+    expected = sd**2 / (sigma**2 + sd**2) * y + sigma * sd / jnp.sqrt(sigma**2 + sd**2) * net
+    np.testing.assert_allclose(pipe.unet(z_t, t, cond), expected, rtol=1e-4, atol=1e-5)
+    assert pipe.options.pred_type == "x0"
+    images = pipelines.text_to_image(pipe, ["an ankle boot", "a shirt"], jax.random.key(0),
+                                     guidance_scale=3.0, num_steps=3, output="float")
+    assert images.shape == (2, 32, 32, 1) and np.isfinite(images).all()

@@ -13,6 +13,7 @@ archs they train (`diffusion_jax.objectives`). Models know no schedule, loss, me
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, NamedTuple
 
 import ml_collections
@@ -37,14 +38,15 @@ class Arch(NamedTuple):
     checkpoint_format: str
 
 
-# config.model fields only the cross-attention UNet reads (the pixel UNet takes the others)
-_COND_UNET_FIELDS = ("block_out_channels", "cross_attn", "heads_per_level")
+# the config.model fields the pixel UNet reads: its keyword arguments and the condition flags
+_UNET_FIELDS = frozenset(inspect.signature(unet.UNet.__init__).parameters) | {
+    "class_conditional", "cond_drop_prob"}
 
 
 def _unet(config, rngs):
-    """The pixel `UNet` of ``config.model`` for images of ``config.data``."""
-    fields = {k: v for k, v in config.model.items()
-              if k != "arch" and k not in _COND_UNET_FIELDS}
+    """The pixel `UNet` of the ``config.model`` fields it reads, for images of ``config.data``
+    (fields of other archs in ``config.model`` are not its)."""
+    fields = {k: v for k, v in config.model.items() if k in _UNET_FIELDS}
     return unet.unet_from_config(fields, image_size=config.data.image_size,
                                  in_channels=config.data.num_channels,
                                  num_classes=config.data.num_classes, rngs=rngs)
