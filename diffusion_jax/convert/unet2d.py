@@ -20,7 +20,6 @@ adds no class embedding.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
