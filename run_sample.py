@@ -105,9 +105,9 @@ def _is_text_to_image_workdir(workdir):
 def _sample_trained_t2i():
     """Text-to-image with the three stages trained here, through the same SD flag layer."""
     fv = flags.FLAGS
-    pipe = stage_pipeline.load_pipeline(_WORKDIR.value, step=fv.step)
+    pipe, config = stage_pipeline.load_pipeline_and_config(_WORKDIR.value, step=fv.step)
     cli.check_sd_flags(fv, pipe)
-    cli.run_sd_from_flags(fv, pipe, _OUT.value)
+    cli.run_sd_from_flags(fv, pipe, _OUT.value, config)
 
 
 def _sample():

@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
     config.diffusion.loss_weighting = "min_snr"
     config.sample.clip_x0 = False  # latents are not bounded
     config.sample.num_steps = 50
+    config.sample.guidance_scale = 7.5  # the sampling default (was run_sample.py's for SD)
     config.optim.learning_rate = 1e-3
     config.train.num_steps = 2500
     if variant == "tiny":

@@ -1,4 +1,4 @@
-"""The condition pytree and the training-time conditions built from a data batch.
+"""The condition pytree: one builder per kind, its null, and the training-time conditions.
 
 A condition is one dict, passed unchanged from the data batch to the model and to the
 denoisers (:mod:`diffusion_jax.denoisers`); a missing key means that kind is absent:
@@ -7,17 +7,97 @@ denoisers (:mod:`diffusion_jax.denoisers`); a missing key means that kind is abs
             "image": float [B, H, W, Cc],  an image concatenated to the input (SR3)
             "text":  float [B, L, D]}      text-encoder states (cross-attention models)
 
-This module holds the pure array pieces that build conditions: label dropout for
-classifier-free guidance training, and the SR3 low-resolution conditioning (area
-downsampling, upsampling back, noise conditioning augmentation). Images are NHWC.
+Each kind has one builder, used by training and sampling alike (:func:`label_condition`,
+:func:`image_condition`, :func:`text_condition`), and one entry in the table of kinds
+(``_KINDS``): the argument that names its null (``num_classes`` for labels, ``null_text``, the
+empty prompt's states, for text; an image is never dropped) and how the null is made from it.
+Classifier-free guidance (:func:`null_condition`) and condition dropout in training (each
+row replaced by its null with probability ``p``, on device) both read that table. Adding a
+kind is one builder and one table entry here, and the model that reads it.
+
+This module also holds the SR3 low-resolution conditioning (area downsampling, upsampling
+back, noise conditioning augmentation). Images are NHWC.
 """
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion
 
-COND_KINDS = ("label", "image", "text")
 UPSAMPLE_METHODS = ("bicubic", "bilinear", "nearest")
+# kind -> (the argument naming its null, or None if never dropped; (value, null) -> null value)
+_KINDS = {
+    "label": ("num_classes", lambda labels, n: jnp.full(labels.shape, n, labels.dtype)),
+    "image": (None, None),
+    "text": ("null_text", lambda states, n: jnp.broadcast_to(jnp.asarray(n, states.dtype),
+                                                             states.shape)),
+}
+COND_KINDS = tuple(_KINDS)
+GUIDED_KINDS = tuple(kind for kind, (arg, _) in _KINDS.items() if arg)  # dropped for guidance
+
+
+def label_condition(labels, *, num_classes=None, drop_prob=0.0, key=None):
+    """``{"label": labels}``, each replaced by the null label ``num_classes`` with probability
+    ``drop_prob`` (label dropout for classifier-free guidance; needs ``key``).
+
+    Args:
+        labels: int ``[B]``.
+        num_classes: the null label; needed when ``drop_prob > 0``.
+        drop_prob: static probability in [0, 1].
+        key: PRNG key of the dropout.
+    """
+    return {"label": _dropped("label", jnp.asarray(labels), num_classes, drop_prob, key)}
+
+
+def image_condition(low_res, image_size, method="bicubic"):
+    """``{"image": upsample_condition(low_res, image_size, method)}``: the SR3 condition of
+    ``low_res [B, h, w, C]`` (in training, :func:`sr_training_condition` gives ``low_res``)."""
+    return {"image": upsample_condition(low_res, image_size, method)}
+
+
+def text_condition(states, *, null_text=None, drop_prob=0.0, key=None):
+    """``{"text": states}``, each row replaced by the empty prompt's states ``null_text``
+    with probability ``drop_prob`` (caption dropout for classifier-free guidance, on device).
+
+    Args:
+        states: ``[B, L, D]`` text-encoder states.
+        null_text: ``[1 or B, L, D]`` states of the empty prompt; needed when dropping.
+        drop_prob: static probability in [0, 1].
+        key: PRNG key of the dropout.
+    """
+    return {"text": _dropped("text", states, null_text, drop_prob, key)}
+
+
+def null_condition(cond, *, num_classes=None, null_text=None):
+    """``cond`` with every guided kind replaced by its null (``image`` is kept).
+
+    Args:
+        cond: condition dict with batch ``B``.
+        num_classes: the model's number of classes (its null label); needed with ``label``.
+        null_text: ``[1 or B, L, D]`` states of the empty prompt; needed with ``text``.
+
+    Returns:
+        The null condition, same structure and shapes as ``cond``.
+
+    Raises:
+        ValueError: if a needed null is missing or ``cond`` has an unknown key.
+    """
+    nulls = {"num_classes": num_classes, "null_text": null_text}
+    cond = check_condition(cond)
+    return {kind: value if _KINDS[kind][0] is None else
+            _null_value(kind, value, nulls[_KINDS[kind][0]]) for kind, value in cond.items()}
+
+
+def check_condition(cond):
+    """``cond`` as a dict (``None`` -> ``{}``).
+
+    Raises:
+        ValueError: for a key that is not a condition kind.
+    """
+    cond = {} if cond is None else dict(cond)
+    unknown = sorted(set(cond) - set(COND_KINDS))
+    if unknown:
+        raise ValueError(f"Unknown condition kind(s) {unknown}; expected some of {list(COND_KINDS)}.")
+    return cond
 
 
 def training_condition(config, schedule, batch, *, label_key, image_key):
@@ -39,8 +119,8 @@ def training_condition(config, schedule, batch, *, label_key, image_key):
     """
     model_cfg, cond = config.model, {}
     if model_cfg.class_conditional:
-        drop = jax.random.bernoulli(label_key, model_cfg.cond_drop_prob, batch["label"].shape)
-        cond["label"] = jnp.where(drop, config.data.num_classes, batch["label"])
+        cond.update(label_condition(batch["label"], num_classes=config.data.num_classes,
+                                    drop_prob=model_cfg.cond_drop_prob, key=label_key))
     if model_cfg.cond_image_channels > 0:
         cond["image"] = sr_training_condition(
             batch["image"], image_key, factor=config.sr.factor, sched=schedule,
@@ -76,7 +156,7 @@ def sr_training_condition(images, key, *, factor, sched=None, aug_max_t=0, metho
         t_key, noise_key = jax.random.split(key)
         levels = jax.random.randint(t_key, (images.shape[0],), 0, aug_max_t + 1)       # [B]
         low = diffusion.q_sample(sched, low, levels, jax.random.normal(noise_key, low.shape))
-    return upsample_condition(low, images.shape[1], method)
+    return image_condition(low, images.shape[1], method)["image"]
 
 
 def upsample_condition(low_res, image_size, method="bicubic"):
@@ -118,3 +198,20 @@ def check_factor(shape, factor):
 def nearest_upsample(x, factor):
     """Repeat each pixel ``factor x factor`` times: ``[B, h, w, C] -> [B, h f, w f, C]``."""
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def _null_value(kind, value, null):
+    """The null of ``kind`` for ``value``, from its null argument ``null``."""
+    if null is None:
+        raise ValueError(f'cond["{kind}"] needs {_KINDS[kind][0]} (its null) for guidance or '
+                         "dropout.")
+    return _KINDS[kind][1](value, null)
+
+
+def _dropped(kind, value, null, drop_prob, key):
+    """``value`` with each row replaced by the null of ``kind`` with probability ``drop_prob``."""
+    if not drop_prob:
+        return value
+    drop = jax.random.bernoulli(key, drop_prob, value.shape[:1])                    # [B]
+    return jnp.where(drop.reshape((-1,) + (1,) * (value.ndim - 1)),
+                     _null_value(kind, value, null), value)

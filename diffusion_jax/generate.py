@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffusion_jax import denoisers, samplers, sharding
-from diffusion_jax.sde import parameterization
 
 
 def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_samples: int,
@@ -43,25 +42,30 @@ def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_
     Returns:
         ``sample_fn(params, key, cond=None, *, guidance_scale=None, eta=None)``: ``params`` an
         ``nnx.State`` (e.g. an EMA); ``cond`` a condition dict of host arrays with batch N
-        (``{"label": int [N]}``); ``guidance_scale`` ``None`` or the classifier-free guidance
-        weight; ``eta`` overrides ``options.eta``. The last two are traced.
+        (``{"label": int [N]}``); ``guidance_scale`` the classifier-free guidance scale ``s``
+        (Stable Diffusion's: ``<= 1`` none, :mod:`diffusion_jax.denoisers`; ``None``: the
+        config's, :func:`~diffusion_jax.denoisers.default_guidance_scale`);
+        ``eta`` overrides ``options.eta``. The last two are traced.
 
     Raises:
-        ValueError: unknown sampler (here); labels outside ``[0, num_classes)`` (when called).
+        ValueError: unknown sampler (here); labels outside ``[0, num_classes)`` or a
+            negative or non-finite guidance scale (when called).
         FloatingPointError: a sample with a NaN or Inf (when called).
     """
     sampler = sampler or config.sample.sampler
     samplers.check_sampler(sampler)
     options = options or samplers.options_from_config(config)
+    default_scale = denoisers.default_guidance_scale(config)
     n_pad = -(-num_samples // mesh.size) * mesh.size  # round up to a multiple of devices
     shape = (n_pad, config.data.image_size, config.data.image_size, config.data.num_channels)
     batch_sharding = sharding.batch_sharding(mesh)
 
     def sample(params, key, cond, options, guidance_scale):
         model = nnx.merge(graphdef, params)
-        denoise = denoisers.build_denoiser(model, cond, guidance_scale=guidance_scale)
-        # A continuous-time model (diffusion.kind != "discrete") as an x0-predictor of discrete t.
-        denoise = parameterization.discrete_view(denoise, config.diffusion, schedule)
+        # The denoiser carries the model's parameterisation (a continuous-time model becomes
+        # an x0-predictor of discrete t); the sampler reads its pred_type.
+        denoise = denoisers.build_denoiser(model, cond, guidance_scale=guidance_scale,
+                                           diffusion=config.diffusion, schedule=schedule)
         x_init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_init = jax.lax.with_sharding_constraint(x_init, batch_sharding)
         return samplers.run_with_status(sampler, denoise, schedule, x_init,
@@ -73,7 +77,8 @@ def make_sample_fn(graphdef: nnx.GraphDef, schedule, config, mesh: Mesh, *, num_
         cond = _device_cond(cond, num_samples, n_pad, config.data.num_classes, batch_sharding)
         run_options = options if eta is None else dataclasses.replace(
             options, eta=samplers.make_options(eta=eta).eta)
-        scale = None if guidance_scale is None else jnp.float32(guidance_scale)
+        scale = denoisers.traced_scale(default_scale if guidance_scale is None
+                                       else guidance_scale)
         images, status = sample_jit(params, key, cond, run_options, scale)
         images = np.asarray(jax.device_get(images))[:num_samples]
         samplers.check_finite(images, sampler, status)

@@ -2,7 +2,10 @@
 
 Every function here takes a denoiser and returns a denoiser ``denoise(x, t) -> prediction`` with
 ``x: [B, ...]`` and ``t: int32 [B]``, so any sampler in :mod:`diffusion_jax.samplers` runs the
-guided model unchanged. The score/epsilon relation that all of them rest on is
+guided model unchanged. The wrapped denoiser says what it predicts (a
+:class:`~diffusion_jax.denoisers.Denoiser`'s ``pred_type``; a bare ``f(x, t)`` predicts eps),
+and the returned one is a :class:`~diffusion_jax.denoisers.Denoiser` of the same
+parameterisation. The score/epsilon relation that all of them rest on is
 
     score(x_t) = grad log p(x_t) = -eps(x_t, t) / sqrt(1 - alpha_bar_t),
 
@@ -17,10 +20,10 @@ guidance lives in :mod:`diffusion_jax.models.classifier` and is trained by
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import denoisers, diffusion, schedules
 
 
-def classifier_guided_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *, pred_type="eps"):
+def classifier_guided_denoiser(denoise_eps, log_prob_fn, y, sched, scale):
     """Classifier guidance (Dhariwal & Nichol, 2021, Algorithm 2) as an epsilon shift.
 
     ``eps_hat(x_t, t) = eps(x_t, t) - s * sqrt(1 - alpha_bar_t) * grad_x log p(y | x_t, t)``
@@ -29,29 +32,30 @@ def classifier_guided_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *, pre
     ``s = 1`` and the exact posterior ``p(y | x_t)`` this is the exact class-conditional score.
 
     Args:
-        denoise_eps: unconditional denoiser ``(x, t) -> prediction`` of type ``pred_type``.
+        denoise_eps: unconditional denoiser ``(x, t) -> prediction`` (a
+            :class:`~diffusion_jax.denoisers.Denoiser` of any ``pred_type``).
         log_prob_fn: ``log_prob_fn(x [B, ...], t int32 [B], y int32 [B]) -> [B]`` log p(y | x_t);
             must be differentiable in ``x`` and treat examples independently.
         y: target labels, int ``[B]`` or a scalar.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         scale: guidance scale ``s``.
-        pred_type: what ``denoise_eps`` predicts (``eps``, ``x0``, ``v`` or ``score``); the
-            returned denoiser predicts the same type.
 
     Returns:
-        ``denoise(x, t) -> prediction`` of type ``pred_type``.
+        A :class:`~diffusion_jax.denoisers.Denoiser` predicting what ``denoise_eps`` does.
     """
+    denoise_eps = denoisers.as_denoiser(denoise_eps)
+    pred_type = denoise_eps.pred_type
 
     def denoise(x, t):
         sigma = schedules.extract(sched.sqrt_one_minus_alphas_cumprod, t, x.ndim)
         grad = _class_log_prob_grad(log_prob_fn, x, t, y)
         return _shift_eps(denoise_eps(x, t), x, t, sched, -scale * sigma * grad, pred_type)
 
-    return denoise
+    return denoise_eps.wrap(denoise)
 
 
 def classifier_mean_shift_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *,
-                                   variance="posterior", pred_type="eps"):
+                                   variance="posterior"):
     """Classifier guidance in DDPM's mean-shift form, expressed as an epsilon shift.
 
     Dhariwal & Nichol's Algorithm 1 samples ``x_{t-1} ~ N(mu + s * Sigma_t * g, Sigma_t)`` with
@@ -68,17 +72,17 @@ def classifier_mean_shift_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *,
     at ``t = 0``.
 
     Args:
-        denoise_eps: unconditional denoiser ``(x, t) -> prediction`` of type ``pred_type``.
+        denoise_eps: unconditional denoiser ``(x, t) -> prediction`` (a
+            :class:`~diffusion_jax.denoisers.Denoiser` of any ``pred_type``).
         log_prob_fn: ``log_prob_fn(x, t, y) -> [B]`` log p(y | x_t), differentiable in ``x``.
         y: target labels, int ``[B]`` or a scalar.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         scale: guidance scale ``s``.
         variance: ``"posterior"`` (``Sigma_t = beta_tilde_t``) or ``"beta"`` (``Sigma_t =
             beta_t``); use the value you pass to ``ddpm_sample``.
-        pred_type: what ``denoise_eps`` predicts; the returned denoiser predicts the same type.
 
     Returns:
-        ``denoise(x, t) -> prediction`` of type ``pred_type``.
+        A :class:`~diffusion_jax.denoisers.Denoiser` predicting what ``denoise_eps`` does.
 
     Raises:
         ValueError: if ``variance`` is not ``posterior`` or ``beta``.
@@ -88,16 +92,17 @@ def classifier_mean_shift_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *,
     sigma_sq = sched.posterior_variance if variance == "posterior" else sched.betas
     factor = (sigma_sq * jnp.sqrt(sched.alphas) * sched.sqrt_one_minus_alphas_cumprod
               / sched.betas)
+    denoise_eps = denoisers.as_denoiser(denoise_eps)
 
     def denoise(x, t):
         grad = _class_log_prob_grad(log_prob_fn, x, t, y)
         delta = -scale * schedules.extract(factor, t, x.ndim) * grad
-        return _shift_eps(denoise_eps(x, t), x, t, sched, delta, pred_type)
+        return _shift_eps(denoise_eps(x, t), x, t, sched, delta, denoise_eps.pred_type)
 
-    return denoise
+    return denoise_eps.wrap(denoise)
 
 
-def loss_guided_denoiser(denoise, sched, loss_fn, scale, *, pred_type="eps"):
+def loss_guided_denoiser(denoise, sched, loss_fn, scale):
     """Guidance by any differentiable loss on the predicted clean image ("universal guidance").
 
     Treats ``exp(-loss(x0_hat(x_t)))`` as a likelihood and shifts epsilon like a classifier:
@@ -107,15 +112,17 @@ def loss_guided_denoiser(denoise, sched, loss_fn, scale, *, pred_type="eps"):
     where the gradient flows through the denoiser (x0_hat = (x_t - sqrt(1-ab) eps) / sqrt(ab)).
 
     Args:
-        denoise: ``(x, t) -> prediction`` of type ``pred_type``.
+        denoise: ``(x, t) -> prediction`` (a :class:`~diffusion_jax.denoisers.Denoiser` of
+            any ``pred_type``).
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         loss_fn: ``loss_fn(x0_pred [B, ...]) -> [B]`` per-example loss (lower is better).
         scale: guidance scale ``s``.
-        pred_type: what ``denoise`` predicts; the returned denoiser predicts the same type.
 
     Returns:
-        ``denoise(x, t) -> prediction`` of type ``pred_type``.
+        A :class:`~diffusion_jax.denoisers.Denoiser` predicting what ``denoise`` does.
     """
+    denoise = denoisers.as_denoiser(denoise)
+    pred_type = denoise.pred_type
 
     def neg_loss_and_pred(x, t):
         pred = denoise(x, t)
@@ -128,7 +135,7 @@ def loss_guided_denoiser(denoise, sched, loss_fn, scale, *, pred_type="eps"):
         sigma = schedules.extract(sched.sqrt_one_minus_alphas_cumprod, t, x.ndim)
         return _shift_eps(pred, x, t, sched, -scale * sigma * grad, pred_type)
 
-    return guided
+    return denoise.wrap(guided)
 
 
 def classifier_log_prob_fn(classifier):

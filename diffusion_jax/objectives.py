@@ -21,9 +21,10 @@ the stages Stable Diffusion trains separately (Rombach et al., 2022; Radford et 
   ``WORKDIR/tokenizer``.
 * ``"latent_diffusion"`` (arch ``cond_unet``, settings in ``config.model``): the denoising
   loss of ``config.diffusion.kind`` on ``z = scale * sample(q(z | x))`` of the frozen
-  autoencoder, conditioned on the frozen CLIP text encoder's token states; captions are
-  replaced by the empty prompt with probability ``latent.caption_drop_prob`` (for
-  classifier-free guidance). ``scale = 1 / std(z)`` measured once on training latents (as SD
+  autoencoder, conditioned on the frozen CLIP text encoder's token states; their states are replaced by
+  the empty prompt's with probability ``latent.caption_drop_prob`` on device
+  (``conditioning.text_condition``, like label dropout; for classifier-free guidance).
+  ``scale = 1 / std(z)`` measured once on training latents (as SD
   chose 0.18215) and stored in the config and in ``WORKDIR/latent_scale.json``. The frozen
   stages are pinned: the step and a sha256 of the parameters of each
   (`loading.params_digest`) are recorded at the first start in ``WORKDIR/frozen_stages.json``
@@ -328,9 +329,10 @@ def _clip_loss_fn(graphdef, schedule, config):
     return loss_fn
 
 
-def _caption_batch_fn(config, *, tokenizer_dir, drop_prob=0.0):
+def _caption_batch_fn(config, *, tokenizer_dir):
     """``fn(batch, step)`` adding ``input_ids [b, L]`` of captions drawn from the training
-    templates, seeded by ``(seed, step, process)``; a caption becomes "" with ``drop_prob``."""
+    templates, seeded by ``(seed, step, process)`` (caption dropout is on device, in the
+    latent loss)."""
     tok = clip_tokenizer.load_tokenizer(tokenizer_dir)
     train_templates, _ = _template_split(config)
     attribute_prob = config.captions.attribute_prob
@@ -340,9 +342,6 @@ def _caption_batch_fn(config, *, tokenizer_dir, drop_prob=0.0):
         texts = captions.random_captions(batch["image"], batch["label"],
                                          templates=train_templates, seed=seed,
                                          attribute_prob=attribute_prob)
-        if drop_prob > 0:
-            drop = np.random.default_rng(seed + (1,)).random(len(texts)) < drop_prob
-            texts = ["" if d else t for d, t in zip(drop, texts)]
         return dict(batch, input_ids=tok(texts))
 
     return fn
@@ -401,19 +400,26 @@ def _pool_recall(img, txt, labels, *, pool):
 
 def _latent_loss_fn(graphdef, schedule, config):
     """The denoising loss of ``config.diffusion.kind`` (`_denoising_loss`) on scaled latents
-    of the frozen autoencoder, conditioned on the frozen text encoder's states ``[b, L, D]``;
-    aux ``(per_example, t)``."""
+    of the frozen autoencoder, conditioned on the frozen text encoder's states ``[b, L, D]``,
+    each replaced by the empty prompt's states with probability ``latent.caption_drop_prob``
+    (:func:`~diffusion_jax.conditioning.text_condition`, on device); aux ``(per_example, t)``."""
     parameterization.check_model_time_input(config.diffusion, config.model.time_input)
     vae = load_frozen_stage(config, "autoencoder").model
     text_model = load_frozen_stage(config, "clip").model.text_model
     scale = config.latent.scale_factor
+    tok = clip_tokenizer.load_tokenizer(os.path.join(config.latent.clip_workdir,
+                                                     TOKENIZER_SUBDIR))
+    null_text = text_model(jnp.asarray(tok([""]))).last_hidden_state       # [1, L, D]
 
     def loss_fn(params, batch, key):
         latent_key, loss_key = jax.random.split(key)
         z = jax.lax.stop_gradient(vae.encode(batch["image"]).sample(latent_key) * scale)
         states = jax.lax.stop_gradient(text_model(batch["input_ids"]).last_hidden_state)
+        cond = conditioning.text_condition(states, null_text=null_text,
+                                           drop_prob=config.latent.caption_drop_prob,
+                                           key=jax.random.fold_in(key, 2))
         unet = nnx.merge(graphdef, params)
-        return _denoising_loss(lambda x_t, t: unet(x_t, t, {"text": states}), schedule, z,
+        return _denoising_loss(lambda x_t, t: unet(x_t, t, cond), schedule, z,
                                loss_key, config.diffusion)
 
     return loss_fn
@@ -607,8 +613,7 @@ def _clip_host_batch(config, workdir):
 def _latent_host_batch(config, workdir):
     del workdir  # the tokenizer is the CLIP stage's
     return _caption_batch_fn(
-        config, tokenizer_dir=os.path.join(config.latent.clip_workdir, TOKENIZER_SUBDIR),
-        drop_prob=config.latent.caption_drop_prob)
+        config, tokenizer_dir=os.path.join(config.latent.clip_workdir, TOKENIZER_SUBDIR))
 
 
 _DIFFUSION = Objective(("unet",), _diffusion_loss_fn, True, None, None, _diffusion_sample_fn)

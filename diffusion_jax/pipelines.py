@@ -10,9 +10,9 @@ A latent diffusion model (Rombach et al., 2022) runs the sampler over autoencode
     z_0       = sampler(eps_hat, schedule, z_T)                      any registered sampler
     x_0       = vae.decode(z_0 / scaling_factor)                     [B, H, W, 3] in [-1, 1]
 
-``s`` is the Stable Diffusion guidance scale (``s <= 1``: the conditional model alone, one
-UNet call, as in diffusers; this is the project's weight ``w = s - 1`` of
-:mod:`diffusion_jax.denoisers`), ``f = 2 ** (levels - 1)``
+``s`` is the Stable Diffusion guidance scale, the one convention of the library and its
+command lines (``s <= 1``: the conditional model alone, one UNet call, as in diffusers;
+:mod:`diffusion_jax.denoisers` converts it to the weight ``w = s - 1``), ``f = 2 ** (levels - 1)``
 of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps images to
 scaled latents and ``decode`` back, so the samplers and the applications
 (:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion, DiffusionCLIP) run
@@ -47,7 +47,7 @@ from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
 from diffusion_jax.applications import diffusionclip as dclip
 from diffusion_jax.applications import inpaint as inpaint_app
 from diffusion_jax.applications import inversion, sdedit
-from diffusion_jax.conditioning import area_downsample
+from diffusion_jax.conditioning import area_downsample, text_condition
 from diffusion_jax.samplers import chain
 
 OUTPUTS = ("uint8", "float", "latents")
@@ -355,8 +355,10 @@ def diffusionclip(pipe: Pipeline, images, clip, source_text: str, target_text: s
     codec = LatentCodec(pipe.vae)
     return dclip.diffusionclip_edit(
         pipe.unet, pipe.schedule, codec.encode(images), clip_model.encode_image,
-        dclip.text_direction(emb[0], emb[1]), cond={"text": states},
-        pred_type=pipe.options.pred_type, decode_fn=codec.decode, **kwargs)
+        dclip.text_direction(emb[0], emb[1]),
+        make_denoiser=lambda unet: denoisers.build_denoiser(
+            unet, text_condition(states), pred_type=pipe.options.pred_type),
+        decode_fn=codec.decode, **kwargs)
 
 
 def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:
@@ -427,7 +429,7 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
     arrays = {k: jax.device_put(pad(v), split) for k, v in arrays.items()}
     graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
     state = jax.device_put(state, sharding.replicated(mesh))
-    scale = _guidance_weight(guidance_scale)
+    scale = denoisers.traced_scale(guidance_scale)
     out, status = _program(graphdef, state, options, scale, ids, null_ids, arrays, key,
                            schedule=_StaticSchedule(pipe.schedule), task=task, sampler=sampler,
                            static=static)
@@ -478,8 +480,8 @@ def _program(graphdef, state, options, scale, ids, null_ids, arrays, key, *, sch
     unet, vae, text_encoder = nnx.merge(graphdef, state)
     text = text_encoder(ids).last_hidden_state                           # [B, L, D]
     null = text_encoder(null_ids).last_hidden_state                      # [1 or B, L, D]
-    denoise = denoisers.build_denoiser(unet, {"text": text}, guidance_scale=scale,
-                                       null_text=null)
+    denoise = denoisers.build_denoiser(unet, text_condition(text), guidance_scale=scale,
+                                       null_text=null, pred_type=options.pred_type)
     with chain.recording() as records:
         out = _TASKS[task](denoise, LatentCodec(vae), schedule, sampler, options, arrays, key,
                            **dict(static))
@@ -517,7 +519,6 @@ def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fix
     del sampler, key, decode  # deterministic DDIM; the result is latents
     return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
                                  num_steps=options.num_steps, spacing=options.spacing,
-                                 pred_type=options.pred_type,
                                  fixed_point_iters=fixed_point_iters)
 
 
@@ -534,22 +535,6 @@ def _finish(images, sampler, output, status=None):
         return image_io.to_uint8(images)
     images = np.asarray(images, np.float32)
     return np.clip(images, -1.0, 1.0) if output == "float" else images
-
-
-def _guidance_weight(guidance_scale):
-    """The weight ``w = s - 1`` of :func:`~diffusion_jax.denoisers.build_denoiser` for the SD
-    scale ``s``; ``None`` (the conditional model alone) for ``s <= 1`` or ``None``, as diffusers
-    does (``do_classifier_free_guidance = s > 1``; SD-Turbo samples at ``s = 0``).
-
-    Raises:
-        ValueError: for a non-finite ``s``.
-    """
-    if guidance_scale is None:
-        return None
-    scale = float(guidance_scale)  # a host value: the call is outside the jitted program
-    if not np.isfinite(scale):
-        raise ValueError(f"guidance_scale must be finite, got {scale}.")
-    return None if scale <= 1.0 else jnp.float32(scale - 1.0)
 
 
 def _check_output(output):

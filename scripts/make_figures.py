@@ -59,7 +59,8 @@ def main():
     def run(task, inputs=images, **option_overrides):
         task_options = tasks.TaskOptions(**{"sampler": "ddim", "sampler_options": options,
                                             **option_overrides})
-        return tasks.run_task(task, model, sched, inputs, task_options, key)
+        return tasks.run_task(task, model, sched, inputs, task_options, key,
+                              diffusion=config.diffusion)
 
     factor = max(1, config.data.image_size // 4)  # the guide keeps 4x4 blocks of the digit
     blocky = np.asarray(common.nearest_upsample(common.area_downsample(images, factor), factor))
@@ -78,7 +79,7 @@ def main():
                       class_label=(int(labels[i]) + 1) % model.num_classes)["output"]
                   for i in range(len(images))]
         rows.append(np.concatenate(edited))
-        save_rows("cfg.png", [cfg_row(model, sched, config, w, key) for w in (0.0, 1.0, 3.0)])
+        save_rows("cfg.png", [cfg_row(model, sched, config, s, key) for s in (1.0, 2.0, 4.0)])
     save_rows("inversion.png", rows)
 
     if not model.num_classes and _CLASSIFIER.value:
@@ -91,7 +92,8 @@ def main():
         sr_options = tasks.TaskOptions(
             sampler="ddim", sampler_options=_options(sr_config), sr_factor=sr_config.sr.factor,
             sr_method=sr_config.sr.upsample_method, sr_aug_t=sr_config.sr.sample_aug_t)
-        out = tasks.run_task("sr", sr_loaded.model, sr_loaded.schedule, hi, sr_options, key)
+        out = tasks.run_task("sr", sr_loaded.model, sr_loaded.schedule, hi, sr_options, key,
+                             diffusion=sr_config.diffusion)
         save_rows("super_resolution.png", [out["low_res"], out["output"], hi])
 
 
@@ -101,9 +103,10 @@ def _options(config):
 
 
 def cfg_row(model, sched, config, scale, key):
-    """One sample per class (0..K-1) with classifier-free guidance weight ``scale``."""
+    """One sample per class (0..K-1) with classifier-free guidance scale ``s = scale``."""
     labels = jnp.arange(model.num_classes, dtype=jnp.int32)
-    denoise = denoisers.build_denoiser(model, {"label": labels}, guidance_scale=scale)
+    denoise = denoisers.build_denoiser(model, {"label": labels}, guidance_scale=scale,
+                                       diffusion=config.diffusion, schedule=sched)
     shape = (model.num_classes, config.data.image_size, config.data.image_size,
              config.data.num_channels)
     x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)
@@ -116,7 +119,7 @@ def classifier_rows(model, sched, config, key):
     classifier, _ = classifier_training.train_noisy_classifier_from_config(
         _CLASSIFIER_CONFIG.value, images, labels)
     log_prob = guidance.classifier_log_prob_fn(classifier)
-    uncond = denoisers.build_denoiser(model)
+    uncond = denoisers.build_denoiser(model, diffusion=config.diffusion, schedule=sched)
     shape = (_NUM.value, config.data.image_size, config.data.image_size, config.data.num_channels)
     x_T = jax.random.normal(jax.random.fold_in(key, 3), shape)
     sample = lambda denoise: np.asarray(samplers.run("ddim", denoise, sched, x_T, key,
@@ -124,7 +127,7 @@ def classifier_rows(model, sched, config, key):
     rows = [sample(uncond)]
     for label in range(int(labels.max()) + 1):
         rows.append(sample(guidance.classifier_guided_denoiser(
-            uncond, log_prob, label, sched, 3.0, pred_type=config.diffusion.pred_type)))
+            uncond, log_prob, label, sched, 3.0)))
     return rows
 
 

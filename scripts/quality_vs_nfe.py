@@ -115,14 +115,15 @@ def _make_sampler(loaded, counter, num):
     compiled = {}
 
     def run(name, options, params, key):
-        denoise = denoisers.build_denoiser(nnx.merge(loaded.graphdef, params))
+        denoise = denoisers.build_denoiser(nnx.merge(loaded.graphdef, params),
+                                           diffusion=config.diffusion, schedule=loaded.schedule)
 
         def counted(x, t):
             jax.debug.callback(counter.bump)
             return denoise(x, t)
 
         x_init = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-        return samplers.run(name, counted, loaded.schedule, x_init, jax.random.fold_in(key, 1),
+        return samplers.run(name, denoise.wrap(counted), loaded.schedule, x_init, jax.random.fold_in(key, 1),
                             options)
 
     def sample(name, options, counter_):

@@ -1,4 +1,5 @@
 """Tests of diffusion_jax.applications against closed-form Gaussian / mixture denoisers."""
+import dataclasses
 import functools
 
 import jax
@@ -553,3 +554,44 @@ def test_sr3_trains_on_digits_and_its_samples_match_the_low_res_input():
     err = float(jnp.mean(jnp.abs(common.area_downsample(out, 2) - low)))
     baseline = float(jnp.mean(jnp.abs(common.area_downsample(jnp.roll(test, 1, 0), 2) - low)))
     assert err < 0.5 * baseline, (err, baseline)
+
+
+# ------------------------------------------------- continuous-time and EDM models
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm"])
+@pytest.mark.parametrize("task", ["sdedit", "inpaint", "ilvr", "sr", "invert"])
+def test_every_application_runs_on_continuous_time_and_edm_models(task, kind):
+    """run_task with the model's config.diffusion: the denoiser carries the continuous
+    parameterisation (an x0-predictor of discrete t), so each application keeps its exact
+    property on the exact network of ``kind`` (continuous_oracle)."""
+    import continuous_oracle as co
+    from diffusion_jax import denoisers
+    from diffusion_jax.applications import tasks
+    sched = _sched(50, 0.3)
+    cfg = co.diffusion_config(kind)
+    model = co.ContinuousOracle(cfg)
+    denoise = denoisers.build_denoiser(model, diffusion=cfg, schedule=sched)
+    assert (denoise.pred_type, denoise.time) == ("x0", "sigma" if kind == "edm" else "continuous")
+    images = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    options = tasks.TaskOptions(sampler="ddim", sampler_options=samplers.make_options(num_steps=50),
+                                mask_region="top", t0=0.4, ilvr_factor=2, sr_factor=2,
+                                sr_method="nearest")
+    run = lambda **kw: tasks.run_task(task, model, sched, images, dataclasses.replace(
+        options, **kw), jax.random.PRNGKey(1), diffusion=cfg)["output"]
+    result = run()
+    assert result.shape == images.shape and np.all(np.isfinite(result))
+    if task == "sdedit":            # outside the edit exactly the input; strength -> 0: input
+        np.testing.assert_array_equal(result[:, 4:], images[:, 4:])
+        assert np.abs(result[:, :4] - images[:, :4]).mean() > 0.05
+        faint = run(t0=1 / 50, mask_region=None) - images      # noise std 0.01 at step 0
+        assert np.abs(faint).mean() < 0.01 and np.abs(faint).max() < 0.05
+    elif task == "inpaint":         # the known (bottom) half exactly
+        np.testing.assert_array_equal(result[:, 4:], images[:, 4:])
+    elif task == "ilvr":            # the reference's low frequencies exactly
+        np.testing.assert_allclose(ilvr.lowpass(result, 2), ilvr.lowpass(images, 2), atol=1e-5)
+    elif task == "sr":              # the exact SR network keeps the low-res input
+        np.testing.assert_allclose(common.area_downsample(result, 2),
+                                   common.area_downsample(images, 2), atol=1e-4)
+    else:                           # invert and decode under the same (no) condition
+        np.testing.assert_allclose(result, images, rtol=0.1, atol=0.02)

@@ -110,7 +110,9 @@ def _model_config(num_classes, sr=False):
     (["--steps=0"], 10, r"--steps must be >= 1, got 0"),
     (["--num_samples=0"], 10, r"--num_samples must be >= 1, got 0"),
     (["--num_samples=-3"], 10, r"--num_samples must be >= 1, got -3"),
-    (["--guidance_scale=-1"], 10, r"--guidance_scale must be >= 0"),
+    (["--guidance_scale=-1"], 10, r"--guidance_scale must be finite and >= 0 \(Stable "
+                                  r"Diffusion's scale s; 1 = no guidance\), got -1"),
+    (["--guidance_scale=nan"], 10, r"--guidance_scale must be finite and >= 0"),
     (["--guidance_scale=2"], 0, r"--guidance_scale needs a class-conditional model"),
     (["--t0=0.3"], 10, r"--t0 is not used by --task=sample \(it applies to sdedit, "
                        r"diffusionclip\)"),
@@ -149,6 +151,11 @@ def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
                  ["--task=sdedit", "--t0=0.3", "--sampler=ddpm", "--mask_region=top"],
                  ["--task=invert", "--source_label=0", "--class_label=9", "--steps=4"]):
         cli.check_flags(_flags(*argv), _model_config(10))
+    for kind in ("vp", "edm"):          # every application runs on continuous-time models
+        config = _model_config(10)
+        config.diffusion.kind = kind
+        for task in ("sdedit", "inpaint", "ilvr", "invert"):
+            cli.check_flags(_flags(f"--task={task}"), config)
     fv = _flags("--task=sr")
     assert (fv.sr_factor, fv.sr_method, fv.sr_aug_t) == (None, None, None)  # config.sr decides
     options = cli.sampler_options(_flags("--steps=7"), _model_config(10))

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import gaussian_oracle as oracle
-from diffusion_jax import classifier_training, diffusion, guidance, samplers, schedules
+from diffusion_jax import classifier_training, denoisers, diffusion, guidance, samplers, schedules
 from diffusion_jax.applications import common
 from diffusion_jax.models.classifier import NoisyClassifier
 
@@ -70,9 +70,10 @@ def test_classifier_guidance_with_bayes_posterior_is_the_exact_conditional_eps()
     # and for an x0-predicting denoiser the shift is applied to its eps
     to_x0 = lambda eps, x, t: diffusion.to_x0_and_eps(
         eps, x, schedules.extract(sched.alphas_cumprod, t, 2), "eps")[0]
-    uncond_x0 = lambda x, t: to_x0(uncond(x, t), x, t)
+    uncond_x0 = denoisers.Denoiser(lambda x, t: to_x0(uncond(x, t), x, t), pred_type="x0")
     guided_x0 = guidance.classifier_guided_denoiser(uncond_x0, _bayes_log_prob(sched), y, sched,
-                                                    1.0, pred_type="x0")
+                                                    1.0)
+    assert guided_x0.pred_type == "x0"   # the wrapper asks the denoiser what it predicts
     np.testing.assert_allclose(guided_x0(x, t), to_x0(model_fn(x, t, y), x, t), rtol=1e-4,
                                atol=1e-4)
 

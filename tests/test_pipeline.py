@@ -383,7 +383,7 @@ def test_sd_flag_checks_name_the_flag(ours):
     for argv, match in ((["--height=0"], "--height=0 must be a positive multiple of 4"),
                         (["--width=30"], "--width=30 must be"),
                         (["--guidance_scale=nan"], "--guidance_scale must be finite"),
-                        (["--guidance_scale=-1"], "--guidance_scale must be >= 0"),
+                        (["--guidance_scale=-1"], "--guidance_scale must be finite and >= 0"),
                         (["--sampler_option=pred_type=v"], "the checkpoint decides"),
                         (["--sampler_option=order=1"], "'order' is not used by sampler 'ddim'"),
                         (["--num_samples=0"], "--num_samples must be >= 1"),

@@ -23,7 +23,7 @@ from diffusion_jax.samplers import registry
 SCHED = schedules.make_schedule(schedules.linear_beta_schedule(100, 1e-3, 0.2))
 # config.sample keys that are not sampler settings, and the settings it overrides on purpose
 # (models trained here sample with 100 steps, clipping and the beta variance).
-NOT_OPTIONS = {"sampler", "num_samples"}
+NOT_OPTIONS = {"sampler", "num_samples", "guidance_scale"}
 OVERRIDES = {"num_steps": 100, "clip_x0": True, "ddpm_variance": "beta"}
 
 

@@ -18,8 +18,8 @@ from flax import nnx
 from training_fixtures import REPO, subprocess_env
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i  # noqa: E402
-from diffusion_jax import (caption_tokenizer, captions, clip_tokenizer, denoisers,  # noqa: E402
-                           objectives, train)
+from diffusion_jax import (caption_tokenizer, captions, clip_tokenizer, conditioning,  # noqa: E402
+                           denoisers, objectives, train)
 from diffusion_jax.models import autoencoder, cond_unet, text_encoder  # noqa: E402
 
 
@@ -154,8 +154,8 @@ def test_text_cfg_with_the_empty_prompt(tok_dir):
     null = te(jnp.asarray(tok([""]))).last_hidden_state                    # [1, L, D]
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     t = jnp.array([100, 900])
-    w = 2.5
-    guided = denoisers.build_denoiser(unet, {"text": text}, guidance_scale=w,
+    w = 2.5                                                                # s = w + 1
+    guided = denoisers.build_denoiser(unet, {"text": text}, guidance_scale=w + 1,
                                       null_text=null)(x, t)
     cond = unet(x, t, {"text": text})
     uncond = unet(x, t, {"text": jnp.broadcast_to(null, text.shape)})
@@ -163,15 +163,34 @@ def test_text_cfg_with_the_empty_prompt(tok_dir):
     assert float(jnp.max(jnp.abs(cond - uncond))) > 1e-3
 
 
-def test_caption_batches_drop_to_the_empty_prompt_and_use_training_templates(tok_dir):
+def test_caption_dropout_is_on_device_like_label_dropout(tok_dir):
+    """conditioning.text_condition replaces whole rows by the empty prompt's states, as
+    label_condition replaces labels by the null label; host caption batches drop nothing."""
+    tok = clip_tokenizer.load_tokenizer(tok_dir)
+    te = _tiny_text_model(1)
+    states = te(jnp.asarray(tok(["a dark coat", "a bag"] * 32))).last_hidden_state  # [64, L, D]
+    null = te(jnp.asarray(tok([""]))).last_hidden_state                              # [1, L, D]
+    key = jax.random.key(3)
+    text = jax.jit(lambda s, k: conditioning.text_condition(
+        s, null_text=null, drop_prob=0.5, key=k)["text"])(states, key)
+    dropped = np.all(np.asarray(text) == np.asarray(null), axis=(1, 2))
+    kept = np.all(np.asarray(text) == np.asarray(states), axis=(1, 2))
+    assert np.all(dropped ^ kept) and 16 < dropped.sum() < 48          # Binomial(64, 0.5)
+    labels = conditioning.label_condition(jnp.arange(64) % 10, num_classes=10, drop_prob=0.5,
+                                          key=key)["label"]
+    np.testing.assert_array_equal(np.asarray(labels) == 10, dropped)   # one dropout rule
+    assert conditioning.text_condition(states)["text"] is states       # no dropout: unchanged
+    with pytest.raises(ValueError, match=r'cond\["text"\] needs null_text'):
+        conditioning.text_condition(states, drop_prob=0.5, key=key)
+
+
+def test_caption_batches_use_training_templates(tok_dir):
     config = fashion_t2i.get_config("tiny")
-    fn = objectives._caption_batch_fn(config, tokenizer_dir=tok_dir, drop_prob=0.5)
+    fn = objectives._caption_batch_fn(config, tokenizer_dir=tok_dir)
     tok = clip_tokenizer.load_tokenizer(tok_dir)
     images, labels = np.asarray(_toy_images(64) * 0.0 - 1.0), np.arange(64) % 10
     ids = fn({"image": images, "label": labels}, 5)["input_ids"]
-    empty = tok([""])[0]
-    dropped = np.all(ids == empty, axis=1)
-    assert 16 < dropped.sum() < 48                       # Binomial(64, 0.5)
+    assert not np.any(np.all(ids == tok([""])[0], axis=1))       # dropout is on device now
     np.testing.assert_array_equal(fn({"image": images, "label": labels}, 5)["input_ids"], ids)
     assert not np.array_equal(fn({"image": images, "label": labels}, 6)["input_ids"], ids)
     _, heldout = captions.split_templates(seed=config.captions.template_seed)

@@ -26,8 +26,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import (captions, checkpoint, generate, image_io, loading, metrics_clip,
-                           objectives, pipelines, samplers, sharding, stage_pipeline)
+from diffusion_jax import (captions, checkpoint, denoisers, generate, image_io, loading,
+                           metrics_clip, objectives, pipelines, samplers, sharding,
+                           stage_pipeline)
 from diffusion_jax.app import progress
 from diffusion_jax.applications import diffusionclip
 
@@ -50,8 +51,8 @@ class Request:
         sampler: a name in :data:`~diffusion_jax.samplers.SAMPLERS`.
         sampler_options: extra :class:`~diffusion_jax.samplers.SamplerOptions` fields.
         steps: sampler steps (>= 1).
-        guidance: Stable Diffusion guidance scale ``s`` (1 = no guidance; pixel models use
-            ``w = s - 1`` for their classifier-free guidance).
+        guidance: guidance scale ``s``, Stable Diffusion's convention for every model (1 = no
+            guidance; :mod:`diffusion_jax.denoisers`).
         eta: DDIM ``eta``.
         seed: PRNG seed of the batch.
         batch_size: images per run; image ``i`` of a batch depends on the batch size.
@@ -156,6 +157,14 @@ class Engine:
     def default_steps(self) -> int:
         return int(self.pipe.options.num_steps if self.kind == TEXT
                    else self.config.sample.num_steps)
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale ``s`` the checkpoint samples with (its
+        ``config.sample.guidance_scale``; 7.5 for a text-to-image pipeline)."""
+        if self.config is None:
+            return denoisers.LEGACY_TEXT_GUIDANCE
+        return denoisers.default_guidance_scale(self.config)
 
     @property
     def default_sampler(self) -> str:
@@ -316,7 +325,7 @@ class Engine:
             if request.class_label is None:
                 raise ValueError("this model is class-conditional: pick a class.")
             cond = {"label": np.full((request.batch_size,), request.class_label, np.int32)}
-            scale = max(float(request.guidance) - 1.0, 0.0)
+            scale = float(request.guidance)
         images = self._sample_fns[static](self.loaded.params, key, cond, guidance_scale=scale,
                                           eta=request.eta)
         return image_io.to_uint8(images)

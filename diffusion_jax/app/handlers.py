@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from diffusion_jax import samplers
+from diffusion_jax import denoisers, samplers
 from diffusion_jax.app import metadata
 from diffusion_jax.app.engine import TEXT, Engine, Request
 
@@ -334,8 +334,10 @@ def _request(engine, settings, task, compared=None, **fields) -> Request:
     seed = secrets.randbelow(MAX_SEED + 1) if settings.random_seed \
         else _integer("Seed", settings.seed, 0, MAX_SEED)
     guidance = float(settings.guidance)
-    if not np.isfinite(guidance) or guidance < 0:
-        raise InputError(f"Guidance scale must be >= 0, got {settings.guidance}.")
+    try:
+        denoisers.check_guidance_scale(guidance, "Guidance scale")
+    except ValueError as err:
+        raise InputError(str(err)) from None
     options = _sampler_options(settings.options_text)
     try:
         if compared:  # one box for the compared samplers: each takes the options it reads

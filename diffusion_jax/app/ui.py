@@ -104,7 +104,7 @@ def _controls(engine, task, *, batch=True, sampler=True, steps=True,
         hint = gr.Markdown(handlers.sampler_help(default), visible=sampler)
         pick.change(handlers.sampler_help, pick, hint, queue=False)
         with gr.Row():
-            guidance = gr.Slider(0.0, 20.0, value=7.5 if engine.kind == TEXT else 1.0,
+            guidance = gr.Slider(0.0, 20.0, value=engine.default_guidance,
                                  step=0.1, label="Guidance scale (1 = none)",
                                  visible=engine.kind == TEXT or engine.num_classes > 0,
                                  elem_id=f"{task}_guidance")

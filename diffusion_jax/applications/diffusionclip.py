@@ -15,7 +15,10 @@
 3. Decode ``x_{t_0}`` with ``theta'``.
 
 Works on any ``nnx.Module`` called as ``model(x, t, cond)``: a pixel-space UNet, or a latent
-denoiser together with ``decode_fn`` (latents -> images) and an ``x_0`` given as latents.
+denoiser together with ``decode_fn`` (latents -> images) and an ``x_0`` given as latents. The
+module becomes a denoiser through ``make_denoiser`` (e.g. :func:`diffusion_jax.denoisers.build_denoiser`
+with the condition and the model's ``config.diffusion``), which carries the prediction type
+and time parameterisation, so discrete, continuous-time and EDM models are edited alike.
 The CLIP side is two arrays/callables, so any image encoder of the right input size works.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from diffusion_jax import denoisers
 from diffusion_jax.applications import common, inversion
 
 
@@ -75,20 +79,21 @@ def edit_scores(clip_model, tokenizer, images, edited, source_text: str,
 
 
 def diffusionclip_edit(model: nnx.Module, sched, x0: jax.Array, image_embed_fn: Callable,
-                       delta_text: jax.Array, *, cond=None, pred_type: str = "eps",
+                       delta_text: jax.Array, *, make_denoiser: Callable | None = None,
                        t0: float = 0.5, num_inversion_steps: int = 20, num_decode_steps: int = 6,
                        finetune_steps: int = 10, learning_rate: float = 1e-4,
                        id_weight: float = 0.3, decode_fn: Callable | None = None) -> dict:
     """Edits ``x0`` toward ``delta_text`` by fine-tuning a copy of ``model`` (module docstring).
 
     Args:
-        model: denoiser ``model(x, t, cond) -> prediction`` of ``pred_type``; left unchanged.
+        model: the ``nnx.Module`` whose parameters are fine-tuned; left unchanged.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         x0: ``[B, H, W, C]`` inputs in the model's space (images in [-1, 1], or latents).
         image_embed_fn: images -> ``[B, E]`` CLIP image embeddings (differentiable).
         delta_text: ``[E]`` (or ``[B, E]``) unit text direction, see `text_direction`.
-        cond: the model's condition pytree (``None`` for unconditional models).
-        pred_type: ``eps``, ``x0``, ``v`` or ``score``.
+        make_denoiser: ``module -> Denoiser`` (:class:`~diffusion_jax.denoisers.Denoiser`),
+            e.g. ``lambda m: build_denoiser(m, cond, diffusion=config.diffusion,
+            schedule=sched)``; default ``build_denoiser(m)`` (unconditional, discrete eps).
         t0: inversion depth as a fraction of the T steps, in (0, 1].
         num_inversion_steps: DDIM steps of the inversion (no gradient).
         num_decode_steps: DDIM steps of the differentiated decoding (and the final one).
@@ -113,21 +118,24 @@ def diffusionclip_edit(model: nnx.Module, sched, x0: jax.Array, image_embed_fn: 
             raise ValueError(f"{name} must be >= 1, got {value}")
     t_start = common.resolve_t_start(t0, sched.num_timesteps)
     decode_fn = (lambda z: z) if decode_fn is None else decode_fn
+    make_denoiser = make_denoiser or denoisers.build_denoiser
+    template = make_denoiser(model)  # its parameterisation; parameters come per call
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.checkpoint
     def apply(p, x, t):
-        return nnx.merge(graphdef, p, rest)(x, t, cond)
+        return make_denoiser(nnx.merge(graphdef, p, rest))(x, t)
+
+    def denoiser(p):
+        return template.wrap(lambda x, t: apply(p, x, t))
 
     def decode(p, latent):
-        return inversion.ddim_decode(lambda x, t: apply(p, x, t), sched, latent,
-                                     num_steps=num_decode_steps, pred_type=pred_type,
+        return inversion.ddim_decode(denoiser(p), sched, latent, num_steps=num_decode_steps,
                                      t_start=t_start)
 
     images0 = decode_fn(x0)
     latent = jax.jit(lambda p, x: inversion.ddim_invert(
-        lambda z, t: apply(p, z, t), sched, x, num_steps=num_inversion_steps,
-        pred_type=pred_type, t_start=t_start))(params, x0)
+        denoiser(p), sched, x, num_steps=num_inversion_steps, t_start=t_start))(params, x0)
     source_emb = jax.jit(image_embed_fn)(images0)
 
     def loss_fn(p):

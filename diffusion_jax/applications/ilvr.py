@@ -66,7 +66,8 @@ def ilvr_sample(denoise, sched, reference, key, *, factor=4, t_min=-1, t_max=Non
     """Sample from ``x_T ~ N(0, I)`` with the ILVR refinement toward ``reference``.
 
     Args:
-        denoise: ``denoise(x, t) -> prediction`` of ``pred_type``.
+        denoise: a :class:`~diffusion_jax.denoisers.Denoiser` (``denoise(x, t)`` with its
+            ``pred_type``), e.g. of a continuous-time or EDM model.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         reference: ``[B, H, W, C]`` reference images.
         key: PRNG key, split into ``(x_T key, chain key)``.

@@ -51,7 +51,8 @@ def inpaint(denoise, sched, x_known, mask, key, *, sampler="ddpm", options=None,
     """Fill the unknown region (``mask = 0``) of ``x_known`` with the diffusion model.
 
     Args:
-        denoise: ``denoise(x, t) -> prediction`` of ``pred_type``.
+        denoise: a :class:`~diffusion_jax.denoisers.Denoiser` (``denoise(x, t)`` with its
+            ``pred_type``), e.g. of a continuous-time or EDM model.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule` with ``T`` steps.
         x_known: ``[B, H, W, C]`` in [-1, 1]; values under ``mask = 0`` are ignored.
         mask: ``1`` on known pixels, broadcastable to ``x_known``.
@@ -127,13 +128,14 @@ def repaint_sample(denoise, sched, x_T, step_hook, key, *, jump_length=10, jump_
             :func:`known_pixels_hook`).
         key: PRNG key.
         jump_length, jump_n_sample: see :func:`repaint_schedule`.
-        options: :class:`~diffusion_jax.samplers.SamplerOptions`; ``pred_type``, ``variance``
-            and ``clip_x0`` apply (the DDPM step).
+        options: :class:`~diffusion_jax.samplers.SamplerOptions`; ``variance`` and
+            ``clip_x0`` apply (the DDPM step); ``pred_type`` is the denoiser's when it declares
+            one (:func:`~diffusion_jax.samplers.for_denoiser`).
 
     Returns:
         ``x_0 [B, ...]``.
     """
-    options = common.default_options(options)
+    options = samplers.for_denoiser(common.default_options(options), denoise)
     path = repaint_schedule(sched.num_timesteps, jump_length, jump_n_sample)
     ts, t_nexts = jnp.asarray(path[:-1]), jnp.asarray(path[1:])
 

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax import diffusion, guidance, samplers
+from diffusion_jax import denoisers, diffusion, guidance, samplers
 
 
-def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_type="eps",
-                t_start=None, fixed_point_iters=0, return_trajectory=False):
+def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", t_start=None,
+                fixed_point_iters=0, return_trajectory=False):
     """Encode ``x0`` into the DDIM latent at step ``t_start`` (default ``T - 1``).
 
     With ``fixed_point_iters = K > 0`` each step is refined K times by re-evaluating eps at the
@@ -35,12 +35,12 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_typ
     convergence of the iteration instead of O(1/S) (cost: K more denoiser calls per step).
 
     Args:
-        denoise: ``denoise(x, t) -> prediction`` of ``pred_type``.
+        denoise: a :class:`~diffusion_jax.denoisers.Denoiser` (its ``pred_type`` is used; a
+            bare ``f(x, t)`` predicts eps), e.g. of a continuous-time or EDM model.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         x0: ``[B, ...]`` clean images.
         num_steps: ``S``, the number of DDIM steps (use the same for decoding).
         spacing: ``"uniform"`` or ``"quadratic"``, see :func:`~.samplers.ddim_timesteps`.
-        pred_type: ``eps``, ``x0``, ``v`` or ``score``.
         t_start: last (noisiest) step of the encoding; decode with the same ``t_start``.
         fixed_point_iters: static number K of refinements per step (0: plain DDIM inversion).
         return_trajectory: also return the latent after every step.
@@ -48,6 +48,7 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_typ
     Returns:
         ``x_{t_start} [B, ...]``, or ``(x, trajectory [S, B, ...])``.
     """
+    denoise = denoisers.as_denoiser(denoise)
     ts = samplers.ddim_timesteps(sched.num_timesteps, num_steps, spacing, t_start)[::-1]
     t_froms = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ts[:-1]])    # [S] ascending
 
@@ -58,7 +59,8 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_typ
         t_b = jnp.full((x.shape[0],), t, jnp.int32)
 
         def step(x_eval):
-            _, eps = diffusion.to_x0_and_eps(denoise(x_eval, t_b), x_eval, a_to, pred_type)
+            _, eps = diffusion.to_x0_and_eps(denoise(x_eval, t_b), x_eval, a_to,
+                                            denoise.pred_type)
             x0_hat = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
             return jnp.sqrt(a_to) * x0_hat + jnp.sqrt(1.0 - a_to) * eps
 
@@ -69,14 +71,14 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_typ
     return (x, traj) if return_trajectory else x
 
 
-def ddim_decode(denoise, sched, latent, *, num_steps=50, spacing="uniform", pred_type="eps",
-                t_start=None, clip_x0=None):
+def ddim_decode(denoise, sched, latent, *, num_steps=50, spacing="uniform", t_start=None,
+                clip_x0=None):
     """Deterministic DDIM (``eta = 0``) from ``latent`` at step ``t_start`` down to ``x_0``.
 
     Args:
         denoise, sched: as :func:`ddim_invert`.
         latent: ``[B, ...]`` at step ``t_start`` (default ``T - 1``).
-        num_steps, spacing, pred_type, t_start: as used for :func:`ddim_invert`.
+        num_steps, spacing, t_start: as used for :func:`ddim_invert`.
         clip_x0: ``None`` (exact round trips) or a clip range for ``x0_pred``.
 
     Returns:
@@ -84,19 +86,20 @@ def ddim_decode(denoise, sched, latent, *, num_steps=50, spacing="uniform", pred
     """
     return samplers.ddim_sample(denoise, sched, latent, jax.random.PRNGKey(0),
                                 num_steps=num_steps, eta=0.0, spacing=spacing,
-                                pred_type=pred_type, clip_x0=clip_x0, t_start=t_start)
+                                pred_type=denoisers.as_denoiser(denoise).pred_type,
+                                clip_x0=clip_x0, t_start=t_start)
 
 
-def ddim_reconstruct(denoise, sched, x0, *, num_steps=50, spacing="uniform", pred_type="eps",
-                     t_start=None, fixed_point_iters=0):
+def ddim_reconstruct(denoise, sched, x0, *, num_steps=50, spacing="uniform", t_start=None,
+                     fixed_point_iters=0):
     """``ddim_decode(ddim_invert(x0))``: the round trip, ``[B, ...] -> [B, ...]``."""
-    kwargs = dict(num_steps=num_steps, spacing=spacing, pred_type=pred_type, t_start=t_start)
+    kwargs = dict(num_steps=num_steps, spacing=spacing, t_start=t_start)
     latent = ddim_invert(denoise, sched, x0, fixed_point_iters=fixed_point_iters, **kwargs)
     return ddim_decode(denoise, sched, latent, **kwargs)
 
 
 def ddim_edit(denoise_source, denoise_target, sched, x0, *, num_steps=50, spacing="uniform",
-              pred_type="eps", t_start=None, fixed_point_iters=0, clip_x0=None):
+              t_start=None, fixed_point_iters=0, clip_x0=None):
     """Invert ``x0`` under one condition and decode it under another.
 
     ``x_0' = decode_target(invert_source(x_0))``, e.g. ``denoise_source`` conditioned on the
@@ -109,20 +112,20 @@ def ddim_edit(denoise_source, denoise_target, sched, x0, *, num_steps=50, spacin
         denoise_target: denoiser the latent is decoded with.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         x0: ``[B, ...]`` images to edit.
-        num_steps, spacing, pred_type, t_start: shared by both passes.
+        num_steps, spacing, t_start: shared by both passes.
         fixed_point_iters: refinements per inversion step, see :func:`ddim_invert`.
         clip_x0: clip range for the decoding pass.
 
     Returns:
         ``[B, ...]`` edited images.
     """
-    kwargs = dict(num_steps=num_steps, spacing=spacing, pred_type=pred_type, t_start=t_start)
+    kwargs = dict(num_steps=num_steps, spacing=spacing, t_start=t_start)
     latent = ddim_invert(denoise_source, sched, x0, fixed_point_iters=fixed_point_iters, **kwargs)
     return ddim_decode(denoise_target, sched, latent, clip_x0=clip_x0, **kwargs)
 
 
 def guided_edit(denoise, sched, x0, loss_fn, *, scale=1.0, num_steps=50, spacing="uniform",
-                pred_type="eps", t_start=None, fixed_point_iters=0, clip_x0=None):
+                t_start=None, fixed_point_iters=0, clip_x0=None):
     """Invert ``x0``, then decode it with the gradient of ``loss_fn`` steering every step.
 
     The decoder uses :func:`~diffusion_jax.guidance.loss_guided_denoiser`:
@@ -134,20 +137,19 @@ def guided_edit(denoise, sched, x0, loss_fn, *, scale=1.0, num_steps=50, spacing
     :func:`ddim_reconstruct`.
 
     Args:
-        denoise: ``denoise(x, t) -> prediction`` of ``pred_type``.
+        denoise: a :class:`~diffusion_jax.denoisers.Denoiser` (or a bare eps ``f(x, t)``).
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
         x0: ``[B, ...]`` images to edit.
         loss_fn: ``loss_fn(x0_pred [B, ...]) -> [B]``, differentiable (e.g. a distance to a
             target colour in a region, or a classifier's negative log-probability).
         scale: guidance scale ``s``.
-        num_steps, spacing, pred_type, t_start: shared by inversion and decoding.
+        num_steps, spacing, t_start: shared by inversion and decoding.
         fixed_point_iters: refinements per inversion step, see :func:`ddim_invert`.
         clip_x0: clip range for the decoding pass.
 
     Returns:
         ``[B, ...]`` edited images.
     """
-    guided = guidance.loss_guided_denoiser(denoise, sched, loss_fn, scale, pred_type=pred_type)
+    guided = guidance.loss_guided_denoiser(denoise, sched, loss_fn, scale)
     return ddim_edit(denoise, guided, sched, x0, num_steps=num_steps, spacing=spacing,
-                     pred_type=pred_type, t_start=t_start, fixed_point_iters=fixed_point_iters,
-                     clip_x0=clip_x0)
+                     t_start=t_start, fixed_point_iters=fixed_point_iters, clip_x0=clip_x0)

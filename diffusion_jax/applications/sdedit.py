@@ -27,7 +27,8 @@ def sdedit(denoise, sched, guide, key, *, t0=0.5, sampler="ddpm", options=None, 
     ``sampler(denoise, sched, q_sample(guide, T - 1, z), chain_key)``.
 
     Args:
-        denoise: ``denoise(x, t) -> prediction`` of ``pred_type``.
+        denoise: a :class:`~diffusion_jax.denoisers.Denoiser` (``denoise(x, t)`` with its
+            ``pred_type``), e.g. of a continuous-time or EDM model.
         sched: :class:`~diffusion_jax.schedules.DiscreteSchedule` with ``T`` steps.
         guide: ``[B, H, W, C]`` guide images in [-1, 1].
         key: PRNG key.

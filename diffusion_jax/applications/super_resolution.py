@@ -21,8 +21,8 @@ import jax
 
 from diffusion_jax import denoisers, samplers
 from diffusion_jax.applications import common
-from diffusion_jax.conditioning import (UPSAMPLE_METHODS, sr_training_condition,
-                                        upsample_condition)
+from diffusion_jax.conditioning import (UPSAMPLE_METHODS, image_condition,
+                                        sr_training_condition, upsample_condition)
 
 __all__ = ["UPSAMPLE_METHODS", "augment_low_res", "cascade_sample", "sr_denoiser", "sr_sample",
            "sr_training_condition", "upsample_condition"]
@@ -35,7 +35,7 @@ def augment_low_res(low_res, sched, aug_t, key):
 
 
 def sr_denoiser(model, low_res, *, image_size, method="bicubic", cond=None,
-                guidance_scale=None):
+                guidance_scale=None, diffusion=None, sched=None):
     """Denoiser of high-resolution images conditioned on ``low_res``.
 
     ``denoise(x, t) = model(x, t, {**cond, "image": upsample_condition(low_res)})``, the
@@ -49,18 +49,22 @@ def sr_denoiser(model, low_res, *, image_size, method="bicubic", cond=None,
         image_size: ``H = W`` of the output.
         method: upsampling method, the one used in training.
         cond: other conditions (e.g. ``{"label": [B]}``), or None.
-        guidance_scale: classifier-free guidance weight, or None.
+        guidance_scale: classifier-free guidance scale ``s`` (``<= 1`` or None: none).
+        diffusion: the model's ``config.diffusion`` (``pred_type``, ``kind``), or None (a
+            discrete eps model).
+        sched: the schedule to sample on (needed for a continuous-time ``diffusion.kind``).
 
     Returns:
-        ``denoise(x, t) -> prediction``.
+        A :class:`~diffusion_jax.denoisers.Denoiser`.
     """
-    image = upsample_condition(low_res, image_size, method)
-    return denoisers.build_denoiser(model, {**(cond or {}), "image": image},
-                                    guidance_scale=guidance_scale)
+    return denoisers.build_denoiser(model, {**(cond or {}),
+                                            **image_condition(low_res, image_size, method)},
+                                    guidance_scale=guidance_scale, diffusion=diffusion,
+                                    schedule=sched)
 
 
 def sr_sample(model, sched, low_res, key, *, image_size, method="bicubic", aug_t=-1,
-              sampler="ddim", options=None, cond=None, guidance_scale=None):
+              sampler="ddim", options=None, cond=None, guidance_scale=None, diffusion=None):
     """Sample high-resolution images for ``low_res``: ``[B, h, w, C] -> [B, H, W, C]``.
 
     ``key`` is split into (augmentation, ``x_T``, chain) keys.
@@ -76,7 +80,7 @@ def sr_sample(model, sched, low_res, key, *, image_size, method="bicubic", aug_t
             ``config.sr.sample_aug_t``.
         sampler: a registered sampler name.
         options: :class:`~diffusion_jax.samplers.SamplerOptions` (default: the defaults).
-        cond, guidance_scale: as :func:`sr_denoiser`.
+        cond, guidance_scale, diffusion: as :func:`sr_denoiser`.
 
     Returns:
         ``[B, H, W, C]``.
@@ -84,7 +88,7 @@ def sr_sample(model, sched, low_res, key, *, image_size, method="bicubic", aug_t
     aug_key, x_T_key, chain_key = jax.random.split(key, 3)
     cond_low = augment_low_res(low_res, sched, aug_t, aug_key)
     denoise = sr_denoiser(model, cond_low, image_size=image_size, method=method, cond=cond,
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, diffusion=diffusion, sched=sched)
     shape = (low_res.shape[0], image_size, image_size, low_res.shape[3])
     x_T = jax.random.normal(x_T_key, shape, low_res.dtype)
     return samplers.run(sampler, denoise, sched, x_T, chain_key, common.default_options(options))

@@ -12,6 +12,7 @@ import numpy as np
 from diffusion_jax import denoisers, samplers
 from diffusion_jax.applications import common, diffusionclip, ilvr, inpaint, inversion, sdedit
 from diffusion_jax.applications import super_resolution as sr
+from diffusion_jax.conditioning import label_condition
 
 TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip")
 MASK_REGIONS = ("left", "right", "top", "bottom", "center")
@@ -29,7 +30,8 @@ class TaskOptions:
         sampler_options: :class:`~diffusion_jax.samplers.SamplerOptions` (``num_steps`` is also
             the number of inversion steps).
         class_label: class for conditional models (``None``: null label / unconditional).
-        guidance_scale: classifier-free guidance weight ``w``, or ``None`` for none.
+        guidance_scale: classifier-free guidance scale ``s`` (Stable Diffusion's: ``<= 1`` or
+            ``None``: none; :mod:`diffusion_jax.denoisers`).
         mask: ``[H, W, 1]`` float, 1 where the image is regenerated (the hole for ``inpaint``,
             the edited region for ``sdedit``), or ``None``.
         mask_region: the regenerated region when ``mask`` is ``None`` (a half or ``center``;
@@ -73,7 +75,7 @@ class TaskOptions:
     clip_decode_steps: int = 6
 
 
-def run_task(task, model, sched, images, options, key):
+def run_task(task, model, sched, images, options, key, *, diffusion=None):
     """Apply one application to ``images`` with ``model``.
 
     Args:
@@ -84,6 +86,8 @@ def run_task(task, model, sched, images, options, key):
         images: ``[B, H, W, C]`` inputs in [-1, 1] at the model's resolution.
         options: :class:`TaskOptions`.
         key: PRNG key.
+        diffusion: the model's ``config.diffusion`` (``pred_type``; ``kind``: discrete,
+            continuous-time or EDM models alike), or ``None`` (a discrete eps model).
 
     Returns:
         dict of float32 numpy arrays ``[B, H, W, C]``: ``input``, ``output`` and, for tasks that
@@ -100,7 +104,12 @@ def run_task(task, model, sched, images, options, key):
         samplers.check_sampler(options.sampler, **SAMPLER_NEEDS[task])
     images = jnp.asarray(images, jnp.float32)
     cond = _label_cond(options.class_label, images.shape[0])
-    denoise = denoisers.build_denoiser(model, cond, guidance_scale=options.guidance_scale)
+
+    def build(module, condition, scale=None):
+        return denoisers.build_denoiser(module, condition, guidance_scale=scale,
+                                        diffusion=diffusion, schedule=sched)
+
+    denoise = build(model, cond, options.guidance_scale)
     run_kw = dict(sampler=options.sampler, options=options.sampler_options)
     results = {"input": images}
     if task == "sdedit":
@@ -120,39 +129,41 @@ def run_task(task, model, sched, images, options, key):
         out = ilvr.ilvr_sample(denoise, sched, images, key, factor=options.ilvr_factor,
                                t_min=options.ilvr_t_min, **run_kw)
     elif task == "diffusionclip":
-        out, extra = _diffusionclip(model, sched, images, options, cond)
+        out, extra = _diffusionclip(model, sched, images, options,
+                                    lambda module: build(module, cond))
         results.update(extra)
     elif task == "sr":
         low = common.area_downsample(images, options.sr_factor)
         out = sr.sr_sample(model, sched, low, key, image_size=images.shape[1],
                            method=options.sr_method, aug_t=options.sr_aug_t, cond=cond,
-                           guidance_scale=options.guidance_scale, **run_kw)
+                           guidance_scale=options.guidance_scale, diffusion=diffusion, **run_kw)
         results["low_res"] = common.nearest_upsample(low, options.sr_factor)
     else:
         source = options.class_label if options.source_label is None else options.source_label
-        source_denoise = denoisers.build_denoiser(model, _label_cond(source, images.shape[0]))
+        source_denoise = build(model, _label_cond(source, images.shape[0]))
         opts = options.sampler_options
         out = inversion.ddim_edit(source_denoise, denoise, sched, images,
-                                  num_steps=opts.num_steps, pred_type=opts.pred_type,
-                                  clip_x0=opts.clip_x0)
+                                  num_steps=opts.num_steps, clip_x0=opts.clip_x0)
     results["output"] = out
     return {name: np.asarray(value, np.float32) for name, value in results.items()}
 
 
-def _diffusionclip(model, sched, images, options, cond):
-    """DiffusionCLIP edit plus the per-image scores of `diffusionclip.edit_scores`."""
+def _diffusionclip(model, sched, images, options, make_denoiser):
+    """DiffusionCLIP edit plus the per-image scores of `diffusionclip.edit_scores`;
+    ``make_denoiser(module) -> Denoiser`` carries the condition and parameterisation."""
     if options.clip is None or not options.source_text or not options.target_text:
         raise ValueError("diffusionclip needs a CLIP model (--clip_workdir), --source_text and "
                          "--target_text.")
-    if options.guidance_scale is not None:
-        raise ValueError("diffusionclip does not use classifier-free guidance.")
+    if denoisers.guidance_weight(options.guidance_scale) is not None:
+        raise ValueError("diffusionclip does not use classifier-free guidance (guidance_scale "
+                         f"{options.guidance_scale} > 1).")
     clip_model, tokenizer = options.clip
     text = clip_model.encode_text(jnp.asarray(tokenizer([options.source_text,
                                                          options.target_text])))
     direction = diffusionclip.text_direction(text[0], text[1])
     res = diffusionclip.diffusionclip_edit(
-        model, sched, images, clip_model.encode_image, direction, cond=cond,
-        pred_type=options.sampler_options.pred_type, t0=options.t0,
+        model, sched, images, clip_model.encode_image, direction,
+        make_denoiser=make_denoiser, t0=options.t0,
         num_inversion_steps=options.sampler_options.num_steps,
         num_decode_steps=options.clip_decode_steps, finetune_steps=options.finetune_steps,
         learning_rate=options.clip_lr, id_weight=options.id_weight)
@@ -188,7 +199,7 @@ def region_mask(shape, region):
 
 def _label_cond(label, batch):
     """``{"label": [batch]}`` filled with ``label``, or ``None``."""
-    return None if label is None else {"label": jnp.full((batch,), label, jnp.int32)}
+    return None if label is None else label_condition(jnp.full((batch,), label, jnp.int32))
 
 
 def _mask(options, shape, default_region=None):

@@ -26,7 +26,8 @@ the checkpoint's ``config.sr``. Outputs: ``OUT/<task>.png`` (rows: input, [mask,
 A Stable Diffusion checkpoint (a directory with ``model_index.json``, diffusers or converted)
 runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) with
 ``--prompt`` / ``--negative_prompt`` / ``--height`` / ``--width`` and the tasks in
-:data:`SD_TASKS`; there ``--guidance_scale`` is the SD scale ``s`` (default 7.5, 1 = none) and
+:data:`SD_TASKS`; there ``--guidance_scale`` defaults to 7.5 (Stable Diffusion's scale ``s``, the convention of
+every model: 1 = none) and
 ``--input`` is required for ``img2img`` / ``inpaint`` / ``diffusionclip`` (DiffusionCLIP in
 latent space, :func:`diffusion_jax.pipelines.diffusionclip`; ``--steps`` inversion steps,
 default 20)::
@@ -36,7 +37,6 @@ default 20)::
         --clip_workdir=demo_t2i/clip
 """
 import dataclasses
-import math
 import os
 
 import jax
@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from diffusion_jax import data, image_io, pipelines, samplers, sharding
+from diffusion_jax import data, denoisers, image_io, pipelines, samplers, sharding
 from diffusion_jax.applications import diffusionclip, tasks
 from diffusion_jax.cli import flags as cli_flags
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
@@ -126,9 +126,11 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("class_label", None, "Class of every sample (conditional models).",
                          flag_values=fv)
     flags.DEFINE_float("guidance_scale", None,
-                       "Classifier-free guidance weight w >= 0 (default: no guidance); for a "
-                       "Stable Diffusion checkpoint the SD scale s = w + 1 (default 7.5).",
-                       flag_values=fv)
+                       "Classifier-free guidance scale s >= 0, Stable Diffusion's convention for "
+                       "every model: 1 (or less) = the conditional model alone, larger = "
+                       "stronger guidance; the weight w = s - 1 of older releases' pixel "
+                       "models (default: the checkpoint's config.sample.guidance_scale; 7.5 for "
+                       "a Stable Diffusion directory).", flag_values=fv)
     flags.DEFINE_enum("task", "sample", list(TASKS), "What to do with the model.", flag_values=fv)
     flags.DEFINE_string("input", None, "Input PNG (default: dataset images).", flag_values=fv)
     flags.DEFINE_bool("resize_input", False, "Resize --input / --mask to the model's size "
@@ -211,12 +213,9 @@ def check_flags(fv, config):
     if task == "diffusionclip":
         _check_diffusionclip(fv)
     num_classes = config.data.num_classes if config.model.class_conditional else 0
-    if fv.guidance_scale is not None:
-        if fv.guidance_scale < 0:
-            raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
-        if not num_classes:
-            raise ValueError("--guidance_scale needs a class-conditional model; this one is "
-                             "unconditional.")
+    if fv.guidance_scale is not None and not num_classes:
+        raise ValueError("--guidance_scale needs a class-conditional model; this one is "
+                         "unconditional.")
     for name in ("class_label", "source_label"):
         label = fv[name].value
         if label is not None and not 0 <= label < num_classes:
@@ -228,9 +227,6 @@ def check_flags(fv, config):
         raise ValueError("--task=sr needs a super-resolution model (model.cond_image_channels > 0)"
                          if task == "sr" else
                          f"This is a super-resolution model; it runs with --task=sr, not {task}.")
-    if task != "sample" and config.diffusion.get("kind", "discrete") != "discrete":
-        raise ValueError(f"--task={task} needs a discrete-time model; this one is "
-                         f"diffusion.kind={config.diffusion.kind!r} (use --task=sample).")
     sampler = fv.sampler or config.sample.sampler
     samplers.check_sampler(sampler, **TASK_TABLE[task].needs)
     if TASK_TABLE[task].sampler:
@@ -267,8 +263,6 @@ def check_sd_flags(fv, pipe):
                                  "from --source_text to --target_text without guidance).")
     elif fv.prompt is None:
         raise ValueError("--prompt is required for a Stable Diffusion checkpoint.")
-    if fv.guidance_scale is not None and fv.guidance_scale < 0:
-        raise ValueError(f"--guidance_scale must be >= 0, got {fv.guidance_scale}.")
     height, width = (pipe.sample_size if v is None else v for v in (fv.height, fv.width))
     try:
         pipelines.latent_shape(pipe, 1, height, width)
@@ -287,8 +281,12 @@ def check_sd_flags(fv, pipe):
         samplers.check_options(fv.sampler or "ddim", sampler_overrides(fv))
 
 
-def run_sd_from_flags(fv, pipe, out_dir):
+def run_sd_from_flags(fv, pipe, out_dir, config=None):
     """Run ``fv.task`` with a Stable Diffusion pipeline and write its outputs.
+
+    ``config``: the stored config of a text-to-image workdir trained here (its
+    ``sample.guidance_scale`` is the default scale), ``None`` for a Stable Diffusion directory
+    (default 7.5).
 
     ``sample`` writes ``OUT/samples.png`` (grid) and ``OUT/samples.npz`` (``images`` uint8
     ``[N, H, W, 3]``, ``prompt``); ``img2img`` / ``inpaint`` write ``OUT/<task>.png`` and
@@ -299,7 +297,7 @@ def run_sd_from_flags(fv, pipe, out_dir):
     prompts = [fv.prompt] * n
     overrides = sampler_overrides(fv)
     kwargs = dict(negative_prompts=fv.negative_prompt,
-                  guidance_scale=7.5 if fv.guidance_scale is None else fv.guidance_scale,
+                  guidance_scale=guidance_scale(fv, config),
                   sampler=fv.sampler or "ddim", num_steps=overrides.pop("num_steps", 50),
                   eta=overrides.pop("eta", None), option_overrides=overrides,
                   mesh=_data_mesh(), output="float")
@@ -353,6 +351,17 @@ def _latent_diffusionclip(fv, pipe, images, out_dir):
     return results
 
 
+def guidance_scale(fv, config):
+    """``--guidance_scale``, else the checkpoint's default
+    (:func:`~diffusion_jax.denoisers.default_guidance_scale` of ``config``; 7.5, diffusers'
+    default, for a Stable Diffusion directory, ``config=None``)."""
+    if fv.guidance_scale is not None:
+        return fv.guidance_scale
+    if config is None:
+        return denoisers.LEGACY_TEXT_GUIDANCE
+    return denoisers.default_guidance_scale(config)
+
+
 def _print_diffusionclip(results):
     scores = {name: float(np.mean(results[name])) for name in
               ("directional", "identity_l1", "target_score_input", "target_score_output")}
@@ -401,8 +410,7 @@ def _check_common(fv):
         raise ValueError(f"--steps must be >= 1, got {fv.steps}.")
     if fv.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {fv.num_samples}.")
-    if fv.guidance_scale is not None and not math.isfinite(fv.guidance_scale):
-        raise ValueError(f"--guidance_scale must be finite, got {fv.guidance_scale}.")
+    denoisers.check_guidance_scale(fv.guidance_scale, "--guidance_scale")
 
 
 def _sd_mask(fv, size):
@@ -475,7 +483,7 @@ def run_task_from_flags(fv, model, sched, config, out_dir):
         mask = image_io.read_image(fv.mask, data_cfg.image_size, 1, resize=fv.resize_input) > 0.0
     options = tasks.TaskOptions(
         sampler=fv.sampler or config.sample.sampler, sampler_options=sampler_options(fv, config),
-        class_label=fv.class_label, guidance_scale=fv.guidance_scale,
+        class_label=fv.class_label, guidance_scale=guidance_scale(fv, config),
         mask=None if mask is None else mask.astype(np.float32), mask_region=fv.mask_region,
         t0=fv.t0, ilvr_factor=fv.ilvr_factor, ilvr_t_min=fv.ilvr_t_min,
         sr_factor=sr_cfg.factor if fv.sr_factor is None else fv.sr_factor,
@@ -487,7 +495,8 @@ def run_task_from_flags(fv, model, sched, config, out_dir):
         finetune_steps=fv.finetune_steps, clip_lr=fv.clip_lr, id_weight=fv.id_weight,
         clip_decode_steps=fv.clip_decode_steps)
     images = load_inputs(fv.input, fv.num_samples, data_cfg, resize=fv.resize_input)
-    results = tasks.run_task(fv.task, model, sched, images, options, jax.random.key(fv.seed))
+    results = tasks.run_task(fv.task, model, sched, images, options, jax.random.key(fv.seed),
+                             diffusion=config.diffusion)
     samplers.check_finite(results["output"], options.sampler)
     write_outputs(out_dir, fv.task, results)
     if fv.task == "diffusionclip":

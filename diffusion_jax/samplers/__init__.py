@@ -50,6 +50,8 @@ A registered function has the uniform signature
 
 * ``denoise(x [B, ...], t int32 [B]) -> prediction [B, ...]`` of ``options.pred_type``;
   a model, its condition and guidance are closed over (:mod:`diffusion_jax.denoisers`).
+  :func:`run` sets ``options.pred_type`` from a denoiser that declares one
+  (``denoise.pred_type``, a :class:`~diffusion_jax.denoisers.Denoiser`; :func:`for_denoiser`).
 * ``schedule``: :class:`~diffusion_jax.schedules.DiscreteSchedule`.
 * ``x_start``: float ``[B, ...]``, the chain's start (``N(0, I)``, or a noised image at
   ``t_start``).
@@ -131,6 +133,7 @@ from diffusion_jax.samplers.ddpm import DDPM_VARIANCES, ddpm_sample, ddpm_step
 from diffusion_jax.samplers.langevin import annealed_langevin_sample, langevin_sample
 from diffusion_jax.samplers.registry import (SAMPLERS, TRACED_FIELDS, SamplerEntry,
                                              SamplerOptions, check_options, check_sampler,
-                                             config_defaults, make_options, num_evaluations,
-                                             options_from_config, parse_options, register, run,
+                                             config_defaults, for_denoiser, make_options,
+                                             num_evaluations, options_from_config,
+                                             parse_options, register, run,
                                              run_with_status)

@@ -255,6 +255,7 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
     """
     check_sampler(name, t_start=t_start is not None, step_hook=step_hook is not None)
     check_x(x_start, "x_start")
+    options = for_denoiser(options, denoise)
     # One shape check for every entry: a wrong batch or rank must not broadcast silently.
     checked = lambda x, t: call_denoiser(denoise, x, t)
     return SAMPLERS[name].fn(checked, schedule, x_start, key, options, t_start=t_start,
@@ -286,6 +287,16 @@ def run_with_status(name, denoise, schedule, x_start, key, options, *, t_start=N
         x0 = run(name, denoise, schedule, x_start, key, options, t_start=t_start,
                  step_hook=step_hook)
     return x0, chain.combine(records)
+
+
+def for_denoiser(options, denoise):
+    """``options`` with the prediction type ``denoise`` declares (a
+    :class:`~diffusion_jax.denoisers.Denoiser` carries ``pred_type``); a bare callable keeps
+    ``options.pred_type``. The denoiser knows what it predicts, so callers do not pass it."""
+    pred_type = getattr(denoise, "pred_type", None)
+    if pred_type is None or pred_type == options.pred_type:
+        return options
+    return dataclasses.replace(options, pred_type=pred_type)
 
 
 def parse_options(items):
