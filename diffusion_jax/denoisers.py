@@ -57,17 +57,19 @@ class Denoiser:
 
     Attributes:
         fn: ``fn(x, t) -> prediction``.
-        pred_type: what ``fn`` predicts: ``eps``, ``x0``, ``v`` or ``score``.
+        pred_type: what ``fn`` predicts: ``eps``, ``x0``, ``v`` or ``score``; ``None``: not
+            declared (a bare model), then the sampler options' ``pred_type`` applies and
+            functions without options read it as ``eps`` (:func:`pred_type_of`).
         time: how the network under ``fn`` reads time (one of :data:`TIMES`): ``discrete``
             (integer steps), ``continuous`` (``999 tau``, SDE time ``tau`` in [0, 1]) or
             ``sigma`` (EDM's ``1000 c_noise(sigma)``); ``fn`` converts ``t`` to it.
     """
     fn: Callable
-    pred_type: str = "eps"
+    pred_type: str | None = None
     time: str = "discrete"
 
     def __post_init__(self):
-        if self.pred_type not in PRED_TYPES:
+        if self.pred_type is not None and self.pred_type not in PRED_TYPES:
             raise ValueError(f"Unknown pred_type {self.pred_type!r}; expected one of "
                              f"{list(PRED_TYPES)}.")
         if self.time not in TIMES:
@@ -82,12 +84,18 @@ class Denoiser:
 
 
 def as_denoiser(denoise) -> Denoiser:
-    """``denoise`` itself if it is a :class:`Denoiser`, else a plain ``f(x, t)`` as an
-    eps-predicting discrete-time one (the convention of bare callables)."""
+    """``denoise`` itself if it is a :class:`Denoiser`, else a plain ``f(x, t)`` as a
+    discrete-time one whose prediction type is not declared."""
     return denoise if isinstance(denoise, Denoiser) else Denoiser(denoise)
 
 
-def parameterize(fn, *, pred_type="eps", diffusion=None, schedule=None) -> Denoiser:
+def pred_type_of(denoise, default="eps") -> str:
+    """What ``denoise`` predicts: its declared ``pred_type``, else ``default`` (bare
+    callables and undeclared denoisers predict eps by the samplers' convention)."""
+    return getattr(denoise, "pred_type", None) or default
+
+
+def parameterize(fn, *, pred_type=None, diffusion=None, schedule=None) -> Denoiser:
     """A network callable as the sampler-facing :class:`Denoiser`.
 
     With ``diffusion`` (``config.diffusion``) its ``pred_type`` and ``kind`` decide: a
@@ -97,7 +105,8 @@ def parameterize(fn, *, pred_type="eps", diffusion=None, schedule=None) -> Denoi
 
     Args:
         fn: ``fn(x [B, ...], time [B]) -> [B, ...]``, the network with its condition closed over.
-        pred_type: what a discrete ``fn`` predicts when ``diffusion`` is ``None``.
+        pred_type: what a discrete ``fn`` predicts when ``diffusion`` is ``None`` (``None``:
+            not declared, the sampler options decide).
         diffusion: ``config.diffusion`` or ``None`` (a discrete model of ``pred_type``).
         schedule: the :class:`~diffusion_jax.schedules.DiscreteSchedule` to sample on; needed
             for continuous kinds.
@@ -232,7 +241,7 @@ def guided_denoiser(model, cond, null_cond, scale):
     return denoise
 
 
-def build_denoiser(model, cond=None, *, guidance_scale=None, null_text=None, pred_type="eps",
+def build_denoiser(model, cond=None, *, guidance_scale=None, null_text=None, pred_type=None,
                    diffusion=None, schedule=None) -> Denoiser:
     """The sampler-facing :class:`Denoiser` of ``model`` under ``cond``, guided when asked.
 
@@ -251,7 +260,8 @@ def build_denoiser(model, cond=None, *, guidance_scale=None, null_text=None, pre
             guidance); may be traced (then every ``s`` shares one program).
         null_text: empty-prompt states for a ``text`` condition.
         pred_type: what a discrete model predicts when ``diffusion`` is ``None`` (e.g. a
-            Stable Diffusion scheduler's ``prediction_type``).
+            Stable Diffusion scheduler's ``prediction_type``; ``None``: not declared, the
+            sampler options' ``pred_type`` applies).
         diffusion: the model's ``config.diffusion`` (``pred_type``, ``kind``), or ``None``.
         schedule: the schedule to sample on (needed for a continuous ``diffusion.kind``).
 

@@ -44,7 +44,7 @@ def classifier_guided_denoiser(denoise_eps, log_prob_fn, y, sched, scale):
         A :class:`~diffusion_jax.denoisers.Denoiser` predicting what ``denoise_eps`` does.
     """
     denoise_eps = denoisers.as_denoiser(denoise_eps)
-    pred_type = denoise_eps.pred_type
+    pred_type = denoisers.pred_type_of(denoise_eps)
 
     def denoise(x, t):
         sigma = schedules.extract(sched.sqrt_one_minus_alphas_cumprod, t, x.ndim)
@@ -93,11 +93,12 @@ def classifier_mean_shift_denoiser(denoise_eps, log_prob_fn, y, sched, scale, *,
     factor = (sigma_sq * jnp.sqrt(sched.alphas) * sched.sqrt_one_minus_alphas_cumprod
               / sched.betas)
     denoise_eps = denoisers.as_denoiser(denoise_eps)
+    pred_type = denoisers.pred_type_of(denoise_eps)
 
     def denoise(x, t):
         grad = _class_log_prob_grad(log_prob_fn, x, t, y)
         delta = -scale * schedules.extract(factor, t, x.ndim) * grad
-        return _shift_eps(denoise_eps(x, t), x, t, sched, delta, denoise_eps.pred_type)
+        return _shift_eps(denoise_eps(x, t), x, t, sched, delta, pred_type)
 
     return denoise_eps.wrap(denoise)
 
@@ -122,7 +123,7 @@ def loss_guided_denoiser(denoise, sched, loss_fn, scale):
         A :class:`~diffusion_jax.denoisers.Denoiser` predicting what ``denoise`` does.
     """
     denoise = denoisers.as_denoiser(denoise)
-    pred_type = denoise.pred_type
+    pred_type = denoisers.pred_type_of(denoise)
 
     def neg_loss_and_pred(x, t):
         pred = denoise(x, t)

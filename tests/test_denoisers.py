@@ -200,6 +200,9 @@ def test_the_denoiser_carries_its_parameterisation_and_the_samplers_ask_it():
     want = samplers.run("ddim", denoisers.build_denoiser(model, {"label": y}, guidance_scale=3.0),
                         sched, x_T, jax.random.PRNGKey(1), eps_options)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)   # v read as v, not as eps
+    bare = denoisers.build_denoiser(model)          # nothing declared: the options decide
+    assert bare.pred_type is None
+    assert samplers.for_denoiser(samplers.make_options(pred_type="v"), bare).pred_type == "v"
     with pytest.raises(ValueError, match="Unknown time 'seconds'"):
         denoisers.Denoiser(denoise.fn, "v", "seconds")
     with pytest.raises(ValueError, match="needs the schedule"):

@@ -48,7 +48,7 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", t_start=
     Returns:
         ``x_{t_start} [B, ...]``, or ``(x, trajectory [S, B, ...])``.
     """
-    denoise = denoisers.as_denoiser(denoise)
+    pred_type = denoisers.pred_type_of(denoise)
     ts = samplers.ddim_timesteps(sched.num_timesteps, num_steps, spacing, t_start)[::-1]
     t_froms = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ts[:-1]])    # [S] ascending
 
@@ -60,7 +60,7 @@ def ddim_invert(denoise, sched, x0, *, num_steps=50, spacing="uniform", t_start=
 
         def step(x_eval):
             _, eps = diffusion.to_x0_and_eps(denoise(x_eval, t_b), x_eval, a_to,
-                                            denoise.pred_type)
+                                            pred_type)
             x0_hat = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
             return jnp.sqrt(a_to) * x0_hat + jnp.sqrt(1.0 - a_to) * eps
 
@@ -86,7 +86,7 @@ def ddim_decode(denoise, sched, latent, *, num_steps=50, spacing="uniform", t_st
     """
     return samplers.ddim_sample(denoise, sched, latent, jax.random.PRNGKey(0),
                                 num_steps=num_steps, eta=0.0, spacing=spacing,
-                                pred_type=denoisers.as_denoiser(denoise).pred_type,
+                                pred_type=denoisers.pred_type_of(denoise),
                                 clip_x0=clip_x0, t_start=t_start)
 
 

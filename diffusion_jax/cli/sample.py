@@ -26,11 +26,10 @@ the checkpoint's ``config.sr``. Outputs: ``OUT/<task>.png`` (rows: input, [mask,
 A Stable Diffusion checkpoint (a directory with ``model_index.json``, diffusers or converted)
 runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) with
 ``--prompt`` / ``--negative_prompt`` / ``--height`` / ``--width`` and the tasks in
-:data:`SD_TASKS`; there ``--guidance_scale`` defaults to 7.5 (Stable Diffusion's scale ``s``, the convention of
-every model: 1 = none) and
-``--input`` is required for ``img2img`` / ``inpaint`` / ``diffusionclip`` (DiffusionCLIP in
-latent space, :func:`diffusion_jax.pipelines.diffusionclip`; ``--steps`` inversion steps,
-default 20)::
+:data:`SD_TASKS`; there ``--guidance_scale`` defaults to 7.5 (Stable Diffusion's scale ``s``,
+the convention of every model: 1 = none) and ``--input`` is required for ``img2img`` /
+``inpaint`` / ``diffusionclip`` (DiffusionCLIP in latent space,
+:func:`diffusion_jax.pipelines.diffusionclip`; ``--steps`` inversion steps, default 20)::
 
     python run_sample.py --workdir=demo_t2i/t2i --out=O --task=diffusionclip --input=shirt.png \
         --source_text="a photo of a shirt" --target_text="a photo of a t-shirt" \
