@@ -2,8 +2,12 @@
 
 The app wraps the UNet in :class:`diffusion_jax.app.progress.ProgressModel`, which adds one
 ``jax.debug.callback`` per network evaluation. This times ``pipelines.text_to_image`` on the
-same random pipeline, plain and wrapped (with a counter receiving the ticks), interleaved
-round by round so a busy host slows both alike, and reports the median overhead:
+same random pipeline end to end (text encoding, the guided DDIM chain, decoding), plain and
+wrapped (with a counter receiving the ticks), interleaved round by round so a busy host slows
+both alike, and reports the median per-round overhead ``progress / plain - 1``. The 1-minute
+load is recorded before and after the whole run and around every round; a round (and the run)
+is flagged ``loaded_host`` when a reading exceeds usable cores + 0.5 (``interleave.LOAD_MARGIN``),
+and the overhead is also given over the unflagged rounds only:
 
     .venv/bin/python benchmarks/app_progress.py            # writes results/app_progress.json
     .venv/bin/python benchmarks/app_progress.py --quick    # a smoke run (numbers meaningless)
@@ -18,15 +22,19 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import pipelines, samplers, schedules
-from diffusion_jax.app import progress
-from diffusion_jax.convert import text_encoder, unet_cond, vae
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common, interleave  # noqa: E402
+from diffusion_jax import pipelines, samplers, schedules  # noqa: E402
+from diffusion_jax.app import progress  # noqa: E402
+from diffusion_jax.convert import text_encoder, unet_cond, vae  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "app_progress.json")
@@ -64,36 +72,39 @@ class _Tokenizer:
         return np.tile(np.arange(16, dtype=np.int32), (len(prompts), 1))
 
 
-def time_case(name, steps, rounds):
-    """Median seconds per run, plain and with progress, over interleaved rounds."""
+def time_case(name, steps, rounds, cores):
+    """Seconds per run, plain and with progress, over interleaved rounds (see module doc)."""
     plain = build_pipeline(CASES[name])
     wrapped = plain._replace(unet=progress.ProgressModel(plain.unet))
     counter = progress.StepCounter()
 
-    def run(pipe, seed):
-        return pipelines.text_to_image(pipe, ["a prompt"], jax.random.key(seed),
-                                       num_steps=steps, guidance_scale=7.5)
-
     def timed(pipe, seed):
         start = time.perf_counter()
         with progress.counting(counter, steps):
-            run(pipe, seed)
+            pipelines.text_to_image(pipe, ["a prompt"], jax.random.key(seed), num_steps=steps,
+                                    guidance_scale=7.5)
             jax.effects_barrier()
         return time.perf_counter() - start
 
-    timed(plain, 0), timed(wrapped, 0)  # compile both
+    compile_s = {"plain": timed(plain, 0), "progress": timed(wrapped, 0)}
     assert counter.count == steps, counter.count  # the wrapped chain ticks once per step
-    times = {"plain": [], "progress": []}
+    rows = []
     for i in range(rounds):
+        load_before = interleave.load_1min()
         order = ("plain", "progress") if i % 2 == 0 else ("progress", "plain")
-        for kind in order:
-            times[kind].append(timed(plain if kind == "plain" else wrapped, i + 1))
-    plain_s, progress_s = (statistics.median(times[k]) for k in ("plain", "progress"))
-    ratios = [p / q for p, q in zip(times["progress"], times["plain"])]
+        row = {kind: timed(plain if kind == "plain" else wrapped, i + 1) for kind in order}
+        loads = [load_before, interleave.load_1min()]
+        rows.append(dict(row, load=loads, loaded_host=interleave.is_loaded(loads, cores),
+                         ratio=row["progress"] / row["plain"]))
+    quiet = [r["ratio"] for r in rows if not r["loaded_host"]]
     return dict(case=name, image_size=CASES[name]["size"], steps=steps, rounds=rounds,
-                plain_s=plain_s, progress_s=progress_s,
-                overhead=statistics.median(ratios) - 1.0,
-                per_step_ms=(progress_s - plain_s) / steps * 1e3, times=times)
+                compile_s=compile_s,
+                plain_s=statistics.median(r["plain"] for r in rows),
+                progress_s=statistics.median(r["progress"] for r in rows),
+                overhead=statistics.median(r["ratio"] for r in rows) - 1.0,
+                overhead_quiet_rounds=statistics.median(quiet) - 1.0 if quiet else None,
+                quiet_rounds=len(quiet), ratio_min=min(r["ratio"] for r in rows),
+                ratio_max=max(r["ratio"] for r in rows), rounds_detail=rows)
 
 
 def time_tick(steps=2000, rounds=5):
@@ -128,20 +139,29 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    load = [round(x, 2) for x in os.getloadavg()]
+    cores, load_before = common.cpu_cores(), os.getloadavg()
     rounds, steps = (2, 4) if args.quick else (args.rounds, args.steps)
     tick = time_tick()
     print(f"one tick: {tick['tick_us']:.1f} us per network evaluation "
           f"({tick['steps']} cheap scan steps)")
-    results = [time_case(name, steps, rounds) for name in CASES]
+    results = [time_case(name, steps, rounds, cores) for name in CASES]
+    load_after = os.getloadavg()
     for r in results:
+        quiet = (f"{100 * r['overhead_quiet_rounds']:+.1f}%" if r["quiet_rounds"] else "none")
         print(f"{r['case']:6s} {r['image_size']}px {r['steps']} steps: plain "
               f"{r['plain_s']:.3f} s, with progress {r['progress_s']:.3f} s, overhead "
-              f"{100 * r['overhead']:+.1f}% (median of {r['rounds']} interleaved rounds)")
+              f"{100 * r['overhead']:+.1f}% (median of {r['rounds']} interleaved rounds; "
+              f"{r['quiet_rounds']} unflagged: {quiet})")
+    loads = [load_before[0], load_after[0]]
+    print(f"1-minute load {loads[0]:.2f} before, {loads[1]:.2f} after ({cores} cores)"
+          + (": LOADED HOST" if interleave.is_loaded(loads, cores) else ""))
     record = dict(benchmark="app_progress", date=time.strftime("%Y-%m-%d %H:%M UTC",
                                                                 time.gmtime()),
                   command="benchmarks/app_progress.py" + (" --quick" if args.quick else ""),
-                  load_before=load, load_after=[round(x, 2) for x in os.getloadavg()],
+                  cores=cores, load_margin=interleave.LOAD_MARGIN,
+                  load_before=[round(x, 2) for x in load_before],
+                  load_after=[round(x, 2) for x in load_after],
+                  loaded_host=interleave.is_loaded(loads, cores),
                   jax=jax.__version__, device=str(jax.devices()[0]), tick=tick, results=results)
     path = RESULTS.replace(".json", "_quick.json") if args.quick else RESULTS
     with open(path, "w") as f:
