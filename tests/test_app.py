@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from app_fixtures import SIZE, tiny_pixel_engine, write_tiny_sd
+from app_fixtures import SIZE, gradient, tiny_pixel_engine, write_tiny_sd
 from flax import nnx
 from PIL import Image
 
@@ -92,7 +92,7 @@ HOLE[:, SIZE // 2:] = True
 def test_inpainting_a_painted_mask_changes_only_the_painted_region(engine, tmp_path):
     """The brush layer of the image editor is the hole: pixels outside it come back exactly
     (known pixels are pasted), pixels under it are regenerated."""
-    source = _gradient(SIZE)
+    source = gradient(SIZE)
     items, _ = handlers.inpaint(engine, str(tmp_path), _editor(source, HOLE), None, "a cat", "",
                                 SETTINGS)
     changed = np.abs(_read(items[0][0]).astype(int) - source).max(axis=-1) > 0   # [S, S]
@@ -100,15 +100,9 @@ def test_inpainting_a_painted_mask_changes_only_the_painted_region(engine, tmp_p
     assert changed[HOLE].mean() > 0.5
 
 
-def _gradient(size):
-    """A smooth uint8 ``[size, size, 3]`` test image."""
-    y, x = np.mgrid[0:size, 0:size] * (256 // size)
-    return np.stack([x, y, 255 - (x + y) // 2], -1).astype(np.uint8)
-
-
 def test_inversion_edit_equals_the_library_and_the_source_prompt_reconstructs(engine,
                                                                               tmp_path):
-    image = _gradient(SIZE)
+    image = gradient(SIZE)
     settings = dataclasses.replace(SETTINGS, guidance=1.0)  # one decoding program for both
     same, note = handlers.invert_edit(engine, str(tmp_path), image, "a cat", "a cat", settings)
     # The library, as pipelines.invert's docstring says: invert, then uniform-spacing DDIM.
@@ -267,11 +261,15 @@ def test_command_line_without_a_model_names_the_make_targets(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "make demo-t2i" in err and "make demo" in err
     assert app_main.main(["--workdir", str(tmp_path / "missing")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "WARNING" not in err  # local by default: no warning
+    assert app_main.main(["--host", "0.0.0.0", "--workdir", str(tmp_path / "missing")]) == 1
+    assert "WARNING: serving on 0.0.0.0" in capsys.readouterr().err
     assert app_main.host_warning("127.0.0.1") is None
-    assert "WARNING" in app_main.host_warning("0.0.0.0")
     (tmp_path / "demo" / "workdir").mkdir(parents=True)
     assert app_main.default_source(str(tmp_path)).endswith("demo/workdir")
+    (tmp_path / "demo_t2i" / "t2i").mkdir(parents=True)  # the text-to-image demo comes first
+    assert app_main.default_source(str(tmp_path)).endswith("demo_t2i/t2i")
 
 
 def test_a_failing_handler_becomes_a_page_message_not_a_crash():
@@ -282,3 +280,20 @@ def test_a_failing_handler_becomes_a_page_message_not_a_crash():
         ui._guarded(broken)()
     with pytest.raises(gr.Error, match="prompt is empty"):
         ui._guarded(lambda: handlers._prompt(""))()
+
+
+def test_progress_bar_messages():
+    calls = []
+    report = ui._reporter(lambda value, desc, unit=None: calls.append((value, desc)))
+    counter = progress.StepCounter()
+    counter.reset(4)
+    report(counter, True)
+    counter.tick()
+    report(counter, True)
+    counter.reset(None)  # DiffusionCLIP: no count, no total
+    report(counter, False)
+    counter.tick()
+    report(counter, False)
+    assert calls == [(0.0, "compiling… (first run with these settings)"), ((1, 4), "step 1/4"),
+                     (None, "running… (this task reports no steps)"),
+                     ((1, None), "1 network evaluations")]

@@ -1,11 +1,14 @@
 """Web app in a real browser: Debian's headless Chromium driven by Playwright.
 
-The server runs in this process (on a free 127.0.0.1 port) with the tiny random pipeline of
-app_fixtures.py, so the test can compare the page's PNGs with the library and count the
-compiled programs. Screenshots of the tabs go to a temporary folder, or to
+The server runs in this process (on a free 127.0.0.1 port) with the tiny random pipeline and
+CLIP of app_fixtures.py, so the test can compare the page's PNGs with the library, count the
+compiled programs. Nothing waits a fixed time: each step polls for a positive signal (an
+image in the gallery, an upload shown, ...) with a generous timeout for a loaded host, and
+fails at once, with its text, when the page shows an error instead. Screenshots of the tabs go to a temporary folder, or to
 ``$APP_SCREENSHOTS`` (``APP_SCREENSHOTS=docs/figures`` refreshes the README's figures).
 """
 import io
+import json
 import os
 import shutil
 import socket
@@ -14,13 +17,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from app_fixtures import tiny_pixel_engine, write_tiny_sd
+from app_fixtures import SIZE, gradient, tiny_pixel_engine, tiny_text_engine
 from PIL import Image
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from diffusion_jax import pipelines  # noqa: E402
+from diffusion_jax import image_io, pipelines  # noqa: E402
 from diffusion_jax.app import __main__ as app_main  # noqa: E402
 from diffusion_jax.app import engine as engine_lib  # noqa: E402
 from diffusion_jax.app import ui  # noqa: E402
@@ -33,6 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 300_000  # generous: CI runs these beside another pytest worker on 2 cores
 STEPS = 4
+ERRORS = "[data-testid=toast-body].error"  # Gradio's error messages (gr.Error)
 
 
 def _free_port():
@@ -51,9 +55,9 @@ def _serve(engine, out_dir):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``(url, engine)`` of a running app serving the tiny pipeline."""
+    """``(url, engine)`` of a running app serving the tiny pipeline (with a CLIP stage)."""
     root = tmp_path_factory.mktemp("app")
-    engine = engine_lib.load_engine(checkpoint_dir=str(write_tiny_sd(root / "tiny_sd")))
+    engine = tiny_text_engine(root)
     url, demo = _serve(engine, str(root / "out"))
     yield url, engine
     demo.close()
@@ -88,15 +92,45 @@ def _open(browser, url, button="#text_to_image_generate"):
     return page
 
 
-def _shown(page, task, old=None):
-    """The first image of the tab's gallery once it differs from ``old``: ``(src, png)``."""
-    image = page.locator(f"#{task}_gallery img").first
-    image.wait_for(timeout=TIMEOUT_MS)
+def _wait_until(poll, what):
+    """``poll()``'s first truthy value, polled until ``TIMEOUT_MS``; fails naming ``what``."""
     deadline = time.monotonic() + TIMEOUT_MS / 1000
-    while image.get_attribute("src") == old and time.monotonic() < deadline:
-        time.sleep(0.1)
-    src = image.get_attribute("src")
+    while time.monotonic() < deadline:
+        value = poll()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"gave up after {TIMEOUT_MS / 1000:.0f} s waiting for {what}")
+
+
+def _errors(page):
+    """Texts of the error messages the page shows now."""
+    return set(page.locator(ERRORS).all_inner_texts())
+
+
+def _shown(page, task, old=None, errors=frozenset()):
+    """The first image of the tab's gallery once it differs from ``old``: ``(src, png)``.
+
+    Fails at once if the page shows an error message not in ``errors``.
+    """
+    image = page.locator(f"#{task}_gallery img").first
+
+    def poll():
+        new = _errors(page) - set(errors)
+        if new:
+            pytest.fail(f"{task}: the page showed an error instead of images: {sorted(new)}")
+        src = image.get_attribute("src") if image.count() else None
+        return src if src and src != old else None
+
+    src = _wait_until(poll, f"a new image in #{task}_gallery")
     return src, Image.open(io.BytesIO(page.request.get(src).body()))
+
+
+def _generate(page, task, old=None):
+    """Clicks the tab's generate button; returns :func:`_shown`'s ``(src, png)``."""
+    errors = _errors(page)
+    page.locator(f"#{task}_generate").click()
+    return _shown(page, task, old, errors)
 
 
 def _fill_text_to_image(page, prompt):
@@ -110,8 +144,7 @@ def test_generate_equals_the_library_reuses_the_program_and_restores_parameters(
     url, engine = server
     page = _open(browser, url)
     _fill_text_to_image(page, "a photo of a cat")
-    page.locator("#text_to_image_generate").click()
-    src, png = _shown(page, "text_to_image")
+    src, png = _generate(page, "text_to_image")
     plain = pipelines.load(engine.source)
     expected = pipelines.text_to_image(plain, ["a photo of a cat"], jax.random.key(7),
                                        num_steps=STEPS, guidance_scale=7.5)[0]
@@ -125,8 +158,7 @@ def test_generate_equals_the_library_reuses_the_program_and_restores_parameters(
     for _ in range(5):
         slider.press("ArrowLeft")
     assert page.locator("#text_to_image_guidance input[type=number]").input_value() == "7"
-    page.locator("#text_to_image_generate").click()
-    _, again = _shown(page, "text_to_image", old=src)
+    _, again = _generate(page, "text_to_image", old=src)
     assert '"guidance": 7.0' in again.text["parameters"]
     assert np.abs(np.asarray(again, int) - expected).max() > 0
     assert engine.compile_count() == compiled
@@ -158,8 +190,7 @@ def test_bad_input_shows_a_message_and_the_next_request_works(server, browser, t
     page.locator("#text_to_image_generate").click()
     page.get_by_text("Height 30 is not a multiple of 4").first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#text_to_image_height input").fill("32")
-    page.locator("#text_to_image_generate").click()
-    _, png = _shown(page, "text_to_image")
+    _, png = _generate(page, "text_to_image")
     assert png.size == (32, 32)
     page.close()
 
@@ -177,6 +208,50 @@ def test_two_sessions_generating_at_once_both_get_their_images(server, browser):
         page.close()
 
 
+def test_diffusionclip_tab_equals_the_library_and_shows_its_scores(server, browser, shots,
+                                                                  tmp_path):
+    """The cheapest edit (2 inversion and 2 decoding steps, 1 fine-tuning step): the page's
+    reconstruction and edit equal pipelines.diffusionclip's bit for bit (its fine-tuning
+    program comes from the compilation cache the page's run filled), the note shows the
+    edit's CLIP scores and the PNG the settings."""
+    url, engine = server
+    image = gradient(SIZE)
+    Image.fromarray(image).save(tmp_path / "input.png")
+    page = _open(browser, url)
+    page.get_by_role("tab", name="DiffusionCLIP").click()
+    page.locator("#diffusionclip_image input[type=file]").set_input_files(
+        str(tmp_path / "input.png"))
+    page.locator("#diffusionclip_image img").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#diffusionclip_source textarea").fill("a photo")
+    page.locator("#diffusionclip_prompt textarea").fill("a cat")
+    for name, value in (("steps", 2), ("decode_steps", 2), ("finetune_steps", 1)):
+        page.locator(f"#diffusionclip_{name} input").fill(str(value))
+    _generate(page, "diffusionclip")
+    gallery = page.locator("#diffusionclip_gallery img")
+    _wait_until(lambda: gallery.count() == 2 and page.locator("#diffusionclip_note table").count(),
+                "both images and the CLIP scores")
+    reconstruction, edit = (Image.open(io.BytesIO(page.request.get(
+        gallery.nth(i).get_attribute("src")).body())) for i in range(2))
+    note = page.locator("#diffusionclip_note").inner_text()
+    page.screenshot(path=os.path.join(shots, "app_diffusionclip.png"), full_page=True)
+    page.close()
+    expected = pipelines.diffusionclip(
+        pipelines.load(engine.source), image[None].astype(np.float32) / 127.5 - 1.0, engine.clip(), "a photo",
+        "a cat", t0=0.5, num_inversion_steps=2, num_decode_steps=2, finetune_steps=1,
+        learning_rate=1e-4, id_weight=0.3)
+    np.testing.assert_array_equal(np.asarray(reconstruction),
+                                  image_io.to_uint8(expected["reconstruction"])[0])
+    np.testing.assert_array_equal(np.asarray(edit), image_io.to_uint8(expected["output"])[0])
+    assert np.abs(np.asarray(edit, int) - np.asarray(reconstruction)).max() > 0  # fine-tuned
+    request = engine_lib.Request(task="diffusionclip", prompt="a cat", source_prompt="a photo")
+    scores = engine.edit_scores(request, image[None], np.asarray(edit)[None])
+    assert f"{scores['directional']:.4f}" in note and f"{scores['identity_l1']:.4f}" in note
+    params = json.loads(edit.text["parameters"])
+    assert (params["task"], params["source_prompt"], params["prompt"], params["steps"],
+            params["t0"], params["decode_steps"], params["finetune_steps"]) == (
+        "diffusionclip", "a photo", "a cat", 2, 0.5, 2, 1)
+
+
 def test_screenshots_of_the_other_tabs(server, browser, shots, tmp_path):
     url, _ = server
     page = _open(browser, url)
@@ -184,7 +259,7 @@ def test_screenshots_of_the_other_tabs(server, browser, shots, tmp_path):
     page.get_by_role("tab", name="Image to image").click()
     page.locator("#img2img_image input[type=file]").set_input_files(str(tmp_path / "gray.png"))
     page.locator("#img2img_prompt textarea").fill("a photo of a cat")
-    page.wait_for_timeout(500)
+    page.locator("#img2img_image img").first.wait_for(timeout=TIMEOUT_MS)  # the upload shows
     page.screenshot(path=os.path.join(shots, "app_img2img.png"), full_page=True)
     page.get_by_role("tab", name="Compare samplers").click()
     page.locator("#compare_prompt textarea").fill("a photo of a cat")
@@ -218,8 +293,7 @@ def test_class_sampling_tab_of_a_pixel_model(browser, shots, tmp_path):
         page.locator("#sample_class input").click()
         page.get_by_role("option", name="3", exact=True).click()
         page.locator("#sample_steps input").fill("3")
-        page.locator("#sample_generate").click()
-        _, png = _shown(page, "sample")
+        _, png = _generate(page, "sample")
         assert png.size == (8, 8) and '"class_label": 3' in png.text["parameters"]
         page.screenshot(path=os.path.join(shots, "app_sample.png"), full_page=True)
         page.close()

@@ -277,9 +277,15 @@ class Engine:
         return np.concatenate(outputs)
 
     def _diffusionclip(self, request, images):
-        """:func:`~diffusion_jax.pipelines.diffusionclip` from the source to the target text."""
+        """:func:`~diffusion_jax.pipelines.diffusionclip` from the source to the target text.
+
+        It runs the plain UNet, without the progress tick: its count would mix forward,
+        rematerialised and backward evaluations, and a program with a host callback is never
+        stored in JAX's persistent compilation cache, which this task (traced anew per call)
+        can otherwise reuse."""
         out = pipelines.diffusionclip(
-            self.pipe, images, self.clip(), request.source_prompt, request.prompt,
+            self.pipe._replace(unet=self.pipe.unet.model), images, self.clip(),
+            request.source_prompt, request.prompt,
             t0=request.t0, num_inversion_steps=request.steps,
             num_decode_steps=request.decode_steps, finetune_steps=request.finetune_steps,
             learning_rate=request.learning_rate, id_weight=request.id_weight)

@@ -140,8 +140,10 @@ def _reporter(progress):
             progress((min(counter.count, counter.total), counter.total),
                      desc=f"step {min(counter.count, counter.total)}/{counter.total}",
                      unit="steps")
-        else:
+        elif counter.count:
             progress((counter.count, None), desc=f"{counter.count} network evaluations")
+        else:  # DiffusionCLIP: the fine-tuning reports no steps
+            progress(None, desc="running… (this task reports no steps)")
 
     return report
 
@@ -377,9 +379,9 @@ def _diffusionclip_tab(engine, out_dir):
                 inversion = gr.Number(defaults.inversion_steps, label="Inversion steps",
                                       precision=0, minimum=0, elem_id=f"{task}_steps")
                 decode = gr.Number(defaults.decode_steps, label="Decode steps", precision=0,
-                                   minimum=0)
+                                   minimum=0, elem_id=f"{task}_decode_steps")
                 finetune = gr.Number(defaults.finetune_steps, label="Fine-tuning steps",
-                                     precision=0, minimum=0)
+                                     precision=0, minimum=0, elem_id=f"{task}_finetune_steps")
             with gr.Row():
                 rate = gr.Number(defaults.learning_rate, label="Learning rate")
                 weight = gr.Number(defaults.id_weight, label="Identity weight")
