@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_samples = 64  # images in the grid written during training
     # classifier-free guidance scale s (Stable Diffusion's convention for every model: 1 = the
     # conditional model alone, larger = stronger); the default of sampling and the training grid
-    sample.guidance_scale = 1.0
+    sample.guidance_scale = 1.0  # classifier-free guidance s (SD convention): 1 = none
     sample.clip_x0 = True  # clip the predicted x_0 to [-1, 1]
     sample.ddpm_variance = "beta"  # ddpm reverse variance: "beta" | "posterior"
     sample.langevin_steps_each = _sampler_default("langevin_steps_each")  # steps per level

@@ -22,7 +22,7 @@ from training_fixtures import REPO, subprocess_env
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i
 from diffusion_jax import (checkpoint, clip_tokenizer, loading, objectives, pipelines,
-                           schedules, stage_pipeline, train)
+                           resume, schedules, stage_pipeline, train)
 from diffusion_jax.sde import parameterization
 
 
@@ -110,6 +110,21 @@ def test_training_a_stage_further_keeps_the_model_and_a_changed_step_is_refused(
     shutil.move(_ckpt(ae, 2) + "_orig", _ckpt(ae, 2))
 
 
+def test_resuming_a_run_with_a_measured_scale_resolves_the_same_config(runs, tmp_path):
+    """A t2i run whose latent scale was measured (0 in its config) resolves, when resumed, to
+    the config stored with its checkpoint: nothing for `resume.check_config` to refuse."""
+    config = copy.deepcopy(runs["t2i_config"])
+    config.latent.scale_factor = 0.0
+    workdir = str(tmp_path / "t2i")
+    _save(config, workdir, 1)
+    assert os.path.exists(os.path.join(workdir, objectives.SCALE_FILE))
+    manager = checkpoint.make_manager(workdir, create=False, async_checkpointing=False)
+    stored = checkpoint.load_config(manager)
+    assert stored.latent.scale_factor > 0
+    unsafe, _ = resume.config_changes(stored, objectives.prepare_config(config, workdir))
+    assert not unsafe
+
+
 def test_runs_from_before_pinning_load_the_latest_stage_with_a_warning(runs, capsys):
     old = objectives.prepare_config(runs["t2i_config"], runs["t2i"]).to_dict()
     for name in ("autoencoder_step", "autoencoder_sha256", "clip_step", "clip_sha256"):
@@ -188,11 +203,12 @@ def test_latent_diffusion_trains_the_loss_of_its_diffusion_kind(runs, tmp_path, 
         objectives.get("latent_diffusion").make_loss_fn(graphdef, schedule, config)
 
 
-def test_an_edm_latent_model_trains_and_samples_through_the_t2i_pipeline(runs, tmp_path):
+def test_an_edm_latent_workdir_samples_through_the_t2i_pipeline(runs, tmp_path):
+    """An EDM latent run (a checkpoint written directly: its loss is checked above, and a
+    compiled train step would add a minute) loads as EDM's denoiser and samples."""
     workdir = str(tmp_path / "edm")
     config, resolved = _continuous(runs, "edm", workdir)
-    config.train.num_steps = 2
-    assert int(train.train_and_evaluate(config, workdir).step) == 2
+    _save(config, workdir, 1)
     pipe = stage_pipeline.load_pipeline(workdir)
     assert isinstance(pipe.unet, stage_pipeline.ContinuousTimeUNet)
     # the pipeline's UNet is EDM's D(y, sigma) = c_skip y + c_out net(c_in y, 250 ln sigma) at
