@@ -115,21 +115,8 @@ class UNet(nnx.Module):
                  time_conditioning: str = "shift", norm_eps: float = 1e-6,
                  flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
                  downsample_padding: int = 0, rngs: nnx.Rngs):
-        if resample not in ("conv", "pool"):
-            raise ValueError(f"resample must be 'conv' or 'pool', got {resample!r}")
-        if time_input not in ("discrete", "continuous"):
-            raise ValueError(f"time_input must be 'discrete' or 'continuous', got {time_input!r}")
-        if num_classes < 0 or cond_image_channels < 0:
-            raise ValueError(f"num_classes ({num_classes}) and cond_image_channels "
-                             f"({cond_image_channels}) must be >= 0")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
-        unknown = sorted(set(attn_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(f"attn_resolutions {unknown} match no level; the levels of "
-                             f"image_size={image_size} have resolutions {resolutions}")
-
+        resolutions = _check_options(image_size, channel_mult, attn_resolutions, resample,
+                                     time_input, num_classes, cond_image_channels, dropout)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
@@ -165,45 +152,19 @@ class UNet(nnx.Module):
         ) if num_classes else None
         self.conv_in = layers.conv(in_channels + cond_image_channels, base_channels, 3, **kw)
 
-        chans = [base_channels]  # widths of the skip connections, in the order they are made
-        ch = base_channels
-        down = []
-        for i, mult in enumerate(channel_mult):
-            level = _Level()
-            out_ch = base_channels * mult
-            level.res = nnx.List([res_block(ch if j == 0 else out_ch, out_ch)
-                                  for j in range(num_res_blocks)])
-            use_attn = resolutions[i] in attn_resolutions
-            level.attn = nnx.List([attn_block(out_ch) for _ in range(num_res_blocks)] if use_attn else [])
-            ch = out_ch
-            chans += [ch] * num_res_blocks
-            last = i == self.num_levels - 1
-            level.resample = None if last else layers.Downsample(
-                ch, resample=resample, padding=downsample_padding, **kw)
-            chans += [] if last else [ch]
-            down.append(level)
-        self.down = nnx.List(down)
-
+        self.down, chans, ch = _down_levels(base_channels, channel_mult, num_res_blocks, resolutions,
+                                        attn_resolutions, res_block, attn_block,
+                                        lambda ch: layers.Downsample(
+                                            ch, resample=resample, padding=downsample_padding, **kw))
         self.mid = _Level()
         self.mid.res = nnx.List([res_block(ch, ch), res_block(ch, ch)])
         self.mid.attn = nnx.List([attn_block(ch)])
         self.mid.resample = None
 
-        up = []
-        for i in reversed(range(self.num_levels)):
-            level = _Level()
-            out_ch = base_channels * channel_mult[i]
-            blocks = []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(res_block(ch + chans.pop(), out_ch))
-                ch = out_ch
-            level.res = nnx.List(blocks)
-            use_attn = resolutions[i] in attn_resolutions
-            level.attn = nnx.List([attn_block(ch) for _ in blocks] if use_attn else [])
-            level.resample = layers.Upsample(ch, resample=resample, **kw) if i != 0 else None
-            up.append(level)
-        self.up = nnx.List(up)
-
+        self.up = _up_levels(base_channels, channel_mult, num_res_blocks, resolutions,
+                             attn_resolutions, res_block, attn_block, chans,
+                             lambda ch: layers.Upsample(ch, resample=resample, **kw))
+        ch = base_channels * channel_mult[0]
         self.norm_out = layers.group_norm(ch, num_groups, norm_eps, **kw)
         self.conv_out = layers.conv(ch, self.out_channels, 3, zero_init=True, **kw)
 
@@ -363,3 +324,69 @@ def unet_from_config(model_cfg, *, image_size: int | None = None, in_channels: i
 def count_params(model: nnx.Module) -> int:
     """Number of scalar parameters (``nnx.Param`` leaves) of ``model`` (works on abstract models)."""
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _check_options(image_size, channel_mult, attn_resolutions, resample, time_input, num_classes,
+                   cond_image_channels, dropout) -> list[int]:
+    """Validates `UNet`'s options; returns the resolution of each level (``image_size / 2^i``)."""
+    if resample not in ("conv", "pool"):
+        raise ValueError(f"resample must be 'conv' or 'pool', got {resample!r}")
+    if time_input not in ("discrete", "continuous"):
+        raise ValueError(f"time_input must be 'discrete' or 'continuous', got {time_input!r}")
+    if num_classes < 0 or cond_image_channels < 0:
+        raise ValueError(f"num_classes ({num_classes}) and cond_image_channels "
+                         f"({cond_image_channels}) must be >= 0")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+    unknown = sorted(set(attn_resolutions) - set(resolutions))
+    if unknown:
+        raise ValueError(f"attn_resolutions {unknown} match no level; the levels of "
+                         f"image_size={image_size} have resolutions {resolutions}")
+    return resolutions
+
+
+def _down_levels(base_channels, channel_mult, num_res_blocks, resolutions, attn_resolutions,
+                 res_block, attn_block, downsample):
+    """The down path's levels, the widths of its skip connections in the order they are made, and
+    its output width. Modules are created in the order of the
+    forward pass, which fixes which parameter RNG draws each one gets.
+    """
+    chans = [base_channels]
+    ch = base_channels
+    levels = []
+    for i, mult in enumerate(channel_mult):
+        level = _Level()
+        out_ch = base_channels * mult
+        level.res = nnx.List([res_block(ch if j == 0 else out_ch, out_ch)
+                              for j in range(num_res_blocks)])
+        use_attn = resolutions[i] in attn_resolutions
+        level.attn = nnx.List([attn_block(out_ch) for _ in range(num_res_blocks)] if use_attn else [])
+        ch = out_ch
+        chans += [ch] * num_res_blocks
+        last = i == len(channel_mult) - 1
+        level.resample = None if last else downsample(ch)
+        chans += [] if last else [ch]
+        levels.append(level)
+    return nnx.List(levels), chans, ch
+
+
+def _up_levels(base_channels, channel_mult, num_res_blocks, resolutions, attn_resolutions,
+               res_block, attn_block, chans, upsample):
+    """The up path's levels (lowest resolution first), each block taking one skip of ``chans``."""
+    chans = list(chans)
+    ch = chans[-1]
+    levels = []
+    for i in reversed(range(len(channel_mult))):
+        level = _Level()
+        out_ch = base_channels * channel_mult[i]
+        blocks = []
+        for _ in range(num_res_blocks + 1):
+            blocks.append(res_block(ch + chans.pop(), out_ch))
+            ch = out_ch
+        level.res = nnx.List(blocks)
+        use_attn = resolutions[i] in attn_resolutions
+        level.attn = nnx.List([attn_block(ch) for _ in blocks] if use_attn else [])
+        level.resample = upsample(ch) if i != 0 else None
+        levels.append(level)
+    return nnx.List(levels)
