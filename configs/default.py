@@ -32,16 +32,18 @@ def get_config() -> ml_collections.ConfigDict:
     # The network (diffusion_jax/models/build.py). Pixel UNet ("unet", models/unet.py): every
     # field below except the cond_unet ones; cross-attention UNet ("cond_unet", a latent
     # diffusion model, models/cond_unet.py): block_out_channels, cross_attn, heads_per_level,
-    # num_res_blocks, num_groups, time_input, dtype, param_dtype, remat. The autoencoder_kl and
-    # clip archs read config.autoencoder and config.clip.
+    # num_res_blocks, num_groups, time_input, dtype, param_dtype, remat. Diffusion transformer
+    # ("dit", models/dit.py): the dit fields, num_heads, class_conditional, cond_drop_prob,
+    # time_input, dtype, param_dtype, remat. The autoencoder_kl and clip archs read
+    # config.autoencoder and config.clip.
     config.model = model = ml_collections.ConfigDict()
     # resolved from train.objective when training starts and stored with every checkpoint
-    model.arch = ""  # "" = the objective's arch | "unet" | "cond_unet" | "autoencoder_kl" | "clip"
+    model.arch = ""  # "" = the objective's | unet | dit | cond_unet | autoencoder_kl | clip
     model.base_channels = 128  # channels at the highest resolution
     model.channel_mult = (1, 2, 2, 2)  # channels per level = base_channels * mult
     model.num_res_blocks = 2  # residual blocks per level
     model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
-    model.num_heads = 1  # attention heads
+    model.num_heads = 1  # attention heads (unet: per attention block; dit: must divide hidden_size)
     model.dropout = 0.1  # dropout inside residual blocks
     model.num_groups = 32  # GroupNorm groups
     model.resample = "conv"  # "conv" (strided conv down, nearest+conv up) | "pool" (avg-pool down)
@@ -55,6 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.block_out_channels = (64, 128)  # cond_unet: widths per level
     model.cross_attn = (True, True)  # cond_unet: cross-attention per level
     model.heads_per_level = (4, 4)  # cond_unet: attention heads per level
+    model.patch_size = 2  # dit: patch side p; data.image_size must be a multiple of it
+    model.hidden_size = 384  # dit: token width (DiT-S 384, -B 768, -L 1024, -XL 1152)
+    model.depth = 12  # dit: number of transformer blocks
+    model.mlp_ratio = 4  # dit: MLP hidden width = mlp_ratio * hidden_size
+    model.learn_sigma = False  # dit: 2C outputs (eps, variance) as DiT; only eps is trained here
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"  # beta schedule: linear | scaled_linear | cosine | sigmoid

@@ -5,7 +5,7 @@ the same train step, sharding, EMA and checkpoints, and names the model archs it
 (``config.model.arch``, `diffusion_jax.models.build`; ``""`` = its first). Pixel diffusion and
 the stages Stable Diffusion trains separately (Rombach et al., 2022; Radford et al., 2021):
 
-* ``"diffusion"`` (arch ``unet``): the denoising loss of ``config.diffusion.kind`` on images
+* ``"diffusion"`` (arch ``unet`` or ``dit``): the denoising loss of ``config.diffusion.kind`` on images
   ``x: [B, H, W, C]`` with the condition of ``config.model`` (labels, a low-res image);
   DDPM's discrete loss, continuous-time DSM of an SDE or EDM (`_denoising_loss`). Its sample
   grid is written during training.
@@ -616,7 +616,7 @@ def _latent_host_batch(config, workdir):
         config, tokenizer_dir=os.path.join(config.latent.clip_workdir, TOKENIZER_SUBDIR))
 
 
-_DIFFUSION = Objective(("unet",), _diffusion_loss_fn, True, None, None, _diffusion_sample_fn)
+_DIFFUSION = Objective(("unet", "dit"), _diffusion_loss_fn, True, None, None, _diffusion_sample_fn)
 _AUTOENCODER = Objective(("autoencoder_kl",), _autoencoder_loss_fn, False, None,
                          _evaluate_autoencoder, None)
 _CLIP = Objective(("clip",), _clip_loss_fn, False, _clip_host_batch, _evaluate_clip, None)

@@ -13,11 +13,11 @@ from training_fixtures import REPO
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i  # noqa: E402
 from configs import (celeba64, cifar10, cifar10_ve_sde, cifar10_vp_sde, classifier_digits, ddpm256,
-                     default, digits, digits_edm, digits_vp, sr_digits, tiny)
+                     default, digits, digits_dit, digits_edm, digits_vp, sr_digits, tiny)
 from diffusion_jax import config_utils, objectives, resume, train
 
 ALL = {"default": default, "cifar10": cifar10, "celeba64": celeba64, "ddpm256": ddpm256,
-       "digits": digits, "tiny": tiny, "sr_digits": sr_digits,
+       "digits": digits, "digits_dit": digits_dit, "tiny": tiny, "sr_digits": sr_digits,
        "classifier_digits": classifier_digits, "digits_vp": digits_vp, "digits_edm": digits_edm,
        "cifar10_vp_sde": cifar10_vp_sde, "cifar10_ve_sde": cifar10_ve_sde}
 
@@ -57,6 +57,7 @@ def test_cifar10_is_the_ddpm_recipe():
 
 
 @pytest.mark.parametrize("name, max_params", [("tiny", 1_000_000), ("digits", 3_000_000),
+                                              ("digits_dit", 3_000_000),
                                               ("cifar10", 35_746_307)])
 def test_models_build_with_expected_size(name, max_params):
     config = ALL[name].get_config()
@@ -115,8 +116,8 @@ def test_each_objective_gets_its_arch_and_a_mismatch_names_both(module, arch):
     with pytest.raises(ValueError, match=rf"model.arch='{config.model.arch}' is not trained by "
                                          rf"train.objective='{objective}', which trains '{arch}'"):
         objectives.with_arch(config)
-    config.model.arch = "dit"
-    with pytest.raises(ValueError, match=r"model.arch='dit' must be one of \('unet'"):
+    config.model.arch = "mmdit"
+    with pytest.raises(ValueError, match=r"model.arch='mmdit' must be one of \('unet'"):
         objectives.with_arch(config)
 
 

@@ -2,9 +2,10 @@
 
     python -m diffusion_jax.convert.unet2d --src DIR_OR_FILE --out DIR
     python -m diffusion_jax.convert.pipeline --src SD_DIR --out OUT_DIR
+    python -m diffusion_jax.convert.dit --src DIT_DIR --out OUT_DIR
 
-The converter modules' ``__main__`` blocks call :func:`unet2d` / :func:`pipeline` with
-``sys.argv[1:]``; tests call them with a list. A bad source or output ends with one line
+The converter modules' ``__main__`` blocks call :func:`unet2d` / :func:`pipeline` /
+:func:`dit` with ``sys.argv[1:]``; tests call them with a list. A bad source or output ends with one line
 ``convert.<name>: error: ...`` and exit status 1.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from absl import flags as absl_flags
 
 from diffusion_jax.cli import flags
+from diffusion_jax.convert import dit as convert_dit
 from diffusion_jax.convert import pipeline as convert_pipeline
 from diffusion_jax.convert import unet2d as convert_unet2d
 
@@ -44,6 +46,19 @@ def pipeline(argv: Sequence[str]) -> None:
     flags.run_in_process(_define("diffusers SD pipeline directory"), main, argv,
                          prog="convert.pipeline", doc=convert_pipeline.__doc__,
                          errors=(OSError,))
+
+
+def dit(argv: Sequence[str]) -> None:
+    """``--src`` a diffusers ``DiTTransformer2DModel`` directory (or a ``DiTPipeline`` directory
+    with ``transformer/``), ``--out`` the output directory
+    (:func:`diffusion_jax.convert.dit.convert`)."""
+    def main(fv):
+        kwargs = convert_dit.convert(fv.src, fv.out)
+        print(f"wrote {fv.out}: DiT({json.dumps(kwargs)})")
+
+    flags.run_in_process(_define("diffusers DiTTransformer2DModel directory (config.json + "
+                                 "weights)"), main, argv, prog="convert.dit",
+                         doc=convert_dit.__doc__, errors=(OSError,))
 
 
 def _define(src_help: str):

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import ml_collections
 from flax import nnx
 
-from diffusion_jax.models import autoencoder, clip, cond_unet, text_encoder, unet
+from diffusion_jax.models import autoencoder, clip, cond_unet, dit, text_encoder, unet
 
 
 class Arch(NamedTuple):
@@ -68,6 +68,35 @@ def _cond_unet(config, rngs):
         rngs=rngs)
 
 
+def _dit(config, rngs):
+    """The `DiT` of ``config.model`` (patch_size, hidden_size, depth, num_heads, mlp_ratio,
+    learn_sigma, class_conditional, dtypes, remat) for images of ``config.data``."""
+    m, d = config.model, config.data
+    if m.patch_size < 1 or d.image_size % m.patch_size:
+        raise ValueError(f"data.image_size={d.image_size} must be a multiple of "
+                         f"model.patch_size={m.patch_size} (the dit arch cuts images into "
+                         "patch_size x patch_size patches).")
+    if m.cond_image_channels:
+        raise ValueError(f"model.cond_image_channels={m.cond_image_channels}: the dit arch "
+                         "takes no image condition (set it to 0, or use model.arch='unet').")
+    if m.class_conditional and d.num_classes <= 0:
+        raise ValueError("model.class_conditional=True needs data.num_classes > 0.")
+    return dit.DiT(image_size=d.image_size, in_channels=d.num_channels,
+                   patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
+                   num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                   num_classes=d.num_classes if m.class_conditional else 0,
+                   learn_sigma=m.learn_sigma, dtype=_dtype(m, "dtype"),
+                   param_dtype=_dtype(m, "param_dtype"), remat=m.remat, rngs=rngs)
+
+
+def _dtype(model_cfg, name):
+    """The jnp dtype of the field ``model.<name>`` (a name of `unet.DTYPES`)."""
+    value = model_cfg[name]
+    if value not in unet.DTYPES:
+        raise ValueError(f"model.{name}={value!r} must be one of {tuple(unet.DTYPES)}.")
+    return unet.DTYPES[value]
+
+
 def _autoencoder(config, rngs):
     """The KL `AutoencoderKL` of ``config.autoencoder`` for images of ``config.data``."""
     ae, channels = config.autoencoder, config.data.num_channels
@@ -106,12 +135,13 @@ def _clip(config, rngs):
 
 ARCHS = {
     "unet": Arch(_unet, "model", "unet2d", "diffusion_jax.unet/1"),
+    "dit": Arch(_dit, "model", "dit", "diffusion_jax.dit/1"),
     "cond_unet": Arch(_cond_unet, "model", "unet_cond", "diffusion_jax.cond_unet/1"),
     "autoencoder_kl": Arch(_autoencoder, "autoencoder", "vae", "diffusion_jax.autoencoder_kl/1"),
     "clip": Arch(_clip, "clip", "clip", "diffusion_jax.clip/1"),
     "clip_text": Arch(_clip_text, "clip", "text_encoder", "diffusion_jax.clip_text/1"),
 }
-"""arch name -> `Arch`. Room for ``dit``, ``mmdit``, ``flux``, ``prior``."""
+"""arch name -> `Arch`. Room for ``mmdit``, ``flux``, ``prior``."""
 
 
 def get(arch: str) -> Arch:
