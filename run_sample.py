@@ -45,8 +45,8 @@ import numpy as np
 from absl import app
 from absl import flags as absl_flags
 
-from diffusion_jax import (checkpoint, generate, image_io, loading, objectives, pipelines,
-                           sharding, stage_pipeline)
+from diffusion_jax import (checkpoint, conditioning, generate, image_io, loading, objectives,
+                           pipelines, sharding, stage_pipeline)
 from diffusion_jax.cli import flags
 from diffusion_jax.cli import sample as cli
 
@@ -123,18 +123,19 @@ def _sample():
         return
     fv = flags.FLAGS
     n = fv.num_samples
-    labels = None if fv.class_label is None else np.full((n,), fv.class_label, np.int32)
+    cond = conditioning.class_condition(fv.class_label, n)
     sample_fn = generate.make_sample_fn(
         loaded.graphdef, loaded.schedule, config, mesh, num_samples=n, sampler=fv.sampler,
         options=cli.sampler_options(fv, config))
     images = image_io.to_uint8(sample_fn(
-        loaded.params, jax.random.key(fv.seed), None if labels is None else {"label": labels},
+        loaded.params, jax.random.key(fv.seed), cond,
         guidance_scale=fv.guidance_scale))
     if jax.process_index() == 0:
         os.makedirs(_OUT.value, exist_ok=True)
         image_io.save_png(os.path.join(_OUT.value, "samples.png"), image_io.image_grid(images))
         np.savez(os.path.join(_OUT.value, "samples.npz"), images=images,
-                 labels=np.full((n,), -1, np.int32) if labels is None else labels)
+                 labels=np.full((n,), -1, np.int32) if cond is None
+                 else np.asarray(cond["label"]))
         print(f"Wrote {n} samples to {_OUT.value}/samples.png and samples.npz")
 
 

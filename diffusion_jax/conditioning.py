@@ -8,12 +8,16 @@ denoisers (:mod:`diffusion_jax.denoisers`); a missing key means that kind is abs
             "text":  float [B, L, D]}      text-encoder states (cross-attention models)
 
 Each kind has one builder, used by training and sampling alike (:func:`label_condition`,
-:func:`image_condition`, :func:`text_condition`), and one entry in the table of kinds
-(``_KINDS``): the argument that names its null (``num_classes`` for labels, ``null_text``, the
-empty prompt's states, for text; an image is never dropped) and how the null is made from it.
-Classifier-free guidance (:func:`null_condition`) and condition dropout in training (each
-row replaced by its null with probability ``p``, on device) both read that table. Adding a
-kind is one builder and one table entry here, and the model that reads it.
+with :func:`class_condition` for one class repeated over a batch, :func:`image_condition`,
+:func:`text_condition`), and one entry in the table of kinds (``_KINDS``): the name of the
+argument its null is made from (``num_classes`` for labels, ``null_text``, the empty prompt's
+states, for text; ``None`` for a null that needs none) and how the null is made (``None``: the
+kind is never dropped, like an image). Classifier-free guidance (:func:`null_condition`; the
+denoiser reads a null argument from the model attribute of that name unless the caller gives
+it) and condition dropout in training (each row replaced by its null with probability ``p``,
+on device) both read that table, and the sampling code carries any kind it holds. Adding a
+kind is one builder and one table entry here, and the model that reads it
+(``tests/test_conditioning.py::test_a_new_condition_kind_is_one_table_entry``).
 
 This module also holds the SR3 low-resolution conditioning (area downsampling, upsampling
 back, noise conditioning augmentation). Images are NHWC.
@@ -24,15 +28,29 @@ import jax.numpy as jnp
 from diffusion_jax import diffusion
 
 UPSAMPLE_METHODS = ("bicubic", "bilinear", "nearest")
-# kind -> (the argument naming its null, or None if never dropped; (value, null) -> null value)
+# kind -> (name of the argument its null is made from, or None if it needs none;
+#          (value, null argument) -> null value, or None if the kind is never dropped)
 _KINDS = {
     "label": ("num_classes", lambda labels, n: jnp.full(labels.shape, n, labels.dtype)),
     "image": (None, None),
     "text": ("null_text", lambda states, n: jnp.broadcast_to(jnp.asarray(n, states.dtype),
                                                              states.shape)),
 }
-COND_KINDS = tuple(_KINDS)
-GUIDED_KINDS = tuple(kind for kind, (arg, _) in _KINDS.items() if arg)  # dropped for guidance
+
+
+def cond_kinds():
+    """The condition kinds, in table order."""
+    return tuple(_KINDS)
+
+
+def guided_kinds():
+    """The kinds that have a null (dropped in training, replaced for guidance)."""
+    return tuple(kind for kind, (_, make_null) in _KINDS.items() if make_null)
+
+
+def null_args():
+    """The names of the arguments the nulls are made from (e.g. ``num_classes``)."""
+    return tuple(dict.fromkeys(arg for arg, make_null in _KINDS.values() if make_null and arg))
 
 
 def label_condition(labels, *, num_classes=None, drop_prob=0.0, key=None):
@@ -45,7 +63,17 @@ def label_condition(labels, *, num_classes=None, drop_prob=0.0, key=None):
         drop_prob: static probability in [0, 1].
         key: PRNG key of the dropout.
     """
-    return {"label": _dropped("label", jnp.asarray(labels), num_classes, drop_prob, key)}
+    return make_condition("label", jnp.asarray(labels), null=num_classes, drop_prob=drop_prob,
+                          key=key)
+
+
+def class_condition(label, batch_size):
+    """:func:`label_condition` of one class repeated over a batch: ``{"label": int32
+    [batch_size]}`` filled with ``label``, or ``None`` when ``label`` is ``None``
+    (an unconditional request)."""
+    if label is None:
+        return None
+    return label_condition(jnp.full((batch_size,), label, jnp.int32))
 
 
 def image_condition(low_res, image_size, method="bicubic"):
@@ -64,27 +92,53 @@ def text_condition(states, *, null_text=None, drop_prob=0.0, key=None):
         drop_prob: static probability in [0, 1].
         key: PRNG key of the dropout.
     """
-    return {"text": _dropped("text", states, null_text, drop_prob, key)}
+    return make_condition("text", states, null=null_text, drop_prob=drop_prob, key=key)
 
 
-def null_condition(cond, *, num_classes=None, null_text=None):
+def make_condition(kind, value, *, null=None, drop_prob=0.0, key=None):
+    """``{kind: value}``, each row of ``value`` replaced by the null of ``kind`` with
+    probability ``drop_prob`` (on device): the builder every kind's builder is made of.
+
+    Args:
+        kind: a kind of the table.
+        value: ``[B, ...]``.
+        null: the argument the kind's null is made from (e.g. ``num_classes``); needed when
+            ``drop_prob > 0`` and the kind names one.
+        drop_prob: static probability in [0, 1].
+        key: PRNG key of the dropout; needed when ``drop_prob > 0``.
+
+    Raises:
+        ValueError: for an unknown kind, or dropout of a kind without a null.
+    """
+    check_condition({kind: value})
+    if drop_prob and _KINDS[kind][1] is None:
+        raise ValueError(f'cond["{kind}"] has no null: it cannot be dropped.')
+    return {kind: _dropped(kind, value, null, drop_prob, key)}
+
+
+def null_condition(cond, **nulls):
     """``cond`` with every guided kind replaced by its null (``image`` is kept).
 
     Args:
         cond: condition dict with batch ``B``.
-        num_classes: the model's number of classes (its null label); needed with ``label``.
-        null_text: ``[1 or B, L, D]`` states of the empty prompt; needed with ``text``.
+        **nulls: the null arguments (:func:`null_args`), by name: ``num_classes``, the model's
+            number of classes (its null label), needed with ``label``; ``null_text``,
+            ``[1 or B, L, D]`` states of the empty prompt, needed with ``text``.
 
     Returns:
         The null condition, same structure and shapes as ``cond``.
 
     Raises:
-        ValueError: if a needed null is missing or ``cond`` has an unknown key.
+        ValueError: if a needed null is missing, a null argument is unknown or ``cond`` has an
+            unknown key.
     """
-    nulls = {"num_classes": num_classes, "null_text": null_text}
+    unknown = sorted(set(nulls) - set(null_args()))
+    if unknown:
+        raise ValueError(f"Unknown null argument(s) {unknown}; expected some of "
+                         f"{list(null_args())}.")
     cond = check_condition(cond)
-    return {kind: value if _KINDS[kind][0] is None else
-            _null_value(kind, value, nulls[_KINDS[kind][0]]) for kind, value in cond.items()}
+    return {kind: value if _KINDS[kind][1] is None else
+            _null_value(kind, value, nulls.get(_KINDS[kind][0])) for kind, value in cond.items()}
 
 
 def check_condition(cond):
@@ -94,9 +148,9 @@ def check_condition(cond):
         ValueError: for a key that is not a condition kind.
     """
     cond = {} if cond is None else dict(cond)
-    unknown = sorted(set(cond) - set(COND_KINDS))
+    unknown = sorted(set(cond) - set(_KINDS))
     if unknown:
-        raise ValueError(f"Unknown condition kind(s) {unknown}; expected some of {list(COND_KINDS)}.")
+        raise ValueError(f"Unknown condition kind(s) {unknown}; expected some of {list(_KINDS)}.")
     return cond
 
 
@@ -202,7 +256,7 @@ def nearest_upsample(x, factor):
 
 def _null_value(kind, value, null):
     """The null of ``kind`` for ``value``, from its null argument ``null``."""
-    if null is None:
+    if null is None and _KINDS[kind][0] is not None:
         raise ValueError(f'cond["{kind}"] needs {_KINDS[kind][0]} (its null) for guidance or '
                          "dropout.")
     return _KINDS[kind][1](value, null)

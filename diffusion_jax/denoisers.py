@@ -37,7 +37,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.conditioning import GUIDED_KINDS, check_condition, null_condition
+from diffusion_jax.conditioning import check_condition, guided_kinds, null_args, null_condition
 from diffusion_jax.diffusion import PRED_TYPES
 from diffusion_jax.sde import parameterization
 
@@ -248,8 +248,9 @@ def build_denoiser(model, cond=None, *, guidance_scale=None, null_text=None, pre
     The network callable is :func:`model_denoiser`, or, when :func:`guidance_weight` of
     ``guidance_scale`` is not ``None`` and the condition has a guided kind (``label``,
     ``text``), :func:`guided_denoiser` against
-    :func:`~diffusion_jax.conditioning.null_condition` (the label null is
-    ``model.num_classes``) with ``w = s - 1``; :func:`parameterize` then gives it its
+    :func:`~diffusion_jax.conditioning.null_condition` with ``w = s - 1``, each null argument
+    taken from the model attribute of its name (the label null is ``model.num_classes``)
+    unless given here (``null_text``); :func:`parameterize` then gives it its
     prediction type and time parameterisation.
 
     Args:
@@ -278,10 +279,11 @@ def build_denoiser(model, cond=None, *, guidance_scale=None, null_text=None, pre
     """
     cond = check_condition(cond)
     weight = guidance_weight(guidance_scale)
-    if weight is None or not any(kind in cond for kind in GUIDED_KINDS):
+    if weight is None or not any(kind in cond for kind in guided_kinds()):
         fn = model_denoiser(model, cond)
     else:
-        null = null_condition(cond, num_classes=getattr(model, "num_classes", None),
-                              null_text=null_text)
-        fn = guided_denoiser(model, cond, null, weight)
+        nulls = {arg: getattr(model, arg, None) for arg in null_args()}
+        if null_text is not None:
+            nulls["null_text"] = null_text
+        fn = guided_denoiser(model, cond, null_condition(cond, **nulls), weight)
     return parameterize(fn, pred_type=pred_type, diffusion=diffusion, schedule=schedule)

@@ -29,8 +29,8 @@ import numpy as np
 from absl import flags as absl_flags
 from ml_collections import config_flags
 
-from diffusion_jax import (classifier_training, data, denoisers, guidance, image_io, loading,
-                           samplers)
+from diffusion_jax import (classifier_training, conditioning, data, denoisers, guidance,
+                           image_io, loading, samplers)
 from diffusion_jax.applications import common, tasks
 from diffusion_jax.cli import flags
 
@@ -105,7 +105,8 @@ def _options(config):
 def cfg_row(model, sched, config, scale, key):
     """One sample per class (0..K-1) with classifier-free guidance scale ``s = scale``."""
     labels = jnp.arange(model.num_classes, dtype=jnp.int32)
-    denoise = denoisers.build_denoiser(model, {"label": labels}, guidance_scale=scale,
+    denoise = denoisers.build_denoiser(model, conditioning.label_condition(labels),
+                                       guidance_scale=scale,
                                        diffusion=config.diffusion, schedule=sched)
     shape = (model.num_classes, config.data.image_size, config.data.image_size,
              config.data.num_channels)

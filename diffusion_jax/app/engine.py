@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import (captions, checkpoint, denoisers, generate, image_io, loading,
-                           metrics_clip, objectives, pipelines, samplers, sharding,
+from diffusion_jax import (captions, checkpoint, conditioning, denoisers, generate, image_io,
+                           loading, metrics_clip, objectives, pipelines, samplers, sharding,
                            stage_pipeline)
 from diffusion_jax.app import progress
 from diffusion_jax.applications import diffusionclip
@@ -330,7 +330,7 @@ class Engine:
         if self.num_classes:
             if request.class_label is None:
                 raise ValueError("this model is class-conditional: pick a class.")
-            cond = {"label": np.full((request.batch_size,), request.class_label, np.int32)}
+            cond = conditioning.class_condition(request.class_label, request.batch_size)
             scale = float(request.guidance)
         images = self._sample_fns[static](self.loaded.params, key, cond, guidance_scale=scale,
                                           eta=request.eta)

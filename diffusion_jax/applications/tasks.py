@@ -12,7 +12,7 @@ import numpy as np
 from diffusion_jax import denoisers, samplers
 from diffusion_jax.applications import common, diffusionclip, ilvr, inpaint, inversion, sdedit
 from diffusion_jax.applications import super_resolution as sr
-from diffusion_jax.conditioning import label_condition
+from diffusion_jax.conditioning import class_condition
 
 TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip")
 MASK_REGIONS = ("left", "right", "top", "bottom", "center")
@@ -103,7 +103,7 @@ def run_task(task, model, sched, images, options, key, *, diffusion=None):
     if task in SAMPLER_NEEDS:
         samplers.check_sampler(options.sampler, **SAMPLER_NEEDS[task])
     images = jnp.asarray(images, jnp.float32)
-    cond = _label_cond(options.class_label, images.shape[0])
+    cond = class_condition(options.class_label, images.shape[0])
 
     def build(module, condition, scale=None):
         return denoisers.build_denoiser(module, condition, guidance_scale=scale,
@@ -140,7 +140,7 @@ def run_task(task, model, sched, images, options, key, *, diffusion=None):
         results["low_res"] = common.nearest_upsample(low, options.sr_factor)
     else:
         source = options.class_label if options.source_label is None else options.source_label
-        source_denoise = build(model, _label_cond(source, images.shape[0]))
+        source_denoise = build(model, class_condition(source, images.shape[0]))
         opts = options.sampler_options
         out = inversion.ddim_edit(source_denoise, denoise, sched, images,
                                   num_steps=opts.num_steps, clip_x0=opts.clip_x0)
@@ -195,11 +195,6 @@ def region_mask(shape, region):
     else:
         raise ValueError(f"Unknown mask_region {region!r}; expected one of {list(MASK_REGIONS)}.")
     return jnp.asarray(mask)
-
-
-def _label_cond(label, batch):
-    """``{"label": [batch]}`` filled with ``label``, or ``None``."""
-    return None if label is None else label_condition(jnp.full((batch,), label, jnp.int32))
 
 
 def _mask(options, shape, default_region=None):
