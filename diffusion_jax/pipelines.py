@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -68,6 +69,13 @@ class Pipeline(NamedTuple):
         ddim_timesteps: ``None`` (DDIM uses ``options.spacing``), or ``n -> ((t, t_prev), ...)``,
             the explicit DDIM steps for ``n`` steps (a converted checkpoint: diffusers' own).
         sample_size: default image height and width in pixels.
+        sampler: the default sampler (a converted checkpoint: the one reproducing its own
+            scheduler, :func:`~diffusion_jax.convert.scheduler.checkpoint_sampler`), or
+            ``None`` when its scheduler has none here (then ``sampler_error`` says why and a
+            sampler must be named).
+        sampler_fields: ``((field, value), ...)`` :class:`~diffusion_jax.samplers.SamplerOptions`
+            fields that go with ``sampler`` (its scheduler's grid), applied when it runs.
+        sampler_error: see ``sampler``.
     """
     unet: Any
     vae: Any
@@ -77,6 +85,9 @@ class Pipeline(NamedTuple):
     options: samplers.SamplerOptions
     ddim_timesteps: Callable[[int], tuple] | None = None
     sample_size: int = 512
+    sampler: str | None = "ddim"
+    sampler_fields: tuple = ()
+    sampler_error: str = ""
 
 
 class LatentCodec(NamedTuple):
@@ -100,6 +111,7 @@ def load(path, *, dtype=None, sample_size=None) -> Pipeline:
 
     The schedule, prediction type and clipping come from its ``scheduler_config.json``, and
     DDIM steps exactly where diffusers' ``DDIMScheduler`` does (:func:`diffusers_ddim_timesteps`).
+    Its scheduler class and fields choose the default sampler (:attr:`Pipeline.sampler`).
 
     Args:
         path: directory with ``model_index.json``.
@@ -121,7 +133,36 @@ def load(path, *, dtype=None, sample_size=None) -> Pipeline:
     size = sample_size or sd.info["unet"]["sample_size"] * latent_factor(sd.vae)
     return Pipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer,
                     schedules.make_schedule(settings.betas), options,
-                    functools.partial(diffusers_ddim_timesteps, settings), int(size))
+                    functools.partial(diffusers_ddim_timesteps, settings), int(size),
+                    *_checkpoint_sampler(sd.info["scheduler_config"], path))
+
+
+def _checkpoint_sampler(config, path):
+    """``(sampler, sampler_fields, sampler_error)`` of a checkpoint's scheduler config."""
+    from diffusion_jax.convert import pipeline as convert_pipeline, scheduler  # numpy only
+
+    source = os.path.join(str(path), "scheduler", convert_pipeline.SCHEDULER_FILE)
+    try:
+        name, fields = scheduler.checkpoint_sampler(config, source)
+        samplers.make_options(**fields)
+    except ValueError as err:
+        message = str(err) if str(err).startswith(source) else f"{source}: {err}"
+        return None, (), message
+    return name, tuple(fields.items()), ""
+
+
+def default_sampler(pipe: Pipeline, sampler=None) -> str:
+    """``sampler``, else the pipeline's own (:attr:`Pipeline.sampler`).
+
+    Raises:
+        ValueError: no ``sampler`` and the checkpoint's scheduler has no sampler here (the
+            message names its file, field and the supported values).
+    """
+    if sampler is not None:
+        return sampler
+    if pipe.sampler is None:
+        raise ValueError(f"{pipe.sampler_error}; or name a sampler (--sampler).")
+    return pipe.sampler
 
 
 def diffusers_ddim_timesteps(settings, num_steps: int) -> tuple[tuple[int, int], ...]:
@@ -150,7 +191,8 @@ def latent_factor(vae) -> int:
 
 def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
                     overrides=None):
-    """``pipe.options`` with ``num_steps`` / ``eta`` set (``None``: keep) and the
+    """``pipe.options`` with, for the pipeline's own sampler, its
+    :attr:`Pipeline.sampler_fields`, then ``num_steps`` / ``eta`` set (``None``: keep) and the
     :class:`~diffusion_jax.samplers.SamplerOptions` fields of ``overrides`` (a dict; ``None``
     values are kept as ``None``), and for DDIM the pipeline's explicit timesteps
     (:attr:`Pipeline.ddim_timesteps`).
@@ -170,7 +212,8 @@ def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
     if unknown:
         raise ValueError(f"Unknown sampler option(s) {unknown}.")
     samplers.check_options(sampler, overrides)
-    fields = {k: v for k, v in dict(num_steps=num_steps, eta=eta).items() if v is not None}
+    fields = dict(pipe.sampler_fields) if sampler == pipe.sampler else {}
+    fields.update({k: v for k, v in dict(num_steps=num_steps, eta=eta).items() if v is not None})
     fields.update(overrides)
     if sampler == "ddim" and pipe.ddim_timesteps is not None:
         fields["timesteps"] = pipe.ddim_timesteps(num_steps or options.num_steps)
@@ -178,7 +221,7 @@ def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
 
 
 def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidance_scale=7.5,
-                  sampler="ddim", num_steps=50, eta=None, height=None, width=None,
+                  sampler=None, num_steps=50, eta=None, height=None, width=None,
                   latents=None, mesh=None, output="uint8", option_overrides=None):
     """Images for ``prompts`` (see the module docstring for the equations).
 
@@ -191,7 +234,8 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
             unconditional half of guidance.
         guidance_scale: ``s`` (Stable Diffusion convention); ``s <= 1`` or ``None`` run the
             conditional model alone (no guidance, half the UNet work), as diffusers does.
-        sampler: a registered sampler name.
+        sampler: a registered sampler name; ``None``: the pipeline's own
+            (:func:`default_sampler`).
         num_steps, eta: sampler settings (``eta=None``: ``pipe.options.eta``).
         height, width: image size in pixels, multiples of ``f`` (default ``pipe.sample_size``).
         latents: optional ``[B, H/f, W/f, C_z]`` starting latents (e.g. to match another
@@ -216,6 +260,7 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
         latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
+    sampler = default_sampler(pipe, sampler)
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta,
                               overrides=option_overrides)
     images, status = _run(pipe, "sample", sampler, options, prompts, negative_prompts,
@@ -388,9 +433,10 @@ def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, i
 
 
 def _application(pipe, task, images, prompts, key, static, arrays, *, negative_prompts=None,
-                 guidance_scale=7.5, sampler="ddim", num_steps=50, eta=None, mesh=None,
+                 guidance_scale=7.5, sampler=None, num_steps=50, eta=None, mesh=None,
                  output="uint8", option_overrides=None):
     """Runs an image-to-image ``task`` (the shared part of :func:`img2img` / :func:`inpaint`)."""
+    sampler = default_sampler(pipe, sampler)
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C] in [-1, 1], got shape {images.shape}.")

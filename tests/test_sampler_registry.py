@@ -84,7 +84,7 @@ def test_cli_accepts_the_chosen_samplers_options_and_the_inversion_steps():
 def test_pipeline_option_overrides_of_another_sampler_are_refused():
     """text_to_image / img2img / inpaint build their options with pipelines.sampler_options."""
     pipe = types.SimpleNamespace(options=samplers.make_options(num_steps=10),
-                                 ddim_timesteps=None)
+                                 ddim_timesteps=None, sampler="ddim", sampler_fields=())
     with pytest.raises(ValueError, match=r"'churn' .*'ddim'"):
         pipelines.sampler_options(pipe, sampler="ddim", overrides={"churn": 40.0})
     options = pipelines.sampler_options(pipe, sampler="edm_heun", num_steps=5,
@@ -225,8 +225,8 @@ class EulerOptions(SigmaGridOptions):
     euler_scale: float = option(1.0, "slope scale.", check=check_non_negative, traced=True)
 
 
-@register("euler", options=EulerOptions, supports_step_hook=False)
-def euler(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+@register("sigma_euler", options=EulerOptions, supports_step_hook=False)
+def sigma_euler(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
     settings = read(EulerOptions, options)
     denoiser, sigmas, x = denoiser_setup(denoise, schedule, x_start, options, settings,
                                          t_start, "karras")
@@ -245,17 +245,17 @@ PROBE = '''
 import jax, numpy as np
 from configs import default
 from diffusion_jax import samplers, schedules
-assert list(samplers.SAMPLERS)[-1] == "euler", list(samplers.SAMPLERS)
+assert "sigma_euler" in samplers.SAMPLERS, list(samplers.SAMPLERS)
 options = samplers.make_options(num_steps=4, euler_scale=0.5)
 sched = schedules.make_schedule(schedules.linear_beta_schedule(100, 1e-3, 0.2))
 x = jax.random.normal(jax.random.PRNGKey(0), (2, 3))
-out = samplers.run("euler", lambda x, t: 0.3 * x, sched, x, jax.random.PRNGKey(1), options)
+out = samplers.run("sigma_euler", lambda x, t: 0.3 * x, sched, x, jax.random.PRNGKey(1), options)
 assert np.all(np.isfinite(np.asarray(out)))
-assert samplers.num_evaluations("euler", options, 100) == 4
+assert samplers.num_evaluations("sigma_euler", options, 100) == 4
 try:
     samplers.check_options("ddim", ["euler_scale"])
 except ValueError as err:
-    assert "['euler']" in str(err), err
+    assert "['sigma_euler']" in str(err), err
 else:
     raise AssertionError("ddim accepted euler_scale")
 config = default.get_config()
@@ -274,7 +274,7 @@ def test_a_new_sampler_is_one_new_file(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "diffusion_jax" / "samplers" / "euler.py").write_text(EULER)
+    (tmp_path / "diffusion_jax" / "samplers" / "sigma_euler.py").write_text(EULER)
     env = {**subprocess_env(), "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(PROBE)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)

@@ -27,7 +27,9 @@ A Stable Diffusion checkpoint (a directory with ``model_index.json``, diffusers 
 runs text-to-image (:func:`run_sd_from_flags`, :mod:`diffusion_jax.pipelines`) with
 ``--prompt`` / ``--negative_prompt`` / ``--height`` / ``--width`` and the tasks in
 :data:`SD_TASKS`; there ``--guidance_scale`` defaults to 7.5 (Stable Diffusion's scale ``s``,
-the convention of every model: 1 = none) and ``--input`` is required for ``img2img`` /
+the convention of every model: 1 = none), ``--sampler`` defaults to the one reproducing the
+checkpoint's own scheduler (:func:`diffusion_jax.pipelines.default_sampler`; an error naming the
+field when its ``scheduler_config.json`` has none here) and ``--input`` is required for ``img2img`` /
 ``inpaint`` / ``diffusionclip`` (DiffusionCLIP in latent space,
 :func:`diffusion_jax.pipelines.diffusionclip`; ``--steps`` inversion steps, default 20)::
 
@@ -112,7 +114,9 @@ def define_flags(flag_values=None):
     """
     fv = flags.FLAGS if flag_values is None else flag_values
     defaults = tasks.TaskOptions()
-    cli_flags.define_sampler(flag_values=fv)
+    cli_flags.define_sampler("Sampler (default: config.sample.sampler; for a Stable Diffusion "
+                             "checkpoint, the one matching its scheduler_config.json).",
+                             flag_values=fv)
     cli_flags.define_steps(flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM eta (default: config.sample.eta).", flag_values=fv)
     flags.DEFINE_multi_string(
@@ -276,8 +280,9 @@ def check_sd_flags(fv, pipe):
             raise ValueError(f"--input is read as a square image: --height={height} and "
                              f"--width={width} must be equal.")
     if TASK_TABLE[task].sampler:
-        samplers.check_sampler(fv.sampler or "ddim", **TASK_TABLE[task].needs)
-        samplers.check_options(fv.sampler or "ddim", sampler_overrides(fv))
+        sampler = pipelines.default_sampler(pipe, fv.sampler)
+        samplers.check_sampler(sampler, **TASK_TABLE[task].needs)
+        samplers.check_options(sampler, sampler_overrides(fv))
 
 
 def run_sd_from_flags(fv, pipe, out_dir, config=None):
@@ -297,7 +302,8 @@ def run_sd_from_flags(fv, pipe, out_dir, config=None):
     overrides = sampler_overrides(fv)
     kwargs = dict(negative_prompts=fv.negative_prompt,
                   guidance_scale=guidance_scale(fv, config),
-                  sampler=fv.sampler or "ddim", num_steps=overrides.pop("num_steps", 50),
+                  sampler=pipelines.default_sampler(pipe, fv.sampler),
+                  num_steps=overrides.pop("num_steps", 50),
                   eta=overrides.pop("eta", None), option_overrides=overrides,
                   mesh=_data_mesh(), output="float")
     key = jax.random.key(fv.seed)

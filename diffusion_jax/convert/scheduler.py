@@ -22,6 +22,12 @@ module keeps what defines the process and the DDIM-style inference grid:
   `inference_timesteps` is the exact list ``DDIMScheduler.set_timesteps`` makes and
   `ddim_alphas` the ``(alpha_bar_t, alpha_bar_prev)`` pairs its ``step`` uses.
 
+The class the config names, with its sampling fields, picks the checkpoint's default sampler
+(`checkpoint_sampler`): Euler, Euler-ancestral and DPM-Solver++ multistep map onto the registry
+entries that reproduce them (``euler``, ``euler_ancestral``, ``dpmpp_2m`` / ``dpmpp_2m_sde``);
+DDIM, PNDM and DDPM configs run ``ddim`` on diffusers' DDIM timesteps; any other class, or a
+field value with no equivalent here, is an error naming it.
+
 Note: this project's own ``schedules.sigmoid`` is a different ramp; a diffusers ``sigmoid``
 config gets diffusers' betas here.
 """
@@ -68,6 +74,36 @@ SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDisc
                      "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
                      "DEISMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
                      "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
+
+
+# Classes whose sampler is ddim on diffusers' DDIM timesteps (DDIM exactly; PNDM and DDPM keep
+# this project's long-standing choice: their own loops, PLMS and ancestral DDPM over a few
+# steps, are not implemented here).
+DDIM_CLASSES = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler")
+# Mapped class -> (sampler, {sampling field: diffusers' default}) of the fields carried over.
+_GRID = {"timestep_spacing": "linspace", "steps_offset": 0}
+_SIGMAS = {"use_karras_sigmas": False, "final_sigmas_type": "zero"}
+MAPPED_CLASSES = {
+    "EulerDiscreteScheduler": ("euler", {**_GRID, **_SIGMAS}),
+    "EulerAncestralDiscreteScheduler": ("euler_ancestral", _GRID),
+    "DPMSolverMultistepScheduler": ("dpmpp_2m", {**_GRID, **_SIGMAS, "solver_order": 2,
+                                                 "lower_order_final": True}),
+}
+# Fields of a mapped class that are only supported at these values (the first is diffusers'
+# default); a field the class does not have is ignored, as diffusers ignores it.
+_PINNED = {
+    "EulerDiscreteScheduler": {
+        "interpolation_type": ("linear",), "timestep_type": ("discrete",),
+        "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+        "sigma_min": (None,), "sigma_max": (None,), "rescale_betas_zero_snr": (False,)},
+    "EulerAncestralDiscreteScheduler": {"rescale_betas_zero_snr": (False,)},
+    "DPMSolverMultistepScheduler": {
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2, 1),
+        "solver_type": ("midpoint",), "euler_at_final": (False,),
+        "lambda_min_clipped": (-math.inf,), "variance_type": (None,),
+        "use_lu_lambdas": (False,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "rescale_betas_zero_snr": (False,)},
+}
 
 
 class SchedulerSettings(NamedTuple):
@@ -244,6 +280,47 @@ def ddim_alphas(settings: SchedulerSettings, num_steps: int) -> tuple[np.ndarray
     ac = settings.alphas_cumprod
     alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], settings.final_alpha_cumprod)
     return ac[ts].astype(np.float32), alpha_prev.astype(np.float32)
+
+
+def checkpoint_sampler(config: dict[str, Any], source: str = "scheduler_config.json"
+                       ) -> tuple[str, dict[str, Any]]:
+    """The registry sampler and its options that reproduce the config's own scheduler.
+
+    Args:
+        config: the parsed ``scheduler_config.json``.
+        source: the file's path, for error messages.
+
+    Returns:
+        ``(sampler name, {SamplerOptions field: value})``: ``("ddim", {})`` for the classes of
+        :data:`DDIM_CLASSES`; for :data:`MAPPED_CLASSES` the grid fields (diffusers' class
+        defaults where the config has none) and ``clip_x0=None`` (these schedulers never clip).
+
+    Raises:
+        ValueError: naming ``source``, the field and the supported values, for a class with no
+            sampler here or a field value the sampler does not implement.
+    """
+    cls = config.get("_class_name", "DDIMScheduler")
+    if cls in DDIM_CLASSES:
+        return "ddim", {}
+    if cls not in MAPPED_CLASSES:
+        raise ValueError(f"{source}: _class_name={cls!r} has no equivalent sampler here; "
+                         f"supported: {list(DDIM_CLASSES) + list(MAPPED_CLASSES)} (or choose "
+                         "a sampler explicitly)")
+    for field, allowed in _PINNED[cls].items():
+        value = config.get(field, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"{source}: {cls} {field}={value!r} is not supported; supported: "
+                             f"{list(allowed)}")
+    name, defaults = MAPPED_CLASSES[cls]
+    fields = {field: config.get(field, default) for field, default in defaults.items()}
+    if fields.get("use_karras_sigmas") and cls == "DPMSolverMultistepScheduler" and \
+            config.get("beta_schedule") == "squaredcos_cap_v2":
+        raise ValueError(f"{source}: {cls} use_karras_sigmas=True with beta_schedule="
+                         "'squaredcos_cap_v2' (fractional timesteps) is not supported; "
+                         "supported: use_karras_sigmas=False")
+    if config.get("algorithm_type") == "sde-dpmsolver++":
+        name = "dpmpp_2m_sde"
+    return name, {**fields, "clip_x0": None}
 
 
 def project_overrides(settings: SchedulerSettings) -> dict[str, Any]:

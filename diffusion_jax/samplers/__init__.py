@@ -43,6 +43,10 @@ Layout
   (``pc``; predictors and correctors in tables), :mod:`.probability_flow`
   (``probability_flow``), :mod:`.langevin` (``langevin``); :mod:`.continuous` holds what the
   continuous-time ones share (noise grids, SDE settings, discrete-model adapters).
+* diffusers' schedulers, on their exact grids (:mod:`._sigma_steps`): :mod:`.euler`
+  (``euler``), :mod:`.euler_ancestral` (``euler_ancestral``), :mod:`.dpmpp_2m` (``dpmpp_2m``,
+  ``dpmpp_2m_sde``); a Stable Diffusion checkpoint's ``scheduler_config.json`` selects one
+  (:func:`diffusion_jax.convert.scheduler.checkpoint_sampler`).
 
 A registered function has the uniform signature
 
@@ -66,7 +70,7 @@ Adding a sampler
 ----------------
 One new file in this package (it is imported, registered and its settings composed into
 :class:`SamplerOptions` when the package loads), plus its test. For example
-``diffusion_jax/samplers/euler.py``, Euler steps of the probability-flow ODE in sigma (the
+``diffusion_jax/samplers/sigma_euler.py``, Euler steps of the probability-flow ODE in sigma (the
 file ``tests/test_sampler_registry.py`` adds to a copy of the package)::
 
     import dataclasses
@@ -85,8 +89,8 @@ file ``tests/test_sampler_registry.py`` adds to a copy of the package)::
         euler_scale: float = option(1.0, "slope scale.", check=check_non_negative, traced=True)
 
 
-    @register("euler", options=EulerOptions, supports_step_hook=False)   # NFE: num_steps
-    def euler(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
+    @register("sigma_euler", options=EulerOptions, supports_step_hook=False)  # NFE: num_steps
+    def sigma_euler(denoise, schedule, x_start, key, options, *, t_start=None, step_hook=None):
         settings = read(EulerOptions, options)
         denoiser, sigmas, x = denoiser_setup(denoise, schedule, x_start, options, settings,
                                              t_start, "karras")
@@ -100,7 +104,7 @@ file ``tests/test_sampler_registry.py`` adds to a copy of the package)::
         x, _ = chain.scan(body, x, (sigmas, nexts), levels=sigmas, level_name="sigma")
         return x
 
-``make_options(euler_scale=0.5)``, ``--sampler=euler --sampler_option=euler_scale=0.5``,
+``make_options(euler_scale=0.5)``, ``--sampler=sigma_euler --sampler_option=euler_scale=0.5``,
 :func:`num_evaluations` and ``config.sample.euler_scale`` (read when a config has it; a line in
 ``configs/default.py`` makes it a ``--config.sample`` flag) then work, and
 ``--sampler=ddim --sampler_option=euler_scale=0.5`` is refused (:func:`check_options`). A

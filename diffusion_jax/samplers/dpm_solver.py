@@ -91,7 +91,7 @@ def dpm_solver_pp_sample(denoiser, sigmas, x_init, key=None, *, order=2, dynamic
         x, m1, m2, h1, h2 = carry
         i, sigma, sigma_next, step_order = inputs
         m0 = denoiser(x, jnp.full((batch,), sigma, jnp.float32))
-        x_next, h = _update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order)
+        x_next, h = multistep_update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order)
         if step_hook is not None:
             x_next = step_hook(x_next, m0, sigma_next, jax.random.fold_in(key, i))
         return (x_next, m0, m1, h, h1), (x_next if return_trajectory else None)
@@ -116,8 +116,19 @@ def dpm_solver_pp(denoise, schedule, x_start, key, options, *, t_start=None, ste
                                 step_hook=vp_hook(step_hook, schedule))
 
 
-def _update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order):
-    """One multistep update of order ``step_order`` (traced); returns ``(x_next, h)``."""
+def multistep_update(x, m0, m1, m2, h1, h2, sigma, sigma_next, step_order):
+    """One DPM-Solver++ multistep update (module docstring) from ``sigma`` to ``sigma_next``.
+
+    Args:
+        x: ``[B, ...]`` state at ``sigma`` (VE scale).
+        m0, m1, m2: ``[B, ...]`` denoiser outputs of this step and the two before.
+        h1, h2: ``log``-sigma lengths of the two steps before.
+        sigma, sigma_next: scalars; ``sigma_next = 0`` returns ``m0``.
+        step_order: scalar 1, 2 or 3 (may be traced).
+
+    Returns:
+        ``(x_next [B, ...], h)``, ``h = log(sigma / sigma_next)`` (1 for the last step).
+    """
     final = sigma_next <= 0.0
     safe_next = jnp.where(final, sigma, sigma_next)
     h = jnp.log(sigma / safe_next)
