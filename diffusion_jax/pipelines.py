@@ -17,7 +17,9 @@ of the autoencoder. :class:`LatentCodec` is the latent wrapper: ``encode`` maps 
 scaled latents and ``decode`` back, so the samplers and the applications
 (:mod:`diffusion_jax.applications`: SDEdit, inpainting, DDIM inversion, DiffusionCLIP) run
 unchanged on the latents of :func:`img2img`, :func:`inpaint`, :func:`invert` and
-:func:`diffusionclip`.
+:func:`diffusionclip`: each compiled program runs the codec-level runner of the one task table
+(:data:`~diffusion_jax.applications.tasks.TASK_TABLE`), which a pixel model runs with the
+identity codec.
 
 A :class:`Pipeline` holds plain components: any ``unet(z, t, {"text": states})``, an
 autoencoder with ``encode(x).mode()`` / ``decode(z)`` / ``scaling_factor``, a text encoder
@@ -46,9 +48,8 @@ from flax import nnx
 
 from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
 from diffusion_jax.applications import diffusionclip as dclip
-from diffusion_jax.applications import inpaint as inpaint_app
-from diffusion_jax.applications import inversion, sdedit
-from diffusion_jax.conditioning import area_downsample, text_condition
+from diffusion_jax.applications import tasks
+from diffusion_jax.conditioning import text_condition
 from diffusion_jax.samplers import chain
 
 OUTPUTS = ("uint8", "float", "latents")
@@ -406,12 +407,6 @@ def diffusionclip(pipe: Pipeline, images, clip, source_text: str, target_text: s
         decode_fn=codec.decode, **kwargs)
 
 
-def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:
-    """``[B, H, W, 1]`` pixel hole (1 = regenerate) -> ``[B, H/f, W/f, 1]`` known latents:
-    1 where every pixel of the ``f x f`` block is known, 0 if any is in the hole."""
-    return (area_downsample(hole, factor) == 0.0).astype(jnp.float32)
-
-
 def latent_shape(pipe: Pipeline, batch, height=None, width=None) -> tuple[int, int, int, int]:
     """``(B, H / f, W / f, C_z)`` for images of ``height x width`` (default ``sample_size``).
 
@@ -441,7 +436,7 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C] in [-1, 1], got shape {images.shape}.")
     latent_shape(pipe, images.shape[0], images.shape[1], images.shape[2])
-    samplers.check_sampler(sampler, t_start=task == "img2img", step_hook=task == "inpaint")
+    samplers.check_sampler(sampler, **tasks.TASK_TABLE[task].needs)
     prompts = _prompts(prompts, images.shape[0], "prompts")
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta,
                               overrides=option_overrides)
@@ -529,47 +524,9 @@ def _program(graphdef, state, options, scale, ids, null_ids, arrays, key, *, sch
     denoise = denoisers.build_denoiser(unet, text_condition(text), guidance_scale=scale,
                                        null_text=null, pred_type=options.pred_type)
     with chain.recording() as records:
-        out = _TASKS[task](denoise, LatentCodec(vae), schedule, sampler, options, arrays, key,
-                           **dict(static))
+        out = tasks.TASK_TABLE[task].runner(denoise, LatentCodec(vae), schedule, sampler,
+                                            options, arrays, key, **dict(static))
     return out, chain.combine(records) if records else None
-
-
-def _sample_task(denoise, codec, schedule, sampler, options, arrays, key, *, decode):
-    z = samplers.run(sampler, denoise, schedule, arrays["x"], key, options)
-    return codec.decode(z) if decode else z
-
-
-def _img2img_task(denoise, codec, schedule, sampler, options, arrays, key, *, strength, decode):
-    z = sdedit.sdedit(denoise, schedule, codec.encode(arrays["x"]), key, t0=strength,
-                      sampler=sampler, options=options)
-    return codec.decode(z) if decode else z
-
-
-def _inpaint_task(denoise, codec, schedule, sampler, options, arrays, key, *, paste, decode):
-    images, hole = arrays["x"], arrays["mask"]                           # [B, H, W, 1]
-    z_known = codec.encode(images)
-    known = latent_known_mask(hole, images.shape[1] // z_known.shape[1])  # [B, h, w, 1]
-    z = inpaint_app.inpaint(denoise, schedule, z_known, known, key, sampler=sampler,
-                            options=options)
-    # A last step may land on alpha_bar_0 < 1 (diffusers' set_alpha_to_one=False), where the
-    # hook wrote slightly noised known latents: write the clean ones.
-    z = known * z_known + (1.0 - known) * z
-    if not decode:
-        return z
-    decoded = codec.decode(z)
-    return hole * decoded + (1.0 - hole) * images if paste else decoded
-
-
-def _invert_task(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters,
-                 decode):
-    del sampler, key, decode  # deterministic DDIM; the result is latents
-    return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
-                                 num_steps=options.num_steps, spacing=options.spacing,
-                                 fixed_point_iters=fixed_point_iters)
-
-
-_TASKS = {"sample": _sample_task, "img2img": _img2img_task, "inpaint": _inpaint_task,
-          "invert": _invert_task}
 
 
 def _finish(images, sampler, output, status=None):

@@ -163,27 +163,26 @@ def test_good_sampling_flags_pass_and_sr_flags_default_to_the_config():
 
 
 def test_task_table_is_the_one_list_of_tasks_and_their_flags():
-    """Every task and flag of run_sample.py come from cli.TASK_TABLE: the pixel tasks are the
-    library's (tasks.TASKS, with their sampler needs), and a task-specific flag passes the
-    common checks exactly for the tasks that read it."""
+    """Every task of run_sample.py comes from the library's one table (tasks.TASK_TABLE: the
+    models each runs on, its sampler needs), and a task-specific flag passes the common checks
+    exactly for the tasks that read it."""
     from diffusion_jax.applications import tasks
     from diffusion_jax.cli import sample as cli
-    pixel = {name for name, task in cli.TASK_TABLE.items() if task.pixel}
-    assert pixel == {"sample", *tasks.TASKS}
-    for name in tasks.SAMPLER_NEEDS:
-        assert cli.TASK_TABLE[name].needs == tasks.SAMPLER_NEEDS[name]
-    assert set(cli.TASKS) == set(cli.TASK_TABLE) and set(cli.SD_TASKS) < set(cli.TASKS)
+    assert set(cli.PIXEL_TASKS) == {"sample", *tasks.TASKS}
+    assert cli.SD_TASKS == ("sample", "inpaint", "diffusionclip", "img2img")
+    assert all(cli.TASK_TABLE[name] is tasks.TASK_TABLE[name] for name in cli.TASKS)
+    assert set(cli.TASKS) == set(cli.PIXEL_TASKS) | set(cli.SD_TASKS)
     values = {"mask_region": "top", "sr_method": "bicubic", "sampler": "ddim",
               "sampler_option": "eta=0", "resize_input": "true"}
     for flag in cli.TASK_FLAGS:
-        for name, task in cli.TASK_TABLE.items():
+        for name in cli.TASKS:
             fv = _flags(f"--task={name}", f"--{flag}={values.get(flag, '1')}")
             try:
                 cli._check_common(fv)  # pylint: disable=protected-access
                 accepted = True
             except ValueError as err:
                 accepted = f"--{flag} is not used by --task={name}" not in str(err)
-            assert accepted == task.reads(flag), (name, flag)
+            assert accepted == cli.reads(name, flag), (name, flag)
 
 
 def test_out_dir_is_checked_before_any_work_and_nothing_is_created(tmp_path):

@@ -19,6 +19,7 @@ from sd_fixtures import save_tiny_pipeline
 from training_fixtures import REPO, subprocess_env
 
 from diffusion_jax import pipelines, samplers, sharding
+from diffusion_jax.applications import tasks
 from diffusion_jax.convert import pipeline as convert_pipeline
 
 torch = pytest.importorskip("torch")
@@ -275,7 +276,7 @@ def _photo(batch=2, seed=3):
 def test_latent_hole_keeps_a_latent_only_when_all_its_pixels_are_known():
     hole = np.zeros((1, 8, 8, 1), np.float32)
     hole[0, 3, 4] = 1.0                              # one pixel in latent cell (1, 2) at f=2
-    known = np.asarray(pipelines.latent_known_mask(jnp.asarray(hole), 2))
+    known = np.asarray(tasks.latent_known_mask(jnp.asarray(hole), 2))
     expected = np.ones((1, 4, 4, 1), np.float32)
     expected[0, 1, 2] = 0.0
     np.testing.assert_array_equal(known, expected)

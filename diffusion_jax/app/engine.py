@@ -30,12 +30,11 @@ from diffusion_jax import (captions, checkpoint, conditioning, denoisers, genera
                            loading, metrics_clip, objectives, pipelines, samplers, sharding,
                            stage_pipeline)
 from diffusion_jax.app import progress
-from diffusion_jax.applications import diffusionclip
+from diffusion_jax.applications import diffusionclip, tasks
 
-TEXT, PIXEL = "text", "pixel"
-# Tabs (tasks) per kind of model.
-TEXT_TASKS = ("text_to_image", "img2img", "inpaint", "invert", "compare")
-PIXEL_TASKS = ("sample", "compare")
+TEXT, PIXEL = tasks.TEXT, tasks.PIXEL
+COMPARE = "compare"  # the sampler-comparison tab: every model has it
+_TAB_OF = {(TEXT, "sample"): "text_to_image"}  # a text model's sample tab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +116,13 @@ class Engine:
     # ----------------------------------------------------------------------- capabilities
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tabs this model supports: ``diffusionclip`` only with a CLIP stage."""
-        if self.kind != TEXT:
-            return PIXEL_TASKS
-        return TEXT_TASKS + (("diffusionclip",) if self.clip_workdir else ())
+        """The tabs this model supports, from the task table
+        (:data:`~diffusion_jax.applications.tasks.TASK_TABLE`), and ``compare``;
+        ``diffusionclip`` only with a CLIP stage."""
+        names = [_TAB_OF.get((self.kind, name), name)
+                 for name in tasks.tasks_for(self.kind, "app")
+                 if name != "diffusionclip" or self.clip_workdir]
+        return tuple(names) + (COMPARE,)
 
     @property
     def num_timesteps(self) -> int:

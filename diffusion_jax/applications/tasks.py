@@ -1,24 +1,148 @@
-"""One call per application on a loaded model: SDEdit, inpainting, ILVR, super-resolution,
-inversion, DiffusionCLIP. Used by ``run_sample.py --task=...`` (through
-:mod:`diffusion_jax.cli.sample`) and the figure script.
+"""The one table of tasks, pixel and latent, and one call per application on a pixel model.
 
-Arrays only: file reading and flags are the command-line layer's job (:mod:`diffusion_jax.cli`).
+:data:`TASK_TABLE` names every task of the command line (``run_sample.py --task``), the web
+app and the library: which kinds of model serve it (:data:`PIXEL`, a pixel-space model,
+unconditional or class-conditional; :data:`TEXT`, a text-conditioned latent pipeline), which of
+them the command line and the app offer it for, what it needs of its sampler, and the
+codec-level runner that both kinds share where there is one. A runner takes a codec: the latent
+pipelines (:mod:`diffusion_jax.pipelines`) give the autoencoder's, a pixel model
+:data:`IDENTITY` (encode = decode = identity, factor 1), so SDEdit on pixels and img2img on
+latents are one function.
+
+:func:`run_task` runs a task on a pixel model: SDEdit, inpainting, ILVR, super-resolution,
+inversion, DiffusionCLIP; used by ``run_sample.py --task=...`` (through
+:mod:`diffusion_jax.cli.sample`) and the figure script. Arrays only: file reading and flags are
+the command-line layer's job (:mod:`diffusion_jax.cli`).
 """
 import dataclasses
+from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import denoisers, samplers
 from diffusion_jax.applications import common, diffusionclip, ilvr, inpaint, inversion, sdedit
 from diffusion_jax.applications import super_resolution as sr
-from diffusion_jax.conditioning import class_condition
+from diffusion_jax.conditioning import area_downsample, class_condition
 
-TASKS = ("sdedit", "inpaint", "ilvr", "sr", "invert", "diffusionclip")
+PIXEL, TEXT = "pixel", "text"  # the kinds of model a task runs on
+MODEL_KINDS = (PIXEL, TEXT)
 MASK_REGIONS = ("left", "right", "top", "bottom", "center")
-# What each task needs of its sampler (checked before any tracing).
-SAMPLER_NEEDS = {"sdedit": dict(t_start=True), "inpaint": dict(step_hook=True),
-                 "ilvr": dict(step_hook=True), "sr": {}}
+
+
+class IdentityCodec(NamedTuple):
+    """The codec of a pixel model: ``encode = decode = identity``, factor 1 (a latent
+    pipeline's codec maps images ``[B, H, W, C]`` to latents ``[B, H/f, W/f, C_z]`` and back)."""
+
+    factor: int = 1
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        return images
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return latents
+
+
+IDENTITY = IdentityCodec()
+
+
+def edit_runner(denoise, codec, schedule, sampler, options, arrays, key, *, strength, decode,
+                edit_mask=None):
+    """SDEdit on ``codec.encode(arrays["x"])`` from ``t0 = strength``
+    (:func:`~diffusion_jax.applications.sdedit.sdedit`); decoded when ``decode``."""
+    z = sdedit.sdedit(denoise, schedule, codec.encode(arrays["x"]), key, t0=strength,
+                      edit_mask=edit_mask, sampler=sampler, options=options)
+    return codec.decode(z) if decode else z
+
+
+def sample_runner(denoise, codec, schedule, sampler, options, arrays, key, *, decode):
+    """The sampler's chain from ``arrays["x"]`` (``x_T``); decoded when ``decode``."""
+    z = samplers.run(sampler, denoise, schedule, arrays["x"], key, options)
+    return codec.decode(z) if decode else z
+
+
+def inpaint_runner(denoise, codec, schedule, sampler, options, arrays, key, *, paste, decode):
+    """Known-latent replacement: ``arrays["mask"] [B, H, W, 1]`` (1 = regenerate) becomes a
+    latent hole (:func:`latent_known_mask`), the known ``codec.encode(arrays["x"])`` are written
+    back after every step and once more at the end; ``paste`` copies the known pixels into the
+    decoded image."""
+    images, hole = arrays["x"], arrays["mask"]                           # [B, H, W, 1]
+    z_known = codec.encode(images)
+    known = latent_known_mask(hole, images.shape[1] // z_known.shape[1])  # [B, h, w, 1]
+    z = inpaint.inpaint(denoise, schedule, z_known, known, key, sampler=sampler, options=options)
+    # A last step may land on alpha_bar_0 < 1 (diffusers' set_alpha_to_one=False), where the
+    # hook wrote slightly noised known latents: write the clean ones.
+    z = known * z_known + (1.0 - known) * z
+    if not decode:
+        return z
+    decoded = codec.decode(z)
+    return hole * decoded + (1.0 - hole) * images if paste else decoded
+
+
+def invert_runner(denoise, codec, schedule, sampler, options, arrays, key, *, fixed_point_iters,
+                  decode):
+    """Deterministic DDIM inversion of ``codec.encode(arrays["x"])``: the latents ``z_T``."""
+    del sampler, key, decode  # deterministic DDIM; the result is latents
+    return inversion.ddim_invert(denoise, schedule, codec.encode(arrays["x"]),
+                                 num_steps=options.num_steps, spacing=options.spacing,
+                                 fixed_point_iters=fixed_point_iters)
+
+
+def latent_known_mask(hole: jax.Array, factor: int) -> jax.Array:
+    """``[B, H, W, 1]`` pixel hole (1 = regenerate) -> ``[B, H/f, W/f, 1]`` known latents:
+    1 where every pixel of the ``f x f`` block is known, 0 if any is in the hole."""
+    return (area_downsample(hole, factor) == 0.0).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task: the models that serve it and the front ends that offer it.
+
+    Attributes:
+        kinds: the kinds of model the library runs it on (:data:`MODEL_KINDS`).
+        cli: the kinds ``run_sample.py --task`` offers it for.
+        app: the kinds the web app has a tab of it for (``sample`` of a text model is the
+            app's ``text_to_image`` tab; ``diffusionclip`` also needs a CLIP image tower).
+        sampler: it runs a registered sampler (``--sampler`` / ``--eta`` / sampler options).
+        needs: what it needs of that sampler (:func:`~diffusion_jax.samplers.check_sampler`).
+        runner: the codec-level runner ``runner(denoise, codec, schedule, sampler, options,
+            arrays, key, **static)`` that a latent pipeline's compiled program runs with the
+            autoencoder's codec (and :func:`run_task` with :data:`IDENTITY`), or ``None``
+            (the task runs its own code).
+    """
+    kinds: tuple[str, ...]
+    cli: tuple[str, ...]
+    app: tuple[str, ...] = ()
+    sampler: bool = False
+    needs: dict = dataclasses.field(default_factory=dict)
+    runner: Callable | None = None
+
+
+TASK_TABLE = {
+    "sample": Task(kinds=(PIXEL, TEXT), cli=(PIXEL, TEXT), app=(PIXEL, TEXT), sampler=True,
+                   runner=sample_runner),
+    "sdedit": Task(kinds=(PIXEL,), cli=(PIXEL,), sampler=True, needs=dict(t_start=True),
+                   runner=edit_runner),
+    "inpaint": Task(kinds=(PIXEL, TEXT), cli=(PIXEL, TEXT), app=(TEXT,), sampler=True,
+                    needs=dict(step_hook=True), runner=inpaint_runner),
+    "ilvr": Task(kinds=(PIXEL,), cli=(PIXEL,), sampler=True, needs=dict(step_hook=True)),
+    "sr": Task(kinds=(PIXEL,), cli=(PIXEL,), sampler=True),
+    "invert": Task(kinds=(PIXEL, TEXT), cli=(PIXEL,), app=(TEXT,), runner=invert_runner),
+    "diffusionclip": Task(kinds=(PIXEL, TEXT), cli=(PIXEL, TEXT), app=(TEXT,)),
+    "img2img": Task(kinds=(TEXT,), cli=(TEXT,), app=(TEXT,), sampler=True,
+                    needs=dict(t_start=True), runner=edit_runner),
+}
+"""Every task, pixel and latent alike: the one list the command line, the app and the
+pipelines read (``sdedit`` is ``img2img``'s runner on a pixel model)."""
+TASKS = tuple(name for name, task in TASK_TABLE.items() if PIXEL in task.kinds and
+              name != "sample")
+"""The tasks :func:`run_task` runs (pixel sampling is :mod:`diffusion_jax.generate`'s)."""
+
+
+def tasks_for(kind, front_end="cli"):
+    """The names of the tasks ``front_end`` (``cli`` or ``app``) offers for a ``kind`` model."""
+    return tuple(name for name, task in TASK_TABLE.items() if kind in getattr(task, front_end))
 
 
 @dataclasses.dataclass
@@ -100,8 +224,8 @@ def run_task(task, model, sched, images, options, key, *, diffusion=None):
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {list(TASKS)}.")
-    if task in SAMPLER_NEEDS:
-        samplers.check_sampler(options.sampler, **SAMPLER_NEEDS[task])
+    if TASK_TABLE[task].sampler:
+        samplers.check_sampler(options.sampler, **TASK_TABLE[task].needs)
     images = jnp.asarray(images, jnp.float32)
     cond = class_condition(options.class_label, images.shape[0])
 
@@ -114,8 +238,9 @@ def run_task(task, model, sched, images, options, key, *, diffusion=None):
     results = {"input": images}
     if task == "sdedit":
         edit_mask = _mask(options, images.shape)
-        out = sdedit.sdedit(denoise, sched, images, key, t0=options.t0, edit_mask=edit_mask,
-                            **run_kw)
+        out = edit_runner(denoise, IDENTITY, sched, options.sampler, options.sampler_options,
+                          {"x": images}, key, strength=options.t0, decode=True,
+                          edit_mask=edit_mask)
         if edit_mask is not None:
             results["mask"] = jnp.broadcast_to(2.0 * edit_mask - 1.0, images.shape)
     elif task == "inpaint":

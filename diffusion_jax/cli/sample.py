@@ -51,59 +51,41 @@ from diffusion_jax.cli import flags as cli_flags
 from diffusion_jax.conditioning import UPSAMPLE_METHODS
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One ``--task``: which models run it and which flags it reads.
-
-    Attributes:
-        pixel: it runs on a pixel model (a training workdir or a converted ``UNet2DModel``).
-        latent: it runs on a latent pipeline (a Stable Diffusion directory or a text-to-image
-            workdir trained here).
-        flags: the task-specific flags it reads; any other task given one is an error.
-        sampler: it runs a registered sampler (reads ``--sampler`` / ``--eta`` /
-            ``--sampler_option``).
-        needs: what it needs of that sampler (:func:`~diffusion_jax.samplers.check_sampler`).
-    """
-    pixel: bool
-    latent: bool
-    flags: tuple[str, ...] = ()
-    sampler: bool = False
-    needs: dict = dataclasses.field(default_factory=dict)
-
-    def reads(self, flag: str) -> bool:
-        """Whether the task uses ``--flag``."""
-        return flag in self.flags or (self.sampler and flag in SAMPLER_FLAGS)
-
-
 SAMPLER_FLAGS = ("sampler", "eta", "sampler_option")
 _INPUT = ("input", "resize_input")
 _DIFFUSIONCLIP = ("t0", "source_text", "target_text", "clip_workdir", "finetune_steps", "clip_lr",
                   "id_weight", "clip_decode_steps")
-TASK_TABLE = {
-    "sample": Task(pixel=True, latent=True, sampler=True),
-    "sdedit": Task(pixel=True, latent=False, flags=_INPUT + ("mask", "mask_region", "t0"),
-                   sampler=True, needs=dict(t_start=True)),
-    "inpaint": Task(pixel=True, latent=True,
-                    flags=_INPUT + ("mask", "mask_region", "jump_length", "jump_n_sample"),
-                    sampler=True, needs=dict(step_hook=True)),
-    "ilvr": Task(pixel=True, latent=False, flags=_INPUT + ("ilvr_factor", "ilvr_t_min"),
-                 sampler=True, needs=dict(step_hook=True)),
-    "sr": Task(pixel=True, latent=False, flags=_INPUT + ("sr_factor", "sr_method", "sr_aug_t"),
-               sampler=True),
-    "invert": Task(pixel=True, latent=False, flags=_INPUT + ("source_label",)),
-    "diffusionclip": Task(pixel=True, latent=True, flags=_INPUT + _DIFFUSIONCLIP),
-    "img2img": Task(pixel=False, latent=True, flags=("input", "strength"), sampler=True,
-                    needs=dict(t_start=True)),
+# The task-specific flags each task reads (the tasks themselves, the models they run on and
+# their samplers come from the library's one table, tasks.TASK_TABLE); a task that runs a
+# sampler also reads SAMPLER_FLAGS. Any other task given one of them is an error.
+_TASK_ONLY_FLAGS = {
+    "sdedit": _INPUT + ("mask", "mask_region", "t0"),
+    "inpaint": _INPUT + ("mask", "mask_region", "jump_length", "jump_n_sample"),
+    "ilvr": _INPUT + ("ilvr_factor", "ilvr_t_min"),
+    "sr": _INPUT + ("sr_factor", "sr_method", "sr_aug_t"),
+    "invert": _INPUT + ("source_label",),
+    "diffusionclip": _INPUT + _DIFFUSIONCLIP,
+    "img2img": ("input", "strength"),
 }
-"""Every ``--task``, pixel and latent alike: the one list the others below are read from."""
+TASK_TABLE = {name: task for name, task in tasks.TASK_TABLE.items() if task.cli}
+"""The tasks ``--task`` offers, read from the library's one table
+(:data:`~diffusion_jax.applications.tasks.TASK_TABLE`)."""
 TASKS = tuple(TASK_TABLE)
-SD_TASKS = tuple(name for name, task in TASK_TABLE.items() if task.latent)
+PIXEL_TASKS = tasks.tasks_for(tasks.PIXEL)
+SD_TASKS = tasks.tasks_for(tasks.TEXT)
 # Flags only a Stable Diffusion checkpoint uses.
 SD_FLAGS = ("prompt", "negative_prompt", "height", "width", "strength", "dtype")
-# Flag -> the tasks that use it (from TASK_TABLE); any other task given one of them is an error.
-TASK_FLAGS = {flag: tuple(name for name, task in TASK_TABLE.items() if task.reads(flag))
-              for flag in dict.fromkeys(SAMPLER_FLAGS + sum((task.flags for task in
-                                                             TASK_TABLE.values()), ()))}
+
+
+def reads(task: str, flag: str) -> bool:
+    """Whether ``--task=task`` uses ``--flag``."""
+    return flag in _TASK_ONLY_FLAGS.get(task, ()) or (TASK_TABLE[task].sampler and
+                                                       flag in SAMPLER_FLAGS)
+
+
+# Flag -> the tasks that use it; any other task given one of them is an error.
+TASK_FLAGS = {flag: tuple(name for name in TASKS if reads(name, flag))
+              for flag in dict.fromkeys(SAMPLER_FLAGS + sum(_TASK_ONLY_FLAGS.values(), ()))}
 
 
 def define_flags(flag_values=None):
@@ -208,10 +190,9 @@ def check_flags(fv, config):
             raise ValueError(f"--{name} needs a text-to-image model (a Stable Diffusion "
                              "--checkpoint with model_index.json, or the --workdir of a "
                              f"latent_diffusion run); this is {kind}.")
-    if not TASK_TABLE[task].pixel:
-        pixel_tasks = [name for name, spec in TASK_TABLE.items() if spec.pixel]
+    if task not in PIXEL_TASKS:
         raise ValueError(f"--task={task} needs a Stable Diffusion --checkpoint (this model runs "
-                         f"{pixel_tasks}; --task=sdedit is img2img for it).")
+                         f"{list(PIXEL_TASKS)}; --task=sdedit is img2img for it).")
     _check_common(fv)
     if task == "diffusionclip":
         _check_diffusionclip(fv)
