@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import checkpoint, schedules, sharding
+from diffusion_jax.convert import common
 from diffusion_jax.models import build
 from diffusion_jax.schedules import DiscreteSchedule
 
@@ -48,8 +49,9 @@ def load(*, workdir: str | None = None, checkpoint_path: str | None = None,
 
     * ``workdir``: the config stored with the checkpoint; the params are the first EMA of
       step ``step`` (default: the latest), or the raw params when the run keeps no EMA.
-    * ``checkpoint_path``: a directory written by ``diffusion_jax.convert.unet2d`` (its
-      ``config.json``, or ``unet.json`` of older conversions);
+    * ``checkpoint_path``: a converted directory of an arch the model factory samples on its
+      own (`diffusion_jax.models.build.ARCHS`; today ``diffusion_jax.convert.unet2d``'s: its
+      ``config.json``, or ``unet.json`` of older conversions), loaded through that arch's entry;
       the diffusion and sampling settings come from ``config`` (required; e.g.
       ``configs/default.py``), its ``data`` image size, channels and classes from the model.
 
@@ -138,23 +140,27 @@ def _load_workdir(workdir, step, mesh, kinds):
 
 
 def _load_converted(path, config, mesh):
-    """``(graphdef, params, config)`` of a converted diffusers UNet2DModel, the params
-    replicated over ``mesh``; ``config``'s ``data`` size, channels and classes are set from
-    the model's record (``config.json``, or a legacy ``unet.json``)."""
-    from diffusion_jax.convert import unet2d  # pylint: disable=g-import-not-at-top
+    """``(graphdef, params, config)`` of a converted directory, the params replicated over
+    ``mesh``: its record (`diffusion_jax.convert.common.read_record`) names the arch, whose
+    entry in the model factory (`diffusion_jax.models.build.ARCHS`) builds the network and sets
+    the fields of ``config`` (``model.arch``, the data shape) the record implies."""
     try:
-        record = unet2d.read_record(path)
+        record = common.read_record(path)
     except FileNotFoundError:
         raise FileNotFoundError(_not_converted(path)) from None
-    graphdef, params = nnx.split(unet2d.load_converted(path))
+    name = record["arch"]
+    arch = build.get(name)
+    if arch.sampled_config is None:
+        sampled = [n for n, a in build.ARCHS.items() if a.sampled_config]
+        raise ValueError(f"{path!r} holds a converted {name!r} ({record['format']}), a "
+                         f"component of a pipeline; --checkpoint samples a converted {sampled} "
+                         "or a Stable Diffusion pipeline directory (model_index.json).")
+    model = common.restore(path, record, lambda kwargs: arch.from_kwargs(kwargs, nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
     params = jax.device_put(params, sharding.replicated(mesh))
-    kwargs = record["kwargs"]
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model.arch = "unet"
-    config.data.image_size = kwargs["image_size"]
-    config.data.num_channels = kwargs["in_channels"]
-    config.data.num_classes = kwargs["num_classes"]
-    config.model.class_conditional = kwargs["num_classes"] > 0
+    config.model.arch = name
+    arch.sampled_config(config, record["kwargs"])
     return graphdef, params, config
 
 

@@ -191,17 +191,65 @@ def load_component(directory: str | os.PathLike, fmt: str,
         FileNotFoundError: ``config.json`` or ``params`` is missing.
         ValueError: the record's format is not ``fmt``, or its ``kwargs`` do not build the model.
     """
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     record = read_json(os.path.join(directory, CONFIG_FILE), f"converted {fmt}")
     if record.get("format") != fmt:
         raise ValueError(f"{directory}/{CONFIG_FILE}: format {record.get('format')!r}, "
                          f"expected {fmt!r}")
+    return restore(directory, record, build), record
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The record of a converted directory, with its ``arch``: the one place that reads one.
+
+    ``config.json`` with a ``format`` (its ``arch`` is the table's arch of that format when
+    absent), or the legacy record file of an arch of `diffusion_jax.models.build` (``unet.json``
+    of UNets converted before the shared format).
+
+    Raises:
+        FileNotFoundError: neither is there (a ``config.json`` without ``format``, e.g. an
+            unconverted diffusers config, does not count).
+        ValueError: an unreadable record, an unknown format or arch, or an arch whose
+            format is not the record's.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    config_path = os.path.join(directory, CONFIG_FILE)
+    record = read_json(config_path, "converted component") if os.path.isfile(config_path) else {}
+    if "format" in record:
+        arch = record.get("arch") or build.arch_of_format(record["format"])
+        path = config_path
+    else:
+        legacy = [(name, os.path.join(directory, a.legacy_file))
+                  for name, a in build.ARCHS.items() if a.legacy_file]
+        found = [(name, p) for name, p in legacy if os.path.isfile(p)]
+        if not found:
+            names = [os.path.basename(p) for _, p in legacy]
+            raise FileNotFoundError(f"{directory} has no {CONFIG_FILE} with a diffusion_jax "
+                                    f"format (nor a legacy record {names})")
+        arch, path = found[0]
+        record = read_json(path, f"converted {arch}")
+    if build.get(arch).checkpoint_format != record.get("format"):
+        raise ValueError(f"{path}: arch {arch!r} is stored as format "
+                         f"{build.get(arch).checkpoint_format!r}, not {record.get('format')!r}")
+    return {**record, "arch": arch}
+
+
+def restore(directory: str | os.PathLike, record: dict[str, Any],
+            build: Callable[[dict[str, Any]], nnx.Module]) -> nnx.Module:
+    """The model ``build(record["kwargs"])`` (built abstractly) with the parameters of
+    ``directory/params``.
+
+    Raises:
+        FileNotFoundError: ``params`` is missing.
+        ValueError: the record's ``kwargs`` do not build the model.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
     params_path = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise FileNotFoundError(f"{params_path} not found")
-    kwargs = record.get("kwargs")
+    kwargs, fmt = record.get("kwargs"), record.get("format")
     try:
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs is {kwargs!r}, not an object")
@@ -212,7 +260,7 @@ def load_component(directory: str | os.PathLike, fmt: str,
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_path, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), record
+    return nnx.merge(graphdef, state)
 
 
 def tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:

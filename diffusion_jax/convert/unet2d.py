@@ -32,7 +32,7 @@ from diffusion_jax.convert import common
 from diffusion_jax.models import build
 from diffusion_jax.models.unet import UNet
 
-LEGACY_FILE = "unet.json"  # the record of UNets converted before the shared config.json format
+LEGACY_FILE = build.ARCHS["unet"].legacy_file  # the record before the shared config.json
 FORMAT = build.ARCHS["unet"].checkpoint_format
 
 # diffusers config fields that carry no information for inference with this model.
@@ -194,24 +194,24 @@ def convert(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_record(out: str | os.PathLike) -> dict[str, Any]:
-    """The record of a converted directory: ``config.json`` with our ``format``, or the
-    ``unet.json`` written before converted UNets shared the components' format.
+    """The record of a converted UNet directory (`common.read_record`: ``config.json`` with our
+    ``format``, or the ``unet.json`` written before converted UNets shared the components'
+    format).
 
     Raises:
-      FileNotFoundError: neither file is there (or ``config.json`` is a diffusers config,
-        without our ``format``: the directory is not converted).
+      FileNotFoundError: there is no record, or it is not a UNet's (e.g. ``config.json`` is a
+        diffusers config, without our ``format``: the directory is not converted).
     """
     out = os.path.abspath(os.fspath(out))
-    config_path = os.path.join(out, common.CONFIG_FILE)
-    legacy_path = os.path.join(out, LEGACY_FILE)
-    if os.path.isfile(config_path):
-        record = common.read_json(config_path, "converted UNet")
-        if record.get("format") == FORMAT:
-            return record
-    if os.path.isfile(legacy_path):
-        return common.read_json(legacy_path, "converted UNet")
-    raise FileNotFoundError(f"{out} has no {common.CONFIG_FILE} with format {FORMAT!r} (nor a "
-                            f"legacy {LEGACY_FILE}): is it a directory written by convert()?")
+    try:
+        record = common.read_record(out)
+    except FileNotFoundError:
+        record = {}
+    if record.get("arch") != "unet":
+        raise FileNotFoundError(f"{out} has no {common.CONFIG_FILE} with format {FORMAT!r} (nor "
+                                f"a legacy {LEGACY_FILE}): is it a directory written by "
+                                "convert()?")
+    return record
 
 
 def load_converted(out: str | os.PathLike, **overrides) -> UNet:
@@ -224,19 +224,10 @@ def load_converted(out: str | os.PathLike, **overrides) -> UNet:
     Raises:
       FileNotFoundError: if the record (`read_record`) or ``out/params`` is missing.
     """
-    import orbax.checkpoint as ocp
-
-    out = os.path.abspath(os.fspath(out))
-    kwargs = {**read_record(out)["kwargs"], **overrides}
-    params_path = os.path.join(out, common.PARAMS_DIR)
-    if not os.path.exists(params_path):
-        raise FileNotFoundError(f"{params_path} not found: is {out} a directory written by convert()?")
-    graphdef, state = nnx.split(_build_abstract(kwargs))
-    abstract = nnx.to_pure_dict(state)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(params_path, abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    record = read_record(out)
+    record = {**record, "kwargs": {**record["kwargs"], **overrides}}
+    return common.restore(out, record, lambda kwargs: build.ARCHS["unet"].from_kwargs(
+        kwargs, nnx.Rngs(0)))
 
 
 def _find_files(src: str) -> tuple[str, str]:

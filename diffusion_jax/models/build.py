@@ -2,13 +2,19 @@
 
 Each entry names the constructor ``(config, rngs) -> nnx.Module``, the config section holding
 its settings, the converter module under ``diffusion_jax.convert`` that turns diffusers /
-transformers weights into it (None: trained here only) and the ``format`` tag a converted
-directory's ``config.json`` carries::
+transformers weights into it (None: trained here only), the ``format`` tag a converted
+directory's ``config.json`` carries, and for a converted directory the constructor from its
+record's keyword arguments and, for a model sampled on its own (``run_sample.py
+--checkpoint``), the config settings the record implies::
 
     model = build.build_model(config, rngs=nnx.Rngs(0))     # config.model.arch picks the entry
 
-Adding an arch is one entry here (its constructor beside it) plus a test; objectives name the
-archs they train (`diffusion_jax.objectives`). Models know no schedule, loss, mesh or optimiser.
+A converted directory is read in one place (`diffusion_jax.convert.common.read_record`: its
+``config.json`` names ``format`` and ``arch``) and loaded through its entry
+(`diffusion_jax.loading`), so a new arch's converted checkpoints load by its entry alone.
+Adding an arch is one entry here (its constructor beside it, the network in its own module)
+plus a test; objectives name the archs they train (`diffusion_jax.objectives`). Models know no
+schedule, loss, mesh or optimiser.
 """
 
 from __future__ import annotations
@@ -31,11 +37,21 @@ class Arch(NamedTuple):
         section: the config section holding its settings.
         converter: module of ``diffusion_jax.convert`` converting foreign weights, or None.
         checkpoint_format: ``format`` of a converted directory's ``config.json``.
+        from_kwargs: ``(kwargs, rngs) -> nnx.Module``, the network of a converted directory's
+            record (its ``kwargs``), or None.
+        sampled_config: ``(config, kwargs) -> None`` setting the fields of ``config`` (e.g. the
+            data shape) that a converted record implies, for an arch ``run_sample.py
+            --checkpoint`` samples on its own; None for the components of a pipeline.
+        legacy_file: the record file of directories converted before the shared
+            ``config.json`` format (``unet.json``), or None.
     """
     build: Callable
     section: str
     converter: str | None
     checkpoint_format: str
+    from_kwargs: Callable | None = None
+    sampled_config: Callable | None = None
+    legacy_file: str | None = None
 
 
 # the config.model fields the pixel UNet reads: its keyword arguments and the condition flags
@@ -50,6 +66,21 @@ def _unet(config, rngs):
     return unet.unet_from_config(fields, image_size=config.data.image_size,
                                  in_channels=config.data.num_channels,
                                  num_classes=config.data.num_classes, rngs=rngs)
+
+
+def _unet_of_kwargs(kwargs, rngs):
+    """The `UNet` of a converted record's keyword arguments (JSON lists become tuples)."""
+    return unet.UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()},
+                     rngs=rngs)
+
+
+def _unet_sampled_config(config, kwargs):
+    """``config.data`` (size, channels, classes) and ``model.class_conditional`` of a converted
+    `UNet`'s keyword arguments."""
+    config.data.image_size = kwargs["image_size"]
+    config.data.num_channels = kwargs["in_channels"]
+    config.data.num_classes = kwargs["num_classes"]
+    config.model.class_conditional = kwargs["num_classes"] > 0
 
 
 def _cond_unet(config, rngs):
@@ -134,7 +165,8 @@ def _clip(config, rngs):
 
 
 ARCHS = {
-    "unet": Arch(_unet, "model", "unet2d", "diffusion_jax.unet/1"),
+    "unet": Arch(_unet, "model", "unet2d", "diffusion_jax.unet/1", from_kwargs=_unet_of_kwargs,
+                 sampled_config=_unet_sampled_config, legacy_file="unet.json"),
     "dit": Arch(_dit, "model", "dit", "diffusion_jax.dit/1"),
     "cond_unet": Arch(_cond_unet, "model", "unet_cond", "diffusion_jax.cond_unet/1"),
     "autoencoder_kl": Arch(_autoencoder, "autoencoder", "vae", "diffusion_jax.autoencoder_kl/1"),
