@@ -1,7 +1,9 @@
-"""The diffusers-style samplers (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde) against
+"""The diffusers-style samplers (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc) against
 diffusers' schedulers: the grids equal ``set_timesteps``' arrays, and whole chains with one
 analytic model equal diffusers' ``step`` loops (ancestral / SDE noise injected identically)."""
+import contextlib
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CLASSES = {"euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
            "dpmpp_2m": "DPMSolverMultistepScheduler",
-           "dpmpp_2m_sde": "DPMSolverMultistepScheduler"}
+           "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 GRID_CASES = [
     ("euler", dict(timestep_spacing="leading", steps_offset=1), 7),
     ("euler", dict(timestep_spacing="linspace"), 6),
@@ -36,6 +38,8 @@ GRID_CASES = [
     ("dpmpp_2m", dict(use_karras_sigmas=True, solver_order=1), 5),
     ("dpmpp_2m_sde", dict(timestep_spacing="leading", steps_offset=1,
                           algorithm_type="sde-dpmsolver++"), 6),
+    ("unipc", dict(timestep_spacing="leading", steps_offset=1), 7),
+    ("unipc", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), 6),
 ]
 
 
@@ -75,19 +79,30 @@ def _model(x, t):
     return scale * x + 0.1 * mod.tanh(x)
 
 
+@contextlib.contextmanager
+def _injected_noise(scheduler, noises):
+    """While open, the scheduler's module draws ``noises`` (numpy, in order) instead of
+    ``randn_tensor``'s: ours are ``normal(fold_in(key, i))``, so both chains see the same."""
+    module = sys.modules[type(scheduler).__module__]
+    if not hasattr(module, "randn_tensor"):  # a deterministic scheduler
+        yield
+        return
+    noise_iter = iter(noises)
+    original = module.randn_tensor
+    module.randn_tensor = lambda shape, **kwargs: torch.from_numpy(next(noise_iter).copy())
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+
+
 def _diffusers_chain(ref, x_init, steps, noises):
     ref.set_timesteps(steps)
-    noise_iter = iter(noises)
-    fake = lambda shape, **kwargs: torch.from_numpy(next(noise_iter))
-    module = __import__(type(ref).__module__, fromlist=["randn_tensor"])
-    original, module.randn_tensor = module.randn_tensor, fake
-    try:
+    with _injected_noise(ref, noises):
         x = torch.from_numpy(x_init) * ref.init_noise_sigma
         for t in ref.timesteps:
             out = _model(ref.scale_model_input(x, t), t)
             x = ref.step(out, t, x).prev_sample
-    finally:
-        module.randn_tensor = original
     return x.numpy()
 
 
@@ -105,6 +120,11 @@ CHAIN_CASES = [
                           algorithm_type="sde-dpmsolver++"), "epsilon", 6),
     ("dpmpp_2m_sde", dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
      "v_prediction", 5),
+    ("unipc", dict(timestep_spacing="leading", steps_offset=1), "epsilon", 8),
+    ("unipc", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                   lower_order_final=False), "v_prediction", 6),
+    ("unipc", dict(timestep_spacing="trailing", solver_order=1), "epsilon", 5),
+    ("unipc", dict(timestep_spacing="linspace"), "epsilon", 20),
 ]
 
 
@@ -142,6 +162,8 @@ SDXL_EULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012,
     (dict(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True, solver_order=1,
           algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde",
      dict(use_karras_sigmas=True, solver_order=1, lower_order_final=True)),
+    (dict(_class_name="UniPCMultistepScheduler", timestep_spacing="trailing"), "unipc",
+     dict(timestep_spacing="trailing", solver_order=2, lower_order_final=True)),
     (dict(_class_name="PNDMScheduler", skip_prk_steps=True), "ddim", {}),
     (dict(_class_name="DDPMScheduler"), "ddim", {}),
     (dict(), "ddim", {}),
@@ -169,6 +191,9 @@ def test_checkpoint_sampler_maps_class_and_fields(config, name, fields):
      "rescale_betas_zero_snr=True"),
     (dict(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True,
           beta_schedule="squaredcos_cap_v2"), "squaredcos_cap_v2"),
+    (dict(_class_name="UniPCMultistepScheduler", solver_type="bh1"),
+     "solver_type='bh1' is not supported; supported: ['bh2']"),
+    (dict(_class_name="UniPCMultistepScheduler", disable_corrector=[0]), "disable_corrector"),
 ])
 def test_unmappable_scheduler_is_a_named_error(config, message):
     with pytest.raises(ValueError) as err:
@@ -190,6 +215,8 @@ PIPE_CASES = [
                               "use_karras_sigmas": True}, marks=pytest.mark.slow),
     pytest.param("dpmpp_2m_sde", {**SDXL_EULER, "_class_name": "DPMSolverMultistepScheduler",
                                   "algorithm_type": "sde-dpmsolver++"}, marks=pytest.mark.slow),
+    pytest.param("unipc", {**SDXL_EULER, "_class_name": "UniPCMultistepScheduler"},
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -228,18 +255,11 @@ def test_checkpoint_scheduler_pipeline_matches_diffusers(tiny_sd, tmp_path, name
     latents = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
     chain_key = jax.random.fold_in(jax.random.key(0), 1)  # text_to_image's chain key
     noises = [np.asarray(jax.random.normal(jax.random.fold_in(chain_key, i), (2, 16, 16, 4)))
-              .transpose(0, 3, 1, 2).copy() for i in range(PIPE_STEPS)]
-    module = __import__(type(reference.scheduler).__module__, fromlist=["randn_tensor"])
-    noise_iter = iter(noises)
-    original = module.randn_tensor
-    module.randn_tensor = lambda shape, **kwargs: torch.from_numpy(next(noise_iter))
-    try:
-        with torch.no_grad():
-            expected = reference(prompt=prompts, latents=torch.from_numpy(latents),
-                                 height=PIPE_SIZE, width=PIPE_SIZE, output_type="np",
-                                 num_inference_steps=PIPE_STEPS, guidance_scale=7.5).images
-    finally:
-        module.randn_tensor = original
+              .transpose(0, 3, 1, 2) for i in range(PIPE_STEPS)]
+    with _injected_noise(reference.scheduler, noises), torch.no_grad():
+        expected = reference(prompt=prompts, latents=torch.from_numpy(latents),
+                             height=PIPE_SIZE, width=PIPE_SIZE, output_type="np",
+                             num_inference_steps=PIPE_STEPS, guidance_scale=7.5).images
     got = pipelines.text_to_image(ours, prompts, jax.random.key(0), num_steps=PIPE_STEPS,
                                   latents=latents.transpose(0, 2, 3, 1), output="float",
                                   guidance_scale=7.5)

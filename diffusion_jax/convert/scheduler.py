@@ -23,8 +23,9 @@ module keeps what defines the process and the DDIM-style inference grid:
   `ddim_alphas` the ``(alpha_bar_t, alpha_bar_prev)`` pairs its ``step`` uses.
 
 The class the config names, with its sampling fields, picks the checkpoint's default sampler
-(`checkpoint_sampler`): Euler, Euler-ancestral and DPM-Solver++ multistep map onto the registry
-entries that reproduce them (``euler``, ``euler_ancestral``, ``dpmpp_2m`` / ``dpmpp_2m_sde``);
+(`checkpoint_sampler`): Euler, Euler-ancestral, DPM-Solver++ multistep and UniPC map onto the
+registry entries that reproduce them (``euler``, ``euler_ancestral``, ``dpmpp_2m`` /
+``dpmpp_2m_sde``, ``unipc``);
 DDIM, PNDM and DDPM configs run ``ddim`` on diffusers' DDIM timesteps; any other class, or a
 field value with no equivalent here, is an error naming it.
 
@@ -88,6 +89,8 @@ MAPPED_CLASSES = {
     "EulerAncestralDiscreteScheduler": ("euler_ancestral", _GRID),
     "DPMSolverMultistepScheduler": ("dpmpp_2m", {**_GRID, **_SIGMAS, "solver_order": 2,
                                                  "lower_order_final": True}),
+    "UniPCMultistepScheduler": ("unipc", {**_GRID, **_SIGMAS, "solver_order": 2,
+                                          "lower_order_final": True}),
 }
 # Fields of a mapped class that are only supported at these values (the first is diffusers'
 # default); a field the class does not have is ignored, as diffusers ignores it.
@@ -103,6 +106,11 @@ _PINNED = {
         "lambda_min_clipped": (-math.inf,), "variance_type": (None,),
         "use_lu_lambdas": (False,), "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,), "rescale_betas_zero_snr": (False,)},
+    "UniPCMultistepScheduler": {
+        "solver_type": ("bh2",), "predict_x0": (True,), "solver_order": (2, 1),
+        "disable_corrector": ([],), "solver_p": (None,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
+        "rescale_betas_zero_snr": (False,)},
 }
 
 

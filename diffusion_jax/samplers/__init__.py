@@ -45,7 +45,7 @@ Layout
   continuous-time ones share (noise grids, SDE settings, discrete-model adapters).
 * diffusers' schedulers, on their exact grids (:mod:`._sigma_steps`): :mod:`.euler`
   (``euler``), :mod:`.euler_ancestral` (``euler_ancestral``), :mod:`.dpmpp_2m` (``dpmpp_2m``,
-  ``dpmpp_2m_sde``); a Stable Diffusion checkpoint's ``scheduler_config.json`` selects one
+  ``dpmpp_2m_sde``), :mod:`.unipc` (``unipc``); a Stable Diffusion checkpoint's ``scheduler_config.json`` selects one
   (:func:`diffusion_jax.convert.scheduler.checkpoint_sampler`).
 
 A registered function has the uniform signature

@@ -1,5 +1,5 @@
 """What the diffusers-style samplers share (:mod:`.euler`, :mod:`.euler_ancestral`,
-:mod:`.dpmpp_2m`): their timestep / noise-level grid, its options, and the model as a
+:mod:`.dpmpp_2m`, :mod:`.unipc`): their timestep / noise-level grid, its options, and the model as a
 denoiser of VE noise level called at the grid's own timesteps.
 
 The grid is exactly the one diffusers' ``set_timesteps`` builds (so a checkpoint's
@@ -52,7 +52,7 @@ def _check_offset(field, value):
 @dataclasses.dataclass(frozen=True)
 class StepGridOptions(StepsOptions):
     """The grid of the diffusers-style samplers (euler, euler_ancestral, dpmpp_2m,
-    dpmpp_2m_sde); defaults are diffusers' class defaults."""
+    dpmpp_2m_sde, unipc); defaults are diffusers' class defaults."""
     timestep_spacing: str = option(
         "linspace", "diffusers' ``timestep_spacing``: ``linspace``, ``leading`` or ``trailing``.",
         check=one_of(TIMESTEP_SPACINGS), config=None)

@@ -36,11 +36,12 @@ from diffusion_jax.samplers.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class MultistepOptions(StepGridOptions):
-    """Settings of ``dpmpp_2m`` / ``dpmpp_2m_sde`` (diffusers' defaults)."""
-    solver_order: int = option(2, "multistep order of dpmpp_2m / dpmpp_2m_sde, 1 or 2.",
+    """Settings of ``dpmpp_2m`` / ``dpmpp_2m_sde`` / ``unipc`` (diffusers' defaults)."""
+    solver_order: int = option(2, "multistep order of dpmpp_2m / dpmpp_2m_sde / unipc, 1 or 2.",
                                check=one_of((1, 2)), convert=int, config=None)
     lower_order_final: bool = option(
-        True, "first-order last step when there are fewer than 15 steps (diffusers' rule).",
+        True, "lower orders at the end, diffusers' rule: dpmpp a first-order last step when "
+        "there are fewer than 15 steps, unipc orders capped by the steps left.",
         convert=bool, config=None)
 
 
