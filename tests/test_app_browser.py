@@ -2,11 +2,13 @@
 
 The server runs in this process (on a free 127.0.0.1 port) with the tiny random pipeline and
 CLIP of app_fixtures.py, so the test can compare the page's PNGs with the library, count the
-compiled programs. Nothing waits a fixed time: each step polls for a positive signal (an
-image in the gallery, an upload shown, ...) with a generous timeout for a loaded host, and
-fails at once, with its text, when the page shows an error instead. Screenshots of the tabs go to a temporary folder, or to
-``$APP_SCREENSHOTS`` (``APP_SCREENSHOTS=docs/figures`` refreshes the README's figures).
+compiled programs and see what a handler received. Nothing waits a fixed time: each step
+polls for a positive signal (an image in the gallery, an upload shown, the editor's layers
+holding a stroke, ...) with a generous timeout for a loaded host, and fails at once, with its
+text, when the page shows an error instead. Screenshots of the tabs go to a temporary folder,
+or to ``$APP_SCREENSHOTS`` (``APP_SCREENSHOTS=docs/figures`` refreshes the README's figures).
 """
+import base64
 import io
 import json
 import os
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 from app_fixtures import SIZE, gradient, tiny_pixel_engine, tiny_text_engine
 from PIL import Image
+from scipy import ndimage
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -26,7 +29,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 from diffusion_jax import image_io, pipelines  # noqa: E402
 from diffusion_jax.app import __main__ as app_main  # noqa: E402
 from diffusion_jax.app import engine as engine_lib  # noqa: E402
-from diffusion_jax.app import ui  # noqa: E402
+from diffusion_jax.app import handlers, ui  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +40,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 TIMEOUT_MS = 300_000  # generous: CI runs these beside another pytest worker on 2 cores
 STEPS = 4
 ERRORS = "[data-testid=toast-body].error"  # Gradio's error messages (gr.Error)
+EDITOR = "#inpaint_editor"
+# What the inpainting editor will send: Gradio's ImageEditor reads its canvas layers with
+# get_blobs() when Generate is pressed; the same call, on the editor it exposes as
+# window.editor, returns them now, as PNG data URLs.
+EDITOR_BLOBS = """async () => {
+  const editor = window.editor;
+  if (!editor || !document.querySelector('%s').contains(editor.app.canvas)) return null;
+  const url = blob => blob && new Promise(done => {
+    const reader = new FileReader();
+    reader.onload = () => done(reader.result);
+    reader.readAsDataURL(blob);
+  });
+  const blobs = await editor.get_blobs();
+  return {background: await url(blobs.background),
+          layers: await Promise.all(blobs.layers.filter(Boolean).map(url))};
+}""" % EDITOR
 
 
 def _free_port():
@@ -206,6 +225,120 @@ def test_two_sessions_generating_at_once_both_get_their_images(server, browser):
         _, png = _shown(page, "text_to_image")
         assert f'"prompt": "a cat number {i}"' in png.text["parameters"]
         page.close()
+
+
+def _decode(data_url):
+    """The image of a PNG data URL, ``[H, W, C]`` uint8."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def _editor_blobs(page):
+    """What the inpainting editor would send if Generate were pressed now:
+    ``(background [H, W, 3] uint8, mask [H, W] bool)``, or ``None`` while it has no image."""
+    blobs = page.evaluate(EDITOR_BLOBS)
+    if blobs is None:
+        pytest.fail("Gradio's ImageEditor no longer exposes the inpainting editor as "
+                    "window.editor: this test cannot read back what it will send")
+    if not blobs["background"]:
+        return None
+    background = _decode(blobs["background"])[..., :3]
+    layers = [_decode(url) for url in blobs["layers"]]
+    return background, handlers.mask_from_layers(layers, background.shape[:2])
+
+
+def _holding_stroke(page, column):
+    """:func:`_editor_blobs` once the editor's mask covers most of ``column``, else ``None``."""
+    blobs = _editor_blobs(page)
+    return blobs if blobs and blobs[1][:, column].mean() > 0.8 else None
+
+
+def _image_on_screen(page, size):
+    """Where the editor's canvas shows the uploaded ``gradient(size)``: ``(x, y, scale)``,
+    the page coordinates of its top-left corner and screen pixels per image pixel, or
+    ``None`` while the canvas does not show it whole (a filled square of its colours: red
+    and green >= 100, blue < 64, the largest such region, so toolbar icons do not count)."""
+    canvas = page.locator(f"{EDITOR} canvas").first
+    box = canvas.bounding_box()
+    pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), int)
+    regions, count = ndimage.label((pixels[..., :2] >= 100).all(-1) & (pixels[..., 2] < 64))
+    if not count:
+        return None
+    largest = 1 + np.argmax(ndimage.sum_labels(regions > 0, regions, range(1, count + 1)))
+    rows, cols = ndimage.find_objects(regions)[largest - 1]
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    filled = (regions[rows, cols] == largest).mean()
+    if min(height, width) < size or abs(height - width) > 2 or filled < 0.99:
+        return None
+    return box["x"] + cols.start, box["y"] + rows.start, height / size
+
+
+def _settled(poll):
+    """A poll for :func:`_wait_until` that is truthy once ``poll()`` gave the same truthy
+    value twice in a row (e.g. an image that has stopped moving on screen)."""
+    last = [None]
+
+    def settled():
+        value, last[0] = last[0], poll()
+        return value if value and value == last[0] else None
+
+    return settled
+
+
+def test_inpainting_a_drawn_mask_changes_only_the_painted_region(server, browser, shots,
+                                                                 tmp_path, monkeypatch):
+    """A brush stroke drawn with the mouse down the right part of the uploaded image: the
+    handler receives the image and a mask under the stroke, and the page's PNG keeps every
+    other pixel (known pixels are pasted back: the VAE's error there is zero, as in
+    test_app.py) while regenerating the painted ones.
+
+    Each step waits for the editor's own state: its tools appear once its canvas is set up
+    (an upload before that is dropped), the brush is selected once the upload is on the
+    canvas, the stroke is drawn where the screenshot shows the image once it stands still,
+    and Generate is pressed once the editor's layers (what it will send) hold the stroke.
+    """
+    url, _ = server
+    received, inpaint = [], handlers.inpaint
+
+    def spy(engine, out_dir, editor, *args, **kwargs):  # the editor value the page sent
+        received.append(editor)
+        return inpaint(engine, out_dir, editor, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, "inpaint", spy)
+    source = gradient(SIZE)
+    Image.fromarray(source).save(tmp_path / "input.png")
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator(f"{EDITOR} button[aria-label=Brush]").wait_for(timeout=TIMEOUT_MS)
+    page.locator(f"{EDITOR} input[type=file]").first.set_input_files(str(tmp_path / "input.png"))
+    page.locator(f"{EDITOR} button[aria-label=Brush].highlight").wait_for(timeout=TIMEOUT_MS)
+    background, mask = _wait_until(lambda: _editor_blobs(page), "the upload in the editor")
+    np.testing.assert_array_equal(background, source)
+    assert not mask.any()
+    left, top, scale = _wait_until(_settled(lambda: _image_on_screen(page, SIZE)),
+                                   "the uploaded image standing still in the editor's canvas")
+    column = SIZE - 6  # a vertical stroke down the right part (the brush is 16 px wide)
+    x = left + (column + 0.5) * scale
+    page.mouse.move(x, top + 2.5 * scale)
+    page.mouse.down()
+    for row in range(3, SIZE - 2):
+        page.mouse.move(x, top + (row + 0.5) * scale)
+    page.mouse.up()
+    _, drawn = _wait_until(lambda: _holding_stroke(page, column),
+                           "the stroke in the editor's layers")
+    page.locator("#inpaint_prompt textarea").fill("a cat")
+    page.locator("#inpaint_steps input").fill(str(STEPS))
+    _, png = _generate(page, "inpaint")
+    page.screenshot(path=os.path.join(shots, "app_inpaint.png"), full_page=True)
+    page.close()
+    (editor,) = received
+    np.testing.assert_array_equal(np.asarray(editor["background"])[..., :3], source)
+    mask = handlers.mask_from_layers(editor["layers"], (SIZE, SIZE))               # [S, S]
+    np.testing.assert_array_equal(mask, drawn)  # what the editor held is what was sent
+    assert mask[3:SIZE - 3, column].all() and not mask[:, :SIZE // 2].any(), \
+        "the mask the page sent is not under the stroke"
+    out = np.asarray(png, int)
+    np.testing.assert_array_equal(out[~mask], source[~mask])
+    assert (np.abs(out - source).max(-1) > 0)[mask].mean() > 0.5
 
 
 def test_diffusionclip_tab_equals_the_library_and_shows_its_scores(server, browser, shots,
