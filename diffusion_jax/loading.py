@@ -152,9 +152,10 @@ def _load_converted(path, config, mesh):
     arch = build.get(name)
     if arch.sampled_config is None:
         sampled = [n for n, a in build.ARCHS.items() if a.sampled_config]
-        raise ValueError(f"{path!r} holds a converted {name!r} ({record['format']}), a "
-                         f"component of a pipeline; --checkpoint samples a converted {sampled} "
-                         "or a Stable Diffusion pipeline directory (model_index.json).")
+        raise ValueError(f"{path!r} holds a converted {name!r} ({record['format']}), which "
+                         f"its model-factory entry does not sample on its own; --checkpoint "
+                         f"samples a converted {sampled} or a Stable Diffusion pipeline "
+                         "directory (model_index.json).")
     model = common.restore(path, record, lambda kwargs: arch.from_kwargs(kwargs, nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
     params = jax.device_put(params, sharding.replicated(mesh))

@@ -41,7 +41,8 @@ class Arch(NamedTuple):
             record (its ``kwargs``), or None.
         sampled_config: ``(config, kwargs) -> None`` setting the fields of ``config`` (e.g. the
             data shape) that a converted record implies, for an arch ``run_sample.py
-            --checkpoint`` samples on its own; None for the components of a pipeline.
+            --checkpoint`` samples on its own; None for pipeline components and
+            archs not (yet) sampled from a converted directory (e.g. ``dit``).
         legacy_file: the record file of directories converted before the shared
             ``config.json`` format (``unet.json``), or None.
     """
