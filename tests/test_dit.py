@@ -15,7 +15,7 @@ from flax import nnx
 from training_fixtures import REPO, subprocess_env
 
 from configs import tiny
-from diffusion_jax import checkpoint, objectives
+from diffusion_jax import checkpoint, loading, objectives, sharding
 from diffusion_jax.cli import convert as cli_convert
 from diffusion_jax.convert import common
 from diffusion_jax.convert import dit as convert_dit
@@ -126,6 +126,18 @@ def _apply(model, *args):
     """``model(*args)`` compiled (eager NNX dispatch is slow on a loaded host)."""
     graphdef, state = nnx.split(model)
     return jax.jit(lambda s, a: nnx.merge(graphdef, s)(*a))(state, args)
+
+
+def test_fsdp_shards_every_dit_matrix():
+    """On a data x fsdp mesh the rules table splits every kernel (all but the label tables)
+    over "fsdp", as it does the UNet's."""
+    config = objectives.with_arch(_dit_config(class_conditional=True))
+    config.mesh.data, config.mesh.fsdp = 4, 2
+    _, params = loading.abstract_params(config, sharding.make_mesh(config.mesh))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]:
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim >= 2 and "embedding_table" not in name:
+            assert "fsdp" in tuple(leaf.sharding.spec), (name, leaf.sharding.spec)
 
 
 def _perturbed(**kwargs):
