@@ -299,3 +299,16 @@ def test_explicit_sampler_overrides_an_unmappable_checkpoint_scheduler(tiny_sd, 
     assert pipelines.default_sampler(pipe, "ddim") == "ddim"
     options = pipelines.sampler_options(pipe, sampler="euler", num_steps=3)
     assert (options.timestep_spacing, options.num_steps) == ("linspace", 3)
+
+
+def test_traced_schedule_and_offset_past_the_end_are_named_errors():
+    sched = schedules.make_schedule(schedules.linear_beta_schedule(100))
+    x = jnp.ones((2, 3))
+    run = lambda s, options: samplers.run("euler", lambda x, t: x, s, x, jax.random.key(0),
+                                          options)
+    with pytest.raises(ValueError, match="need a concrete schedule"):
+        jax.jit(run, static_argnums=1)(sched, samplers.make_options(num_steps=3))
+    options = samplers.make_options(num_steps=4, timestep_spacing="leading", steps_offset=80)
+    with pytest.raises(ValueError, match="steps_offset=80 gives timestep 155, past the "
+                                         "schedule's last step 99"):
+        run(sched, options)

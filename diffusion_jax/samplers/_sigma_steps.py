@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import to_x0_and_eps
-from diffusion_jax.samplers._checks import call_denoiser, check_t_start, one_of
+from diffusion_jax.samplers._checks import call_denoiser, one_of
 from diffusion_jax.samplers.options import StepsOptions, option
 from diffusion_jax.sde.adapters import clip_bounds
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS = ("zero", "sigma_min")
-FAMILIES = ("euler", "multistep")
 
 
 def _check_offset(field, value):
@@ -143,10 +142,9 @@ def grid_setup(denoise, schedule, options, settings, family):
     try:
         with jax.ensure_compile_time_eval():
             ac = np.asarray(schedule.alphas_cumprod, np.float32)
-    except jax.errors.ConcretizationTypeError as err:
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as err:
         raise ValueError("the diffusers-style samplers need a concrete schedule (close over it "
                          "instead of passing it traced).") from err
-    check_t_start(None, ac.shape[0])
     ts, sigmas = step_grid(ac, settings, family)
     whole = bool(np.all(ts == np.round(ts)))
     ts = jnp.asarray(ts, jnp.int32 if whole else jnp.float32)
