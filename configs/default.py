@@ -72,9 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.loss_weighting = "uniform"  # uniform | snr | min_snr
     diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting
     # Objective: "discrete" (DDPM, the fields above) | "vp" | "subvp" | "ve" (continuous-time
-    # DSM of that SDE) | "edm" (EDM preconditioning); continuous kinds need
-    # model.time_input = "continuous"; see diffusion_jax/sde/parameterization.py
-    diffusion.kind = "discrete"  # discrete | vp | subvp | ve | edm
+    # DSM of that SDE) | "edm" (EDM preconditioning) | "flow" (rectified flow, v = eps - x0);
+    # continuous kinds need model.time_input = "continuous"; see
+    # diffusion_jax/sde/parameterization.py and diffusion_jax/sde/flow.py
+    diffusion.kind = "discrete"  # discrete | vp | subvp | ve | edm | flow
     diffusion.sde_beta_min = 0.1  # VP / sub-VP beta(0)
     diffusion.sde_beta_max = 20.0  # VP / sub-VP beta(1)
     diffusion.sde_sigma_min = 0.01  # VE sigma(0)
@@ -84,6 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.edm_sigma_data = 0.5  # EDM sigma_data
     diffusion.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
     diffusion.edm_p_std = 1.2  # EDM log-normal std
+    diffusion.flow_time_sampling = "logit_normal"  # flow: uniform | logit_normal | mode | cosmap
+    diffusion.flow_logit_mean = 0.0  # flow logit_normal: t = sigmoid(n), n ~ N(mean, std^2)
+    diffusion.flow_logit_std = 1.0  # flow logit_normal std (> 0)
+    diffusion.flow_mode_scale = 1.29  # flow mode sampling scale s in [-1, 2/(pi-2)] (SD3: 1.29)
+    diffusion.flow_shift = 1.0  # flow training-time shift s t / (1 + (s-1) t); 1 = none
+    diffusion.flow_weighting = "none"  # flow loss weight: none | sigma_sqrt | cosmap
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.name = "adam"  # "adam" | "adamw"
@@ -151,6 +158,14 @@ def get_config() -> ml_collections.ConfigDict:
     sample.rtol = _sampler_default("rtol")  # adaptive ODE (tsit5 / dopri5) relative tolerance
     sample.atol = _sampler_default("atol")  # adaptive ODE absolute tolerance
     sample.max_steps = _sampler_default("max_steps")  # adaptive ODE step cap
+    # flow_euler / flow_heun / flow_dpm_solver grid (diffusers' FlowMatch* scheduler config)
+    sample.shift = _sampler_default("shift")  # flow samplers' static time shift (SD3: 3)
+    sample.use_dynamic_shifting = _sampler_default("use_dynamic_shifting")  # Flux's shift
+    sample.base_shift = _sampler_default("base_shift")  # dynamic shift mu at base_image_seq_len
+    sample.max_shift = _sampler_default("max_shift")  # dynamic shift mu at max_image_seq_len
+    sample.base_image_seq_len = _sampler_default("base_image_seq_len")  # tokens of base_shift
+    sample.max_image_seq_len = _sampler_default("max_image_seq_len")  # tokens of max_shift
+    sample.image_seq_len = _sampler_default("image_seq_len")  # None = (H // 2) * (W // 2)
 
     config.sr = sr = ml_collections.ConfigDict()  # super-resolution (model.cond_image_channels > 0)
     sr.factor = 2  # high-res size / low-res size; the low-res input is the area average

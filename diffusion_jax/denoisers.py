@@ -41,11 +41,11 @@ from diffusion_jax.conditioning import check_condition, guided_kinds, null_args,
 from diffusion_jax.diffusion import PRED_TYPES
 from diffusion_jax.sde import parameterization
 
-TIMES = ("discrete", "continuous", "sigma")  # how a network reads its time input
+TIMES = ("discrete", "continuous", "sigma", "flow")  # how a network reads its time input
 LEGACY_TEXT_GUIDANCE = 7.5  # the text-to-image default of configs without sample.guidance_scale
 # The network's time input per diffusion.kind (sde.parameterization.KINDS).
 _TIME_OF_KIND = {"discrete": "discrete", "vp": "continuous", "subvp": "continuous",
-                 "ve": "continuous", "edm": "sigma"}
+                 "ve": "continuous", "edm": "sigma", "flow": "flow"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +61,17 @@ class Denoiser:
             declared (a bare model), then the sampler options' ``pred_type`` applies and
             functions without options read it as ``eps`` (:func:`pred_type_of`).
         time: how the network under ``fn`` reads time (one of :data:`TIMES`): ``discrete``
-            (integer steps), ``continuous`` (``999 tau``, SDE time ``tau`` in [0, 1]) or
-            ``sigma`` (EDM's ``1000 c_noise(sigma)``); ``fn`` converts ``t`` to it.
+            (integer steps), ``continuous`` (``999 tau``, SDE time ``tau`` in [0, 1]),
+            ``sigma`` (EDM's ``1000 c_noise(sigma)``) or ``flow`` (``1000 t``, flow time
+            ``t`` in [0, 1]); ``fn`` converts ``t`` to it.
+        velocity: a flow-matching model's velocity ``v(x_t [B, ...], t float [B])`` at
+            continuous flow time (``x_t = (1 - t) x_0 + t eps``), which the flow samplers
+            integrate; ``None`` for every other model.
     """
     fn: Callable
     pred_type: str | None = None
     time: str = "discrete"
+    velocity: Callable | None = None
 
     def __post_init__(self):
         if self.pred_type is not None and self.pred_type not in PRED_TYPES:
@@ -79,8 +84,11 @@ class Denoiser:
         return self.fn(x, t)
 
     def wrap(self, fn: Callable) -> Denoiser:
-        """A denoiser of the same parameterisation computing ``fn`` (e.g. a guided version)."""
-        return dataclasses.replace(self, fn=fn)
+        """A denoiser of the same parameterisation computing ``fn`` (e.g. a guided version).
+
+        The ``velocity`` is dropped: it would not compute ``fn``, so the flow samplers refuse
+        the wrapped denoiser instead of silently ignoring the wrapping."""
+        return dataclasses.replace(self, fn=fn, velocity=None)
 
 
 def as_denoiser(denoise) -> Denoiser:
@@ -101,7 +109,8 @@ def parameterize(fn, *, pred_type=None, diffusion=None, schedule=None) -> Denois
     With ``diffusion`` (``config.diffusion``) its ``pred_type`` and ``kind`` decide: a
     discrete model predicts ``diffusion.pred_type``; a continuous-time one (``kind`` vp,
     subvp, ve, edm) is put on the discrete steps of ``schedule`` by
-    :func:`~diffusion_jax.sde.parameterization.discrete_view` and predicts ``x0``.
+    :func:`~diffusion_jax.sde.parameterization.discrete_view` and predicts ``x0``; a flow
+    model (``kind="flow"``) also carries its ``velocity`` for the flow samplers.
 
     Args:
         fn: ``fn(x [B, ...], time [B]) -> [B, ...]``, the network with its condition closed over.
@@ -125,8 +134,9 @@ def parameterize(fn, *, pred_type=None, diffusion=None, schedule=None) -> Denois
     if schedule is None:
         raise ValueError(f"A diffusion.kind={kind!r} model needs the schedule it is sampled on "
                          "(build_denoiser(..., schedule=)).")
+    velocity = parameterization.velocity_of_net(fn) if kind == "flow" else None
     return Denoiser(parameterization.discrete_view(fn, diffusion, schedule), "x0",
-                    _TIME_OF_KIND[kind])
+                    _TIME_OF_KIND[kind], velocity)
 
 
 def check_guidance_scale(scale, name="guidance_scale"):

@@ -37,6 +37,8 @@ def model_score(net, config, schedule):
         sde = parameterization.sde_of(diff)
         return sde, parameterization.score_of_eps_net(net, sde)
     sde = sde_for_schedule(schedule, "vp")
+    if kind == "flow":
+        return sde, parameterization.score_of_velocity(parameterization.velocity_of_net(net), sde)
     pred_type = "x0" if kind == "edm" else diff.pred_type
     return sde, ddpm_score(parameterization.discrete_view(net, diff, schedule), schedule, sde,
                            pred_type)

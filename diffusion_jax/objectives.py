@@ -224,7 +224,7 @@ def _diffusion_loss_fn(graphdef, schedule, config):
     """``loss_fn(params, batch, key) -> (loss, (per_example [b], t [b]))``: the denoising loss
     of ``config.diffusion.kind`` on ``batch["image"]`` (`_denoising_loss`), with the training
     condition (label dropout, SR low-res image) of ``config.model``."""
-    parameterization.check_model_time_input(config.diffusion, config.model.time_input)
+    parameterization.check_config(config.diffusion, config.model.time_input)
 
     def loss_fn(params, batch, key):
         loss_key, dropout_key, label_key, cond_key = jax.random.split(key, 4)
@@ -244,8 +244,8 @@ def _denoising_loss(denoise, schedule, x0, key, diff):
     """``(loss, (per_example [b], t [b]))`` of ``diff.kind`` on data ``x0 [b, ...]``.
 
     ``discrete``: DDPM's loss (`losses.denoising_loss`, ``pred_type``, weighting); a continuous
-    kind (``vp``, ``subvp``, ``ve``, ``edm``): `parameterization.training_loss`, where ``t`` is
-    the noise level's quantile bucket in {0..T-1}.
+    kind (``vp``, ``subvp``, ``ve``, ``edm``, ``flow``): `parameterization.training_loss`,
+    where ``t`` is the noise level's quantile bucket in {0..T-1}.
     """
     if parameterization.kind_of(diff) == "discrete":
         loss, per_example, t = losses.denoising_loss(
@@ -403,7 +403,7 @@ def _latent_loss_fn(graphdef, schedule, config):
     of the frozen autoencoder, conditioned on the frozen text encoder's states ``[b, L, D]``,
     each replaced by the empty prompt's states with probability ``latent.caption_drop_prob``
     (:func:`~diffusion_jax.conditioning.text_condition`, on device); aux ``(per_example, t)``."""
-    parameterization.check_model_time_input(config.diffusion, config.model.time_input)
+    parameterization.check_config(config.diffusion, config.model.time_input)
     vae = load_frozen_stage(config, "autoencoder").model
     text_model = load_frozen_stage(config, "clip").model.text_model
     scale = config.latent.scale_factor

@@ -12,9 +12,9 @@ Parts: the UNet (first EMA of the workdir), the autoencoder (first EMA of
 set to the stored ``latent.scale_factor``), the CLIP text tower (first EMA of
 ``latent.clip_workdir`` at its pinned step) and the caption tokenizer in
 ``<clip workdir>/tokenizer``; the schedule, prediction type and DDIM spacing from the config.
-A UNet trained with a continuous ``diffusion.kind`` (``vp``, ``subvp``, ``ve``, ``edm``) is
-wrapped as the discrete-time x0-predictor every sampler and latent task takes
-(`ContinuousTimeUNet`).
+A UNet trained with a continuous ``diffusion.kind`` (``vp``, ``subvp``, ``ve``, ``edm``,
+``flow``) is wrapped as the discrete-time x0-predictor every sampler but the flow samplers and
+every latent task takes (`ContinuousTimeUNet`).
 A stage whose pinned step is gone or whose parameters changed since is refused
 (`objectives.load_frozen_stage`).
 """

@@ -1,4 +1,4 @@
-"""Rectified-flow mathematics (diffusion_jax/flow.py) against closed forms and diffusers."""
+"""Rectified-flow mathematics (diffusion_jax/sde/flow.py) against closed forms and diffusers."""
 import math
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import flow
+from diffusion_jax.sde import flow
 
 M, S = 0.7, 0.4  # the Gaussian data N(M, S^2) of the closed-form velocity
 

@@ -51,7 +51,6 @@ LAYER_OF = {
     # math: pure functions of arrays.
     "diffusion_jax.schedules": "math",
     "diffusion_jax.diffusion": "math",
-    "diffusion_jax.flow": "math",
     "diffusion_jax.losses": "math",
     "diffusion_jax.sde": "math",
     "diffusion_jax.contrastive": "math",

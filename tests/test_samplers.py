@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gaussian_oracle as oracle
-from diffusion_jax import samplers
+from diffusion_jax import denoisers, samplers
 from diffusion_jax.diffusion import from_x0_and_eps, q_posterior, q_sample
 from diffusion_jax.schedules import linear_beta_schedule, make_schedule
 from diffusion_jax.sde.sdes import geometric_sigmas
@@ -638,6 +638,8 @@ def test_integer_or_rank0_start_is_rejected(x, match):
 def test_denoiser_of_the_wrong_shape_fails_at_trace_time(bad, name):
     """Wrong batch or rank would broadcast silently; it is an error under jit too, for every
     registered sampler (edm_heun, dpm_solver_pp, pc and probability_flow broadcast it once)."""
+    if samplers.SAMPLERS[name].flow:            # a flow sampler integrates a model's velocity
+        bad = denoisers.Denoiser(bad, velocity=bad)
     x = jnp.zeros((4, 3))
     run = jax.jit(lambda x: samplers.run(name, bad, SMALL_SCHED, x, jax.random.PRNGKey(0),
                                          samplers.make_options(num_steps=3)))

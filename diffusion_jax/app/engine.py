@@ -174,15 +174,17 @@ class Engine:
 
     def samplers_for(self, task: str) -> list[str]:
         """Registered samplers that can run ``task`` (img2img needs a part-way start,
-        inpainting a per-step hook; inversion and DiffusionCLIP are DDIM)."""
-        entries = samplers.SAMPLERS.items()
+        inpainting a per-step hook; inversion and DiffusionCLIP are DDIM); the flow samplers
+        only for a flow-matching model."""
+        is_flow = self.config is not None and self.config.diffusion.get("kind") == "flow"
+        entries = [(n, e) for n, e in samplers.SAMPLERS.items() if is_flow or not e.flow]
         if task in ("invert", "diffusionclip"):
             return ["ddim"]
         if task == "img2img":
             return [n for n, e in entries if e.supports_t_start]
         if task == "inpaint":
             return [n for n, e in entries if e.supports_step_hook]
-        return list(samplers.SAMPLERS)
+        return [n for n, _ in entries]
 
     # ----------------------------------------------------------------------- running
     def options(self, request: Request) -> samplers.SamplerOptions:

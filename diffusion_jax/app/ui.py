@@ -15,7 +15,6 @@ import traceback
 
 import gradio as gr
 
-from diffusion_jax import samplers
 from diffusion_jax.app import handlers
 from diffusion_jax.app.engine import TEXT, Engine
 
@@ -399,7 +398,7 @@ def _diffusionclip_tab(engine, out_dir):
 
 def _compare_tab(engine, out_dir):
     task = "compare"
-    names = list(samplers.SAMPLERS)
+    names = engine.samplers_for(task)
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, visible=engine.kind == TEXT,

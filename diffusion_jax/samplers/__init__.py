@@ -47,6 +47,13 @@ Layout
   (``euler``), :mod:`.euler_ancestral` (``euler_ancestral``), :mod:`.dpmpp_2m` (``dpmpp_2m``,
   ``dpmpp_2m_sde``), :mod:`.unipc` (``unipc``); a Stable Diffusion checkpoint's ``scheduler_config.json`` selects one
   (:func:`diffusion_jax.convert.scheduler.checkpoint_sampler`).
+* The flow samplers :mod:`.flow_euler` (``flow_euler``), :mod:`.flow_heun` (``flow_heun``)
+  and :mod:`.flow_dpm_solver` (``flow_dpm_solver``, DPM-Solver++(2M) in flow time) integrate a
+  flow-matching model's velocity ``v(x, t float [B])`` on diffusers' flow grid
+  (:mod:`._flow`); they are registered with ``flow=True`` and :func:`run` hands them the
+  denoiser's ``velocity`` (a non-flow model is refused by name). Every other entry runs a
+  flow model too, through its discrete-step x0 view
+  (:func:`~diffusion_jax.sde.parameterization.discrete_view`).
 
 A registered function has the uniform signature
 

@@ -50,7 +50,7 @@ class ChainStatus:
         num_steps: static number of steps; 0 for a solve without step index (diffrax's
             adaptive solve: ``first_bad`` is then 0 when the solve failed, else -1).
         level_name: static name of the levels: ``t`` (discrete step), ``sigma`` (VE noise
-            level), ``time`` (SDE time) or ``""`` (none).
+            level), ``time`` (SDE time), ``flow_t`` (flow time) or ``""`` (none).
         tail_checked: static; whether the last step's result was checked (a :func:`scan`'s
             was, a :func:`record_step` final step's was not). When it was and ``first_bad =
             -1``, a non-finite output came from after the chain (e.g. decoding).

@@ -36,6 +36,8 @@ class SamplerEntry:
         evaluations: ``evaluations(options, num_timesteps) -> int | None``, its network
             evaluations from ``N(0, I)`` (``None``: not known in advance).
         fields: the names of the ``SamplerOptions`` fields it reads.
+        flow: it integrates a flow-matching model's velocity (:mod:`._flow`): ``fn`` gets
+            ``velocity(x, t float [B])`` in place of ``denoise`` and runs only flow models.
     """
     fn: Callable
     supports_t_start: bool
@@ -43,13 +45,14 @@ class SamplerEntry:
     options: type | None = None
     evaluations: Callable = None
     fields: frozenset = frozenset()
+    flow: bool = False
 
 
 SAMPLERS: dict[str, SamplerEntry] = {}
 
 
 def register(name, *, options=None, evaluations=None, supports_t_start=True,
-             supports_step_hook=True):
+             supports_step_hook=True, flow=False):
     """Decorator adding ``fn`` to :data:`SAMPLERS` under ``name`` (see the package docstring).
 
     Args:
@@ -59,6 +62,8 @@ def register(name, *, options=None, evaluations=None, supports_t_start=True,
         evaluations: ``evaluations(options, num_timesteps)``, its network evaluations;
             default ``options.num_steps`` (one per step).
         supports_t_start, supports_step_hook: what it supports.
+        flow: it takes a flow model's ``velocity(x, t float [B])`` instead of ``denoise``
+            (:func:`run` passes the denoiser's ``velocity``; other models are refused).
 
     Raises:
         ValueError: if ``name`` is already registered, or (after :func:`compose`) its options
@@ -76,7 +81,7 @@ def register(name, *, options=None, evaluations=None, supports_t_start=True,
                 raise ValueError(f"sampler {name!r} has options {missing} that SamplerOptions "
                                  "lacks: put it in a module of diffusion_jax/samplers/.")
         SAMPLERS[name] = SamplerEntry(fn, supports_t_start, supports_step_hook, options,
-                                      evaluations or _one_per_step, fields)
+                                      evaluations or _one_per_step, fields, flow)
         return fn
 
     return decorate
@@ -246,8 +251,9 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
 
     Raises:
         ValueError: unknown sampler, an unsupported ``t_start`` / ``step_hook``, a bad
-            ``x_start`` (integer dtype, rank < 1), or a denoiser whose output does not have
-            the shape of its input (checked at trace time for every registered sampler).
+            ``x_start`` (integer dtype, rank < 1), a flow sampler with a denoiser that has no
+            flow velocity, or a denoiser whose output does not have the shape of its input
+            (checked at trace time for every registered sampler).
 
     Example:
         >>> options = options_from_config(config, num_steps=25)
@@ -256,6 +262,8 @@ def run(name, denoise, schedule, x_start, key, options, *, t_start=None, step_ho
     check_sampler(name, t_start=t_start is not None, step_hook=step_hook is not None)
     check_x(x_start, "x_start")
     options = for_denoiser(options, denoise)
+    if SAMPLERS[name].flow:
+        denoise = flow_velocity(name, denoise)
     # One shape check for every entry: a wrong batch or rank must not broadcast silently.
     checked = lambda x, t: call_denoiser(denoise, x, t)
     return SAMPLERS[name].fn(checked, schedule, x_start, key, options, t_start=t_start,
@@ -287,6 +295,24 @@ def run_with_status(name, denoise, schedule, x_start, key, options, *, t_start=N
         x0 = run(name, denoise, schedule, x_start, key, options, t_start=t_start,
                  step_hook=step_hook)
     return x0, chain.combine(records)
+
+
+def flow_velocity(name, denoise):
+    """The velocity ``v(x, t float [B])`` a flow sampler ``name`` integrates: that of a
+    flow-matching model's :class:`~diffusion_jax.denoisers.Denoiser` (``denoise.velocity``).
+
+    Raises:
+        ValueError: for any other denoiser, naming the sampler, the model's kind and the
+            samplers that run it.
+    """
+    velocity = getattr(denoise, "velocity", None)
+    if velocity is None:
+        kind = getattr(denoise, "time", "discrete")
+        others = [n for n, e in SAMPLERS.items() if not e.flow]
+        raise ValueError(f"sampler {name!r} runs flow-matching models (diffusion.kind='flow'); "
+                         f"this is a {kind}-time model predicting "
+                         f"{getattr(denoise, 'pred_type', None) or 'eps'}: use one of {others}.")
+    return velocity
 
 
 def for_denoiser(options, denoise):
