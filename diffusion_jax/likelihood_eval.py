@@ -8,7 +8,9 @@
   ``diffusion.kind`` ``vp`` / ``subvp`` / ``ve`` (score of its SDE); a discrete DDPM model
   (and an EDM one, through :func:`~diffusion_jax.sde.parameterization.discrete_view`) is read
   as the score of the VP SDE matching its schedule
-  (:func:`diffusion_jax.sde.adapters.sde_for_schedule`, nearest discrete step).
+  (:func:`diffusion_jax.sde.adapters.sde_for_schedule`, nearest discrete step); a flow model
+  (``kind="flow"``) is that SDE's score at exact noise levels through its velocity
+  (:func:`~diffusion_jax.sde.parameterization.score_of_velocity`).
 * :func:`vlb_bits_per_dim`: DDPM's variational bound (:func:`diffusion_jax.losses.bits_per_dim`,
   ``T`` network calls per example), discrete models only.
 
