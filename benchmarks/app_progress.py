@@ -1,8 +1,8 @@
 """Cost of the web app's progress bar: text-to-image with and without the per-step host tick.
 
 The app wraps the UNet in :class:`diffusion_jax.app.progress.ProgressModel`, which adds one
-``jax.debug.callback`` per network evaluation. This times ``pipelines.text_to_image`` on the
-same random pipeline end to end (text encoding, the guided DDIM chain, decoding), plain and
+``jax.debug.callback`` (without operands) per network evaluation. This times
+``pipelines.text_to_image`` on the same random pipeline end to end (text encoding, the guided DDIM chain, decoding), plain and
 wrapped (with a counter receiving the ticks), interleaved round by round so a busy host slows
 both alike, and reports the median per-round overhead ``progress / plain - 1``. The 1-minute
 load is recorded before and after the whole run and around every round; a round (and the run)
@@ -113,7 +113,7 @@ def time_tick(steps=2000, rounds=5):
     def chain(tick):
         def body(x, t):
             if tick:
-                jax.debug.callback(progress._report_step, t)  # pylint: disable=protected-access
+                jax.debug.callback(progress._report_step)  # pylint: disable=protected-access
             return jnp.tanh(x @ x) * 0.5, None
         return jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(steps))[0])
 

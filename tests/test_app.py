@@ -240,6 +240,11 @@ def test_progress_model_ticks_once_per_call_inside_jit_and_keeps_attributes():
                 pass
     np.testing.assert_allclose(out, 0.125)
     assert counter.count == 3 and counter.fraction() == 1.0
+    # The tick takes no operands: no device-to-host copy, no wait for the step's values.
+    jaxpr = jax.make_jaxpr(lambda x: nnx.merge(graphdef, state)(x, jax.numpy.ones((1,))))(
+        np.ones((1, 2, 2, 4), np.float32))
+    (tick,) = [e for e in jaxpr.eqns if e.primitive.name == "debug_callback"]
+    assert tick.invars == []
 
 
 def test_pixel_model_samples_a_chosen_class_and_caches_its_program(tmp_path):
