@@ -6,7 +6,9 @@
 
 Trains on 8x8x4 latents of the frozen autoencoder, scaled by 1 / std (measured once, stored
 in the config and WORKDIR/latent_scale.json), conditioned on the frozen CLIP text encoder's
-token states; 10 % of captions become the empty prompt for classifier-free guidance.
+token states; 10 % of captions become the empty prompt for classifier-free guidance. Every 500
+steps it writes a grid of its prompts (WORKDIR/samples/step_<step>.png, through the pipeline's
+text-to-image program with the sampling defaults below).
 """
 
 from configs import fashion_common
@@ -33,6 +35,8 @@ def get_config(variant: str = ""):
     config.sample.clip_x0 = False  # latents are not bounded
     config.sample.num_steps = 50
     config.sample.guidance_scale = 7.5  # the sampling default (was run_sample.py's for SD)
+    config.sample.num_samples = 20  # training grid: "a photo of <class>", two per class
+    config.train.eval_every = 500  # a grid in WORKDIR/samples/ with each checkpoint
     config.optim.learning_rate = 1e-3
     config.train.num_steps = 2500
     if variant == "tiny":
@@ -43,4 +47,5 @@ def get_config(variant: str = ""):
         config.diffusion.num_timesteps = 100
         config.sample.num_steps = 4
         config.train.num_steps = 3
+        config.train.eval_every = 0
     return config

@@ -31,7 +31,8 @@ the stages Stable Diffusion trains separately (Rombach et al., 2022; Radford et 
   and in the config (``latent.autoencoder_step`` / ``_sha256``, ``latent.clip_step`` /
   ``_sha256``); resuming and sampling load exactly those steps (`load_frozen_stage`) and
   refuse when one is gone or its content changed, so training a stage further never silently
-  changes a trained text-to-image model.
+  changes a trained text-to-image model. Its sample grid is `latent_grid_prompts` through
+  `latent_generate.sample`, the program of ``pipelines.text_to_image``.
 
 An `Objective` gives the archs, the loss, a host-side batch transform (captions are strings,
 tokenised before the batch is sharded), a training-time sample grid and a final evaluation on
@@ -52,7 +53,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import (caption_tokenizer, captions, checkpoint, clip_tokenizer, conditioning,
-                           contrastive, data, generate, loading, losses)
+                           contrastive, data, denoisers, generate, latent_generate, loading, losses,
+                           samplers)
 from diffusion_jax.models import build
 from diffusion_jax.sde import parameterization
 
@@ -216,6 +218,27 @@ def load_frozen_stage(config, objective: str):
             f"{step} of {directory} (sha256 {digest}), but step {step} there now has sha256 "
             f"{found}; restore that checkpoint or train the text-to-image stage again.")
     return loaded
+
+
+def latent_stages(config):
+    """``(vae, text_encoder, tokenizer)``: the frozen stages a ``latent_diffusion`` config
+    trains and samples with, at their pinned steps (`load_frozen_stage`): the autoencoder with
+    its ``scaling_factor`` set to ``latent.scale_factor``, the CLIP text tower, and the caption
+    tokenizer of ``<clip workdir>/tokenizer``. Raises as `load_frozen_stage`."""
+    vae = load_frozen_stage(config, "autoencoder").model
+    vae.scaling_factor = float(config.latent.scale_factor)
+    text_encoder = load_frozen_stage(config, "clip").model.text_model
+    tok = clip_tokenizer.load_tokenizer(os.path.join(config.latent.clip_workdir,
+                                                     TOKENIZER_SUBDIR))
+    return vae, text_encoder, tok
+
+
+def latent_grid_prompts(num: int) -> list[str]:
+    """The prompts of the ``latent_diffusion`` training grid: ``"a photo of <class i mod 10>"``
+    for ``i < num`` (a training caption template, first class noun; one per class, in class
+    order, repeated)."""
+    prompts = captions.class_prompts("a photo of {}")
+    return [prompts[i % len(prompts)] for i in range(num)]
 
 
 # ------------------------------------------------------------------------- pixel diffusion
@@ -404,11 +427,8 @@ def _latent_loss_fn(graphdef, schedule, config):
     each replaced by the empty prompt's states with probability ``latent.caption_drop_prob``
     (:func:`~diffusion_jax.conditioning.text_condition`, on device); aux ``(per_example, t)``."""
     parameterization.check_config(config.diffusion, config.model.time_input)
-    vae = load_frozen_stage(config, "autoencoder").model
-    text_model = load_frozen_stage(config, "clip").model.text_model
+    vae, text_model, tok = latent_stages(config)
     scale = config.latent.scale_factor
-    tok = clip_tokenizer.load_tokenizer(os.path.join(config.latent.clip_workdir,
-                                                     TOKENIZER_SUBDIR))
     null_text = text_model(jnp.asarray(tok([""]))).last_hidden_state       # [1, L, D]
 
     def loss_fn(params, batch, key):
@@ -423,6 +443,34 @@ def _latent_loss_fn(graphdef, schedule, config):
                                loss_key, config.diffusion)
 
     return loss_fn
+
+
+def _latent_sample_fn(config, graphdef, schedule, mesh):
+    """``sample_fn(params, key) -> [N, H, W, C]`` in [-1, 1], ``N = sample.num_samples``: the
+    UNet ``nnx.merge(graphdef, params)`` with the frozen stages (`latent_stages`)
+    through `latent_generate.sample` on `latent_grid_prompts` (null: the empty prompt) with
+    ``config.sample``'s sampler, options and guidance scale, split over ``mesh``; ``z_T`` from
+    ``fold_in(key, 0)``, the chain from ``fold_in(key, 1)``. That is
+    ``pipelines.text_to_image(stage_pipeline.load_pipeline(workdir), prompts, key,
+    guidance_scale=s, sampler=..., num_steps=..., mesh=mesh, output="float")`` of the same
+    parameters."""
+    vae, text_encoder, tok = latent_stages(config)
+    prompts = latent_grid_prompts(config.sample.num_samples)
+    ids, null_ids = tok(prompts), tok([""])
+    sampler, options = config.sample.sampler, samplers.options_from_config(config)
+    samplers.check_sampler(sampler)
+    scale = denoisers.default_guidance_scale(config)
+    size = config.data.image_size // latent_generate.latent_factor(vae)
+    shape = (len(prompts), size, size, config.latent.latent_channels)
+
+    def sample_fn(params, key):
+        unet = latent_generate.sampling_unet(nnx.merge(graphdef, params), config.diffusion)
+        out, status = latent_generate.sample(
+            (unet, vae, text_encoder), schedule, ids, null_ids, key, shape=shape,
+            sampler=sampler, options=options, guidance_scale=scale, mesh=mesh)
+        return latent_generate.finish(out, sampler, "float", status)
+
+    return sample_fn
 
 
 def measure_scale_factor(vae, images: np.ndarray, key: jax.Array, batch_size: int = 512
@@ -620,4 +668,5 @@ _DIFFUSION = Objective(("unet", "dit"), _diffusion_loss_fn, True, None, None, _d
 _AUTOENCODER = Objective(("autoencoder_kl",), _autoencoder_loss_fn, False, None,
                          _evaluate_autoencoder, None)
 _CLIP = Objective(("clip",), _clip_loss_fn, False, _clip_host_batch, _evaluate_clip, None)
-_LATENT = Objective(("cond_unet",), _latent_loss_fn, True, _latent_host_batch, None, None)
+_LATENT = Objective(("cond_unet",), _latent_loss_fn, True, _latent_host_batch, None,
+                    _latent_sample_fn)

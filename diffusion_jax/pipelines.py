@@ -28,29 +28,28 @@ with ``last_hidden_state``, a tokenizer ``prompts -> [B, L]`` ids, a
 :class:`~diffusion_jax.samplers.SamplerOptions`. :func:`load` builds one from a Stable
 Diffusion directory (diffusers or converted); a model trained here fills the same fields.
 
-Each call is one jitted program (text encoding, the chain, decoding); the guidance scale,
-``eta`` and the parameters are its arguments, so changing them does not recompile. The batch
-is padded to a multiple of the mesh's devices and split over its data axes.
+Each call is one jitted program (text encoding, the chain, decoding:
+:data:`diffusion_jax.latent_generate.program`, which the ``latent_diffusion`` objective's
+training-time sample grid runs too); the guidance scale, ``eta`` and the parameters are its
+arguments, so changing them does not recompile. The batch is padded to a multiple of the
+mesh's devices and split over its data axes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import nnx
 
-from diffusion_jax import denoisers, image_io, samplers, schedules, sharding
+from diffusion_jax import denoisers, latent_generate, samplers, schedules
 from diffusion_jax.applications import diffusionclip as dclip
 from diffusion_jax.applications import tasks
 from diffusion_jax.conditioning import text_condition
-from diffusion_jax.samplers import chain
+from diffusion_jax.latent_generate import LatentCodec, latent_factor
 
 OUTPUTS = ("uint8", "float", "latents")
 
@@ -89,22 +88,6 @@ class Pipeline(NamedTuple):
     sampler: str | None = "ddim"
     sampler_fields: tuple = ()
     sampler_error: str = ""
-
-
-class LatentCodec(NamedTuple):
-    """The latent wrapper: images ``[B, H, W, C]`` in [-1, 1] <-> latents ``[B, H/f, W/f, C_z]``.
-
-    ``encode(x) = mode(q(z | x)) * scaling_factor`` (the posterior mean, so deterministic) and
-    ``decode(z) = vae.decode(z / scaling_factor)``: the latents have roughly unit variance,
-    which is what the UNet was trained on.
-    """
-    vae: Any
-
-    def encode(self, images: jax.Array) -> jax.Array:
-        return self.vae.encode(images).mode() * self.vae.scaling_factor
-
-    def decode(self, latents: jax.Array) -> jax.Array:
-        return self.vae.decode(latents / self.vae.scaling_factor)
 
 
 def load(path, *, dtype=None, sample_size=None) -> Pipeline:
@@ -185,11 +168,6 @@ def diffusers_ddim_timesteps(settings, num_steps: int) -> tuple[tuple[int, int],
     return tuple((int(t), int(p) if p >= 0 else last) for t, p in zip(ts, prev))
 
 
-def latent_factor(vae) -> int:
-    """The autoencoder's downsampling factor ``f = 2 ** (levels - 1)``."""
-    return 2 ** (len(vae.encoder.down_blocks) - 1)
-
-
 def sampler_options(pipe: Pipeline, *, sampler="ddim", num_steps=None, eta=None,
                     overrides=None):
     """``pipe.options`` with, for the pipeline's own sampler, its
@@ -257,17 +235,18 @@ def text_to_image(pipe: Pipeline, prompts, key, *, negative_prompts=None, guidan
     prompts = _prompts(prompts, None, "prompts")
     batch = len(prompts)
     shape = latent_shape(pipe, batch, height, width)
-    if latents is None:
-        latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    elif tuple(latents.shape) != shape:
+    if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
     sampler = default_sampler(pipe, sampler)
     options = sampler_options(pipe, sampler=sampler, num_steps=num_steps, eta=eta,
                               overrides=option_overrides)
-    images, status = _run(pipe, "sample", sampler, options, prompts, negative_prompts,
-                          guidance_scale, {"x": latents}, jax.random.fold_in(key, 1), mesh,
-                          (("decode", _check_output(output) != "latents"),))
-    return _finish(images, sampler, output, status)
+    decode = _check_output(output) != "latents"
+    ids, null_ids = _token_ids(pipe, prompts, negative_prompts, sampler, options)
+    images, status = latent_generate.sample(
+        (pipe.unet, pipe.vae, pipe.text_encoder), pipe.schedule, ids, null_ids, key,
+        shape=shape, sampler=sampler, options=options, guidance_scale=guidance_scale,
+        latents=latents, mesh=mesh, decode=decode)
+    return latent_generate.finish(images, sampler, output, status)
 
 
 def text_to_image_in_batches(pipe: Pipeline, prompts, key, latents, *, batch: int, **kwargs):
@@ -443,14 +422,24 @@ def _application(pipe, task, images, prompts, key, static, arrays, *, negative_p
     static += (("decode", _check_output(output) != "latents"),)
     out, status = _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale,
                        {"x": images, **arrays}, key, mesh, static)
-    return _finish(out, sampler, output, status)
+    return latent_generate.finish(out, sampler, output, status)
 
 
 def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale, arrays, key,
          mesh, static):
-    """Tokenises, pads the batch to the mesh, runs the jitted program, un-pads; returns the
-    output and the chain's :class:`~diffusion_jax.samplers.chain.ChainStatus` (``None`` without a
-    registry chain)."""
+    """Tokenises and runs ``task``'s runner (:data:`~diffusion_jax.applications.tasks.TASK_TABLE`)
+    through :func:`diffusion_jax.latent_generate.run`; returns the output and the chain's
+    :class:`~diffusion_jax.samplers.chain.ChainStatus` (``None`` without a registry chain)."""
+    ids, null_ids = _token_ids(pipe, prompts, negative_prompts, sampler, options)
+    return latent_generate.run((pipe.unet, pipe.vae, pipe.text_encoder), pipe.schedule,
+                               tasks.TASK_TABLE[task].runner, sampler, options, ids, null_ids,
+                               guidance_scale, arrays, key, mesh=mesh, static=static)
+
+
+def _token_ids(pipe, prompts, negative_prompts, sampler, options):
+    """``(ids [B, L], null_ids [1 or B, L])`` of the prompts and the negative prompts (default
+    the empty prompt), once the request is checked: one negative prompt or one per prompt, and
+    a sampler that can start from the schedule's terminal noise level."""
     batch = len(prompts)
     ids = pipe.tokenizer(prompts)
     null_ids = pipe.tokenizer(_prompts(negative_prompts if negative_prompts is not None else "",
@@ -459,22 +448,7 @@ def _run(pipe, task, sampler, options, prompts, negative_prompts, guidance_scale
         raise ValueError(f"negative_prompts has {null_ids.shape[0]} entries; expected 1 or "
                          f"{batch} (one per prompt).")
     _check_terminal_snr(pipe.schedule, sampler, options)
-    mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
-                                      jax.devices()[:1])
-    n_pad = -(-batch // mesh.size) * mesh.size
-    pad = lambda a: np.resize(np.asarray(a), (n_pad,) + tuple(np.shape(a)[1:]))
-    split = sharding.batch_sharding(mesh)
-    ids = jax.device_put(pad(ids), split)
-    null_ids = jax.device_put(pad(null_ids) if null_ids.shape[0] == batch else null_ids,
-                              sharding.replicated(mesh) if null_ids.shape[0] == 1 else split)
-    arrays = {k: jax.device_put(pad(v), split) for k, v in arrays.items()}
-    graphdef, state = nnx.split((pipe.unet, pipe.vae, pipe.text_encoder))
-    state = jax.device_put(state, sharding.replicated(mesh))
-    scale = denoisers.traced_scale(guidance_scale)
-    out, status = _program(graphdef, state, options, scale, ids, null_ids, arrays, key,
-                           schedule=_StaticSchedule(pipe.schedule), task=task, sampler=sampler,
-                           static=static)
-    return np.asarray(jax.device_get(out))[:batch], status
+    return ids, null_ids
 
 
 def _check_terminal_snr(schedule, sampler, options):
@@ -495,49 +469,6 @@ def _check_terminal_snr(schedule, sampler, options):
                          "zero-terminal-SNR schedule (alpha_bar_{T-1} = 0); use ddim or ddpm, or "
                          "edm_heun / dpm_solver_pp / probability_flow with the sampler option "
                          "sigma_max (e.g. 80).")
-
-
-class _StaticSchedule:
-    """A schedule as a static argument of :func:`_program`, hashed by its betas: samplers that
-    derive Python values from it (``pc``'s step check and part-way start) see it concrete."""
-
-    def __init__(self, schedule: schedules.DiscreteSchedule):
-        self.schedule = schedule
-        self._key = hashlib.sha256(np.asarray(schedule.betas, np.float32).tobytes()).hexdigest()
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, _StaticSchedule) and other._key == self._key
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "task", "sampler", "static"))
-def _program(graphdef, state, options, scale, ids, null_ids, arrays, key, *, schedule, task,
-             sampler, static):
-    """One compiled run: text encoding once, the chain over latents, decoding; also the
-    chain's status (where it first went non-finite), ``None`` for a task without one."""
-    schedule = schedule.schedule
-    unet, vae, text_encoder = nnx.merge(graphdef, state)
-    text = text_encoder(ids).last_hidden_state                           # [B, L, D]
-    null = text_encoder(null_ids).last_hidden_state                      # [1 or B, L, D]
-    denoise = denoisers.build_denoiser(unet, text_condition(text), guidance_scale=scale,
-                                       null_text=null, pred_type=options.pred_type)
-    with chain.recording() as records:
-        out = tasks.TASK_TABLE[task].runner(denoise, LatentCodec(vae), schedule, sampler,
-                                            options, arrays, key, **dict(static))
-    return out, chain.combine(records) if records else None
-
-
-def _finish(images, sampler, output, status=None):
-    """Checks finiteness (naming the chain's first non-finite step from ``status``) and
-    converts to ``output``: ``uint8``; ``float``, clipped to [-1, 1] as the uint8 images are (a
-    decoder's output overshoots); ``latents`` as they are, float32."""
-    samplers.check_finite(images, sampler, status)
-    if output == "uint8":
-        return image_io.to_uint8(images)
-    images = np.asarray(images, np.float32)
-    return np.clip(images, -1.0, 1.0) if output == "float" else images
 
 
 def _check_output(output):

@@ -14,19 +14,15 @@ set to the stored ``latent.scale_factor``), the CLIP text tower (first EMA of
 ``<clip workdir>/tokenizer``; the schedule, prediction type and DDIM spacing from the config.
 A UNet trained with a continuous ``diffusion.kind`` (``vp``, ``subvp``, ``ve``, ``edm``,
 ``flow``) is wrapped as the discrete-time x0-predictor every sampler but the flow samplers and
-every latent task takes (`ContinuousTimeUNet`).
+every latent task takes (`latent_generate.ContinuousTimeUNet`). The ``latent_diffusion``
+objective's training-time sample grid assembles the same parts (`objectives.latent_stages`,
+`latent_generate.sampling_unet`) and runs the same program.
 A stage whose pinned step is gone or whose parameters changed since is refused
 (`objectives.load_frozen_stage`).
 """
 from __future__ import annotations
 
-import os
-
-import ml_collections
-from flax import nnx
-
-from diffusion_jax import clip_tokenizer, loading, objectives, pipelines, samplers, schedules
-from diffusion_jax.sde import parameterization
+from diffusion_jax import latent_generate, loading, objectives, pipelines, samplers
 
 
 def load_pipeline(workdir: str, step: int | None = None) -> pipelines.Pipeline:
@@ -46,34 +42,8 @@ def load_pipeline_and_config(workdir: str, step: int | None = None):
     :func:`load_pipeline`."""
     loaded = loading.load(workdir=workdir, step=step, kinds=("latent_diffusion",))
     config = loaded.config
-    vae = objectives.load_frozen_stage(config, "autoencoder").model
-    vae.scaling_factor = float(config.latent.scale_factor)
-    text_encoder = objectives.load_frozen_stage(config, "clip").model.text_model
-    tok = clip_tokenizer.load_tokenizer(
-        os.path.join(config.latent.clip_workdir, objectives.TOKENIZER_SUBDIR))
+    vae, text_encoder, tok = objectives.latent_stages(config)
     options = samplers.options_from_config(config)  # pred_type x0 for a continuous kind
-    unet = loaded.model
-    if parameterization.kind_of(config.diffusion) != "discrete":
-        unet = ContinuousTimeUNet(unet, config.diffusion)
+    unet = latent_generate.sampling_unet(loaded.model, config.diffusion)
     return pipelines.Pipeline(unet, vae, text_encoder, tok, loaded.schedule, options,
                               None, int(config.data.image_size)), config
-
-
-class ContinuousTimeUNet(nnx.Module):
-    """A UNet trained with a continuous ``diffusion.kind`` as a discrete-time x0-predictor:
-    ``unet(z_t [B, h, w, C], t int [B], cond) = discrete_view(net(., ., cond))(z_t, t)`` under
-    the schedule of ``diffusion`` (:func:`~diffusion_jax.sde.parameterization.discrete_view`).
-
-    Args:
-        net: the trained network ``net(z, time float [B], cond)``.
-        diffusion: the run's ``config.diffusion`` (kept frozen, a static attribute).
-    """
-
-    def __init__(self, net: nnx.Module, diffusion: ml_collections.ConfigDict):
-        self.net, self.in_channels = net, net.in_channels
-        self.diffusion = ml_collections.FrozenConfigDict(diffusion)
-
-    def __call__(self, x, t, cond):
-        schedule = schedules.schedule_from_config(self.diffusion)
-        return parameterization.discrete_view(lambda z, time: self.net(z, time, cond),
-                                              self.diffusion, schedule)(x, t)

@@ -69,6 +69,7 @@ LAYER_OF = {
     "diffusion_jax.classifier_training": "train/eval",
     "diffusion_jax.loading": "train/eval",
     "diffusion_jax.generate": "train/eval",
+    "diffusion_jax.latent_generate": "train/eval",
     "diffusion_jax.likelihood_eval": "train/eval",
     "diffusion_jax.metrics_clip": "train/eval",
     "diffusion_jax.digits_classifier": "train/eval",

@@ -18,7 +18,7 @@ from PIL import Image
 from sd_fixtures import save_tiny_pipeline
 from training_fixtures import REPO, subprocess_env
 
-from diffusion_jax import pipelines, samplers, sharding
+from diffusion_jax import latent_generate, pipelines, samplers, sharding
 from diffusion_jax.applications import tasks
 from diffusion_jax.convert import pipeline as convert_pipeline
 
@@ -136,9 +136,9 @@ def test_guidance_scale_is_traced_not_recompiled(ours):
     latents = _latents()
     run = lambda scale: _ours_01(ours, latents, guidance_scale=scale)
     first = run(7.5)
-    compiled = pipelines._program._cache_size()
+    compiled = latent_generate.program._cache_size()
     second, third = run(3.0), run(7.5)
-    assert pipelines._program._cache_size() == compiled  # no new program for a new scale
+    assert latent_generate.program._cache_size() == compiled  # no new program for a new scale
     np.testing.assert_array_equal(first, third)
     assert np.abs(first - second).max() > 1e-2  # the scale does change the images
 
@@ -211,10 +211,10 @@ def test_text_to_image_in_batches_equals_one_call_and_compiles_one_batch_size(ou
     latents = _latents(batch=3, seed=4).transpose(0, 2, 3, 1)
     whole = pipelines.text_to_image(ours, prompts, jax.random.key(0), num_steps=STEPS,
                                     latents=latents, output="float")
-    before = pipelines._program._cache_size()
+    before = latent_generate.program._cache_size()
     chunked = pipelines.text_to_image_in_batches(ours, prompts, jax.random.key(0), latents,
                                                  batch=2, num_steps=STEPS, output="float")
-    assert pipelines._program._cache_size() - before <= 1  # chunks of 2 and a padded 1 -> 2
+    assert latent_generate.program._cache_size() - before <= 1  # chunks of 2 and a padded 1 -> 2
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
     with pytest.raises(ValueError, match="one latent per prompt"):
         pipelines.text_to_image_in_batches(ours, prompts, jax.random.key(0), latents[:2], batch=2)

@@ -21,8 +21,8 @@ from test_t2i_stages import _fake_fashion
 from training_fixtures import REPO, subprocess_env
 
 from configs import fashion_autoencoder, fashion_clip, fashion_t2i
-from diffusion_jax import (checkpoint, clip_tokenizer, loading, objectives, pipelines,
-                           resume, schedules, stage_pipeline, train)
+from diffusion_jax import (checkpoint, clip_tokenizer, latent_generate, loading, objectives,
+                           pipelines, resume, schedules, stage_pipeline, train)
 from diffusion_jax.sde import parameterization
 
 
@@ -210,7 +210,7 @@ def test_an_edm_latent_workdir_samples_through_the_t2i_pipeline(runs, tmp_path):
     config, resolved = _continuous(runs, "edm", workdir)
     _save(config, workdir, 1)
     pipe = stage_pipeline.load_pipeline(workdir)
-    assert isinstance(pipe.unet, stage_pipeline.ContinuousTimeUNet)
+    assert isinstance(pipe.unet, latent_generate.ContinuousTimeUNet)
     # the pipeline's UNet is EDM's D(y, sigma) = c_skip y + c_out net(c_in y, 250 ln sigma) at
     # y = z_t / sqrt(ab_t), sigma = sqrt((1 - ab_t) / ab_t): an x0-predictor of discrete t
     z_t = jax.random.normal(jax.random.key(1), pipelines.latent_shape(pipe, 2))

@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import (captions, checkpoint, conditioning, denoisers, generate, image_io,
-                           loading, metrics_clip, objectives, pipelines, samplers, sharding,
-                           stage_pipeline)
+                           latent_generate, loading, metrics_clip, objectives, pipelines,
+                           samplers, sharding, stage_pipeline)
 from diffusion_jax.app import progress
 from diffusion_jax.applications import diffusionclip, tasks
 
@@ -343,7 +343,7 @@ class Engine:
     def compile_count(self) -> int:
         """Programs compiled so far (the text pipelines' jit cache, or pixel sample fns)."""
         if self.kind == TEXT:
-            return pipelines._program._cache_size()  # pylint: disable=protected-access
+            return latent_generate.program._cache_size()  # pylint: disable=protected-access
         return len(self._sample_fns)
 
 

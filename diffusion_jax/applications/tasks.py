@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import denoisers, samplers
+from diffusion_jax import denoisers, latent_generate, samplers
 from diffusion_jax.applications import common, diffusionclip, ilvr, inpaint, inversion, sdedit
 from diffusion_jax.applications import super_resolution as sr
 from diffusion_jax.conditioning import area_downsample, class_condition
@@ -53,12 +53,6 @@ def edit_runner(denoise, codec, schedule, sampler, options, arrays, key, *, stre
     (:func:`~diffusion_jax.applications.sdedit.sdedit`); decoded when ``decode``."""
     z = sdedit.sdedit(denoise, schedule, codec.encode(arrays["x"]), key, t0=strength,
                       edit_mask=edit_mask, sampler=sampler, options=options)
-    return codec.decode(z) if decode else z
-
-
-def sample_runner(denoise, codec, schedule, sampler, options, arrays, key, *, decode):
-    """The sampler's chain from ``arrays["x"]`` (``x_T``); decoded when ``decode``."""
-    z = samplers.run(sampler, denoise, schedule, arrays["x"], key, options)
     return codec.decode(z) if decode else z
 
 
@@ -121,7 +115,7 @@ class Task:
 
 TASK_TABLE = {
     "sample": Task(kinds=(PIXEL, TEXT), cli=(PIXEL, TEXT), app=(PIXEL, TEXT), sampler=True,
-                   runner=sample_runner),
+                   runner=latent_generate.sample_runner),
     "sdedit": Task(kinds=(PIXEL,), cli=(PIXEL,), sampler=True, needs=dict(t_start=True),
                    runner=edit_runner),
     "inpaint": Task(kinds=(PIXEL, TEXT), cli=(PIXEL, TEXT), app=(TEXT,), sampler=True,
